@@ -1,0 +1,168 @@
+//! The command line: what each subcommand takes, and `main`'s dispatch.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::commands;
+use crate::error::{exit, Error};
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  everything asked for was done
+  1  a run-time failure (a target or the entropy source failed)
+  2  a configuration or command-line error; nothing was attempted
+
+Examples:
+  qseed demo                                   # try it: throwaway SoftHSM token + local simulator
+  qseed slots --module /usr/lib/softhsm/libsofthsm2.so
+  qseed --config /etc/qseed/qseed.toml once    # one round over all targets, for cron or timers
+  qseed run                                    # the service, with /etc/qseed/qseed.toml
+  QRYPT_TOKEN=... qseed fetch --bytes 4096 --output seed.bin";
+
+/// qseed: seeds PKCS#11 HSM random generators with quantum entropy from Qrypt's API.
+#[derive(Debug, Parser)]
+#[command(name = "qseed", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Configuration file (TOML).
+    #[arg(
+        long,
+        global = true,
+        env = "QSEED_CONFIG_FILE",
+        default_value = crate::config::DEFAULT_PATH,
+        value_name = "PATH"
+    )]
+    pub config: PathBuf,
+
+    /// More detail in the log (debug level).
+    #[arg(short, long, global = true, conflicts_with = "quiet")]
+    pub verbose: bool,
+
+    /// Only warnings and errors in the log.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: seed every target at start, then once per period, until SIGINT/SIGTERM.
+    #[command(after_help = "Example:\n  qseed --config /etc/qseed/qseed.toml run")]
+    Run,
+
+    /// Seed every target once, then exit: 0 when every target was seeded, 1 otherwise.
+    #[command(after_help = "Example (a cron line):\n  */10 * * * * qseed --quiet once")]
+    Once,
+
+    /// List a PKCS#11 module's slots and tokens, to fill in the configuration.
+    #[command(after_help = "Example:\n  qseed slots --module /usr/lib/softhsm/libsofthsm2.so")]
+    Slots {
+        /// The HSM vendor's PKCS#11 library.
+        #[arg(long, value_name = "PATH")]
+        module: PathBuf,
+    },
+
+    /// Download entropy to a file or to standard output (binary).
+    #[command(after_help = "Examples:\n  \
+        qseed fetch --bytes 48 --output seed.bin\n  \
+        qseed fetch --bytes 1048576 | sha256sum\n\n\
+        The [source] table of the configuration file is used when the file exists; otherwise \
+        the Qrypt cloud service with the token in QRYPT_TOKEN.")]
+    Fetch {
+        /// How many bytes (1 to 1 GiB).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+        bytes: u64,
+        /// Write here (created with mode 0600) instead of standard output.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+
+    /// Try qseed on a throwaway SoftHSM token and the local API simulator (or the real
+    /// service when QRYPT_TOKEN is set); cleans up after itself.
+    #[command(after_help = "Example:\n  qseed demo\n  QRYPT_TOKEN=... qseed demo --rounds 2")]
+    Demo {
+        /// Rounds per target.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        rounds: u32,
+        /// SoftHSM's PKCS#11 library.
+        #[arg(long, value_name = "PATH", default_value = commands::demo::SOFTHSM_MODULE)]
+        module: PathBuf,
+    },
+
+    /// Serve the local entropy API simulator (TEST AND DEMO TOOL: OS randomness, not
+    /// quantum entropy) until SIGINT/SIGTERM.
+    #[command(after_help = "Example:\n  \
+        QRYPT_TOKEN=test-token qseed simulator --listen 127.0.0.1:8443 --ca-out /tmp/sim-ca.pem")]
+    Simulator {
+        /// Address to listen on (loopback unless you really mean it).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: std::net::SocketAddr,
+        /// Write the throwaway CA certificate here, for source.ca_file.
+        #[arg(long, value_name = "FILE")]
+        ca_out: Option<PathBuf>,
+        /// Serve plain HTTP instead of HTTPS.
+        #[arg(long)]
+        plain_http: bool,
+    },
+}
+
+/// Parses the command line, runs the command and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::CONFIG } else { exit::OK });
+        }
+    };
+    let level = if cli.verbose {
+        "debug"
+    } else if cli.quiet {
+        "warn"
+    } else {
+        "info"
+    };
+    crate::telemetry::init(level);
+    match run(cli) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("qseed: error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    // The demo points SoftHSM at a throwaway token folder through the environment, which is
+    // only sound before any other thread exists, so it is prepared before the runtime starts.
+    let demo_dir = match &cli.command {
+        Command::Demo { .. } => Some(commands::demo::prepare_environment()?),
+        _ => None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Failed(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run => commands::run::run(&cli.config).await,
+            Command::Once => commands::run::once(&cli.config).await,
+            Command::Slots { module } => commands::slots::slots(&module).await,
+            Command::Fetch { bytes, output } => {
+                commands::fetch::fetch(&cli.config, bytes, output.as_deref()).await
+            }
+            Command::Demo { rounds, module } => {
+                let dir = demo_dir.ok_or_else(|| Error::Failed("demo folder missing".into()))?;
+                commands::demo::demo(dir, rounds, &module).await
+            }
+            Command::Simulator {
+                listen,
+                ca_out,
+                plain_http,
+            } => commands::simulator::simulator(listen, ca_out.as_deref(), plain_http).await,
+        }
+    })
+}

@@ -1,0 +1,90 @@
+//! `qseed fetch --bytes N [--output FILE]`: entropy to a file or standard output.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+use crate::config::{self, SourceConfig};
+use crate::error::Error;
+use crate::source::qrypt::QryptClient;
+use crate::source::{EntropySource, BLOCK_LEN, MAX_BLOCKS_PER_REQUEST};
+
+/// Above this size a progress bar is shown (when stderr is a terminal).
+const PROGRESS_FROM: u64 = 256 * 1024;
+
+pub async fn fetch(config_path: &Path, bytes: u64, output: Option<&Path>) -> Result<(), Error> {
+    let source = source_config(config_path)?;
+    let client = QryptClient::new(&source).map_err(|e| Error::Config(e.to_string()))?;
+    let mut sink = open_output(output)?;
+    let progress = (bytes >= PROGRESS_FROM && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(bytes);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut remaining = bytes;
+    while remaining > 0 {
+        let blocks = (remaining.div_ceil(BLOCK_LEN as u64) as usize).min(MAX_BLOCKS_PER_REQUEST);
+        let fetched = client
+            .fetch(blocks)
+            .await
+            .map_err(|e| Error::Failed(e.to_string()))?;
+        for block in fetched {
+            let n = (block.len() as u64).min(remaining) as usize;
+            sink.write_all(&block.expose()[..n])
+                .map_err(|e| Error::Failed(format!("cannot write the entropy: {e}")))?;
+            remaining -= n as u64;
+            if let Some(bar) = &progress {
+                bar.inc(n as u64);
+            }
+        }
+    }
+    sink.flush()
+        .map_err(|e| Error::Failed(format!("cannot write the entropy: {e}")))?;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    tracing::info!("fetched {bytes} bytes from {}", client.describe());
+    Ok(())
+}
+
+/// The file's `[source]` when the file exists; else the cloud defaults with `QRYPT_TOKEN`.
+fn source_config(config_path: &Path) -> Result<SourceConfig, Error> {
+    if config_path.exists() {
+        return Ok(config::load(config_path)?.source);
+    }
+    tracing::debug!(
+        "{} does not exist; using the Qrypt cloud defaults",
+        config_path.display()
+    );
+    config::parse("", Path::new("."))
+        .map(|c| c.source)
+        .map_err(Error::Config)
+}
+
+fn open_output(output: Option<&Path>) -> Result<Box<dyn Write>, Error> {
+    match output {
+        Some(path) => {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let file = options.open(path).map_err(|e| {
+                Error::Config(format!("cannot create --output {}: {e}", path.display()))
+            })?;
+            Ok(Box::new(std::io::BufWriter::new(file)))
+        }
+        None => {
+            if std::io::stdout().is_terminal() {
+                return Err(Error::Config(
+                    "refusing to write binary entropy to a terminal; use --output FILE or a pipe"
+                        .into(),
+                ));
+            }
+            Ok(Box::new(std::io::BufWriter::new(std::io::stdout().lock())))
+        }
+    }
+}

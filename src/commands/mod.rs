@@ -1,0 +1,8 @@
+//! One module per subcommand. Each returns `Err` with an operator-ready message; `cli` turns it
+//! into an exit code.
+
+pub mod demo;
+pub mod fetch;
+pub mod run;
+pub mod simulator;
+pub mod slots;

@@ -1,0 +1,44 @@
+//! `qseed slots --module PATH`: what a module shows, to fill in a target.
+
+use std::path::Path;
+
+use crate::error::Error;
+use crate::target::{module, token};
+
+pub async fn slots(module_path: &Path) -> Result<(), Error> {
+    let path = module_path.to_path_buf();
+    let listing = tokio::task::spawn_blocking(move || {
+        let module = module::load(&path).map_err(|e| Error::Config(e.to_string()))?;
+        let listed = token::list(&module).map_err(|e| Error::Failed(e.to_string()));
+        let _ = module.finalize();
+        listed
+    })
+    .await
+    .map_err(|e| Error::Failed(format!("PKCS#11 thread failed: {e}")))??;
+
+    println!(
+        "{:<12} {:<7} {:<32} {:<16} {:<16} {:<4}",
+        "SLOT", "TOKEN", "LABEL", "SERIAL", "MODEL", "RNG"
+    );
+    for slot in &listing {
+        match &slot.token {
+            Some(t) => println!(
+                "{:<12} {:<7} {:<32} {:<16} {:<16} {:<4}",
+                slot.slot_id,
+                if t.initialized { "yes" } else { "uninit" },
+                if t.initialized { t.label.as_str() } else { "-" },
+                t.serial,
+                t.model,
+                if t.has_rng { "yes" } else { "no" }
+            ),
+            None => println!(
+                "{:<12} {:<7} {:<32} {:<16} {:<16} {:<4}",
+                slot.slot_id, "no", "-", "-", "-", "-"
+            ),
+        }
+    }
+    if listing.is_empty() {
+        println!("(the module shows no slots)");
+    }
+    Ok(())
+}

@@ -1,0 +1,412 @@
+//! The configuration: a TOML file read in two stages.
+//!
+//! [`raw`] checks shapes and types (unknown keys are errors); [`load`] then resolves it into a
+//! [`Config`]: ranges checked, relative paths made absolute against the file's folder, the API
+//! token and PINs read into secret types. Errors name the file, the key, the value (never a
+//! secret's) and what is allowed.
+
+pub mod raw;
+pub mod values;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use url::Url;
+
+use crate::source::Dialect;
+use raw::{Auth, Login, RawConfig, RawSource, RawTarget};
+
+/// Where the configuration lives unless `--config` or `QSEED_CONFIG_FILE` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/qseed/qseed.toml";
+/// Qrypt's cloud service, East US: the only region documented today.
+pub const DEFAULT_URL: &str = "https://api-eus.qrypt.com";
+/// Environment variable holding the API token when no `token_file` is set.
+pub const TOKEN_ENV: &str = "QRYPT_TOKEN";
+
+pub const DEFAULT_SIZE: usize = 48;
+pub const SIZE_RANGE: std::ops::RangeInclusive<usize> = 1..=65536;
+pub const DEFAULT_PERIOD: Duration = Duration::from_secs(10);
+pub const PERIOD_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(365 * 24 * 3600);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(600);
+
+/// A checked configuration, ready to run.
+#[derive(Debug)]
+pub struct Config {
+    pub source: SourceConfig,
+    pub targets: Vec<TargetConfig>,
+}
+
+/// How to reach the entropy API.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub url: Url,
+    pub dialect: Dialect,
+    /// `None` only with `auth = "none"`. `SecretString` prints as redacted.
+    pub token: Option<SecretString>,
+    pub ca_file: Option<PathBuf>,
+    pub timeout: Duration,
+    pub allow_http: bool,
+}
+
+/// One HSM token to seed.
+#[derive(Debug)]
+pub struct TargetConfig {
+    pub name: String,
+    pub module: PathBuf,
+    pub token: TokenSelector,
+    /// The PIN to log in with, or `None` to seed without logging in.
+    pub login: Option<cryptoki::types::AuthPin>,
+    pub size: usize,
+    pub period: Duration,
+}
+
+/// How a target's token is found among the module's slots.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TokenSelector {
+    Label(String),
+    Serial(String),
+    SlotId(u64),
+}
+
+impl fmt::Display for TokenSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSelector::Label(l) => write!(f, "token_label {l:?}"),
+            TokenSelector::Serial(s) => write!(f, "serial {s:?}"),
+            TokenSelector::SlotId(id) => write!(f, "slot_id {id}"),
+        }
+    }
+}
+
+/// A configuration problem, with the file it was found in.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration {}: {message}", path.display())]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+/// Reads, parses and resolves the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let fail = |message: String| ConfigError {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        fail(match e.kind() {
+            std::io::ErrorKind::NotFound => "the file does not exist; write one (see \
+                examples/qseed.toml) or name another with --config or QSEED_CONFIG_FILE"
+                .to_string(),
+            _ => format!("cannot read the file: {e}"),
+        })
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, base).map_err(fail)
+}
+
+/// Parses and resolves configuration text; relative paths are taken from `base`.
+pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+    resolve(raw, base)
+}
+
+/// toml's own `Display` quotes the offending line, which may hold a PIN: give the position and
+/// toml's message only.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end_matches('\n');
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message.to_string(),
+    }
+}
+
+fn resolve(raw: RawConfig, base: &Path) -> Result<Config, String> {
+    let source = resolve_source(raw.source, base)?;
+    let mut targets = Vec::with_capacity(raw.targets.len());
+    let mut names = HashSet::new();
+    let mut tokens = HashSet::new();
+    for (index, raw_target) in raw.targets.into_iter().enumerate() {
+        let target = resolve_target(raw_target, index, base)?;
+        if !names.insert(target.name.clone()) {
+            return Err(format!(
+                "two targets are named {:?}; give each [[target]] its own name",
+                target.name
+            ));
+        }
+        if !tokens.insert((target.module.clone(), target.token.clone())) {
+            return Err(format!(
+                "target {:?} names the same token ({} of {}) as an earlier target; \
+                 seed each token from one target",
+                target.name,
+                target.token,
+                target.module.display()
+            ));
+        }
+        targets.push(target);
+    }
+    Ok(Config { source, targets })
+}
+
+fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
+    let url_text = raw.url.as_deref().unwrap_or(DEFAULT_URL);
+    let url = Url::parse(url_text).map_err(|e| {
+        format!(
+            "source.url = {url_text:?} is not a URL ({e}); write it like \"https://api-eus.qrypt.com\""
+        )
+    })?;
+    let allow_http = raw.allow_http.unwrap_or(false);
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_http => {}
+        "http" => {
+            return Err(format!(
+                "source.url = {url_text:?} is plain HTTP: the token and the entropy would cross \
+                 the network unencrypted. Use https://, or set source.allow_http = true for an \
+                 appliance on a network you trust"
+            ))
+        }
+        other => {
+            return Err(format!(
+                "source.url = {url_text:?} has scheme {other:?}; use https://"
+            ))
+        }
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("source.url must not hold a user name or password; \
+                    put the API token in source.token_file or QRYPT_TOKEN"
+            .into());
+    }
+    let timeout = match raw.timeout {
+        Some(t) => in_range("source.timeout", t.0, &TIMEOUT_RANGE)?,
+        None => DEFAULT_TIMEOUT,
+    };
+    let auth = raw.auth.unwrap_or(Auth::Bearer);
+    let token = match (auth, raw.token_file) {
+        (Auth::None, Some(_)) => {
+            return Err("source.auth = \"none\" and source.token_file are both set; \
+                        remove one"
+                .into())
+        }
+        (Auth::None, None) => None,
+        (Auth::Bearer, Some(file)) => {
+            let file = absolute(base, &file);
+            Some(read_secret_file(&file, "source.token_file")?)
+        }
+        (Auth::Bearer, None) => match std::env::var(TOKEN_ENV) {
+            Ok(t) if !t.trim().is_empty() => Some(SecretString::from(t.trim().to_string())),
+            _ => {
+                return Err(format!(
+                    "no API token: set source.token_file to a file holding the token, or the \
+                     environment variable {TOKEN_ENV} (for an appliance without authentication: \
+                     source.auth = \"none\")"
+                ))
+            }
+        },
+    };
+    Ok(SourceConfig {
+        url,
+        dialect: raw.dialect.unwrap_or_default(),
+        token,
+        ca_file: raw.ca_file.map(|f| absolute(base, &f)),
+        timeout,
+        allow_http,
+    })
+}
+
+fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetConfig, String> {
+    let name = match raw.name {
+        Some(n) if valid_name(&n) => n,
+        Some(n) => {
+            return Err(format!(
+                "target #{} has name = {n:?}; use letters, digits, '.', '_' and '-' only \
+                 (it appears in logs)",
+                index + 1
+            ))
+        }
+        None => {
+            return Err(format!(
+                "target #{} has no name; add name = \"...\" (it appears in logs)",
+                index + 1
+            ))
+        }
+    };
+    let at = |message: String| format!("target {name:?}: {message}");
+    let module = raw.module.ok_or_else(|| {
+        at("no module; set module = the path of the HSM vendor's PKCS#11 library, \
+            e.g. \"/usr/lib/softhsm/libsofthsm2.so\""
+            .into())
+    })?;
+    let module = absolute(base, &module);
+
+    let token = match (raw.token_label, raw.serial, raw.slot_id) {
+        (Some(label), None, None) => TokenSelector::Label(label),
+        (None, Some(serial), None) => TokenSelector::Serial(serial),
+        (None, None, Some(id)) => TokenSelector::SlotId(u64::try_from(id).map_err(|_| {
+            at(format!(
+                "slot_id = {id} is negative; `qseed slots --module ...` lists the slot ids"
+            ))
+        })?),
+        (None, None, None) => {
+            return Err(at("no token given; set one of token_label, serial or slot_id \
+                           (`qseed slots --module ...` lists them)"
+                .into()))
+        }
+        _ => {
+            return Err(at(
+                "more than one of token_label, serial and slot_id is set; keep one".into(),
+            ))
+        }
+    };
+
+    let pin = resolve_pin(&raw.pin_file, &raw.pin_env, raw.pin, base).map_err(&at)?;
+    let login = match (raw.login, pin) {
+        (Some(Login::User), Some(pin)) => Some(pin),
+        (Some(Login::User), None) => {
+            return Err(at("login = \"user\" needs a PIN; set pin_file, pin_env or pin".into()))
+        }
+        (Some(Login::None), Some(_)) => {
+            return Err(at(
+                "a PIN is set but login = \"none\"; remove the PIN or set login = \"user\"".into(),
+            ))
+        }
+        (None, Some(pin)) => Some(pin),
+        (Some(Login::None), None) | (None, None) => None,
+    };
+
+    let size = match raw.size {
+        None => DEFAULT_SIZE,
+        Some(s) => usize::try_from(s)
+            .ok()
+            .filter(|s| SIZE_RANGE.contains(s))
+            .ok_or_else(|| {
+                at(format!(
+                    "size = {s} is out of range: allowed {}..={} bytes per injection",
+                    SIZE_RANGE.start(),
+                    SIZE_RANGE.end()
+                ))
+            })?,
+    };
+    let period = match raw.period {
+        None => DEFAULT_PERIOD,
+        Some(p) => in_range("period", p.0, &PERIOD_RANGE).map_err(&at)?,
+    };
+    Ok(TargetConfig {
+        name,
+        module,
+        token,
+        login,
+        size,
+        period,
+    })
+}
+
+fn resolve_pin(
+    pin_file: &Option<PathBuf>,
+    pin_env: &Option<String>,
+    pin: Option<values::InlineSecret>,
+    base: &Path,
+) -> Result<Option<SecretString>, String> {
+    match (pin_file, pin_env, pin) {
+        (None, None, None) => Ok(None),
+        (Some(file), None, None) => read_secret_file(&absolute(base, file), "pin_file").map(Some),
+        (None, Some(var), None) => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(Some(SecretString::from(v))),
+            _ => Err(format!(
+                "pin_env = {var:?} but that environment variable is not set or empty"
+            )),
+        },
+        (None, None, Some(inline)) => Ok(Some(inline.0)),
+        _ => Err("more than one of pin_file, pin_env and pin is set; keep one".into()),
+    }
+}
+
+/// Reads a one-line secret file. A trailing newline is not part of the secret.
+fn read_secret_file(path: &Path, key: &str) -> Result<SecretString, String> {
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+        format!("{key} = {:?} cannot be read: {e}", path.display().to_string())
+    })?);
+    let secret = text.trim_end_matches(['\n', '\r']);
+    if secret.is_empty() {
+        return Err(format!("{key} = {:?} is empty", path.display().to_string()));
+    }
+    warn_if_readable_by_others(path, key);
+    Ok(SecretString::from(secret.to_string()))
+}
+
+#[cfg(unix)]
+fn warn_if_readable_by_others(path: &Path, key: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o004 != 0 {
+            tracing::warn!(
+                "{key} {} is readable by every user on this machine; run: chmod o-rwx {}",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_readable_by_others(_: &Path, _: &str) {}
+
+fn in_range(
+    key: &str,
+    value: Duration,
+    range: &std::ops::RangeInclusive<Duration>,
+) -> Result<Duration, String> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{key} = {} is out of range: allowed {} to {}",
+            short_duration(value),
+            short_duration(*range.start()),
+            short_duration(*range.end())
+        ))
+    }
+}
+
+/// `365d`, `10m`, `1s`: the largest whole unit, as an operator would write it.
+pub fn short_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 || secs == 0 {
+        return humantime::format_duration(d).to_string();
+    }
+    for (unit, len) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if secs % len == 0 {
+            return format!("{}{unit}", secs / len);
+        }
+    }
+    format!("{secs}s")
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn absolute(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,65 @@
+//! The configuration file as written: shapes and types only, no file access, no secrets read.
+//!
+//! Every table denies unknown keys, so a misspelt key is an error instead of a silent default.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::values::{DurationValue, InlineSecret};
+use crate::source::Dialect;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub source: RawSource,
+    #[serde(default, rename = "target")]
+    pub targets: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub url: Option<String>,
+    pub dialect: Option<Dialect>,
+    pub auth: Option<Auth>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub timeout: Option<DurationValue>,
+    pub allow_http: Option<bool>,
+}
+
+/// How requests authenticate: Qrypt's cloud needs a bearer token; an appliance may need none.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Auth {
+    Bearer,
+    None,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    pub name: Option<String>,
+    pub module: Option<PathBuf>,
+    pub token_label: Option<String>,
+    pub slot_id: Option<i64>,
+    pub serial: Option<String>,
+    pub login: Option<Login>,
+    pub pin_file: Option<PathBuf>,
+    pub pin_env: Option<String>,
+    pub pin: Option<InlineSecret>,
+    pub size: Option<i64>,
+    pub period: Option<DurationValue>,
+}
+
+/// Whether to log in before seeding.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Login {
+    /// `C_Login` as `CKU_USER` (the Crypto User on Luna) once per session.
+    User,
+    /// Seed in a public session (SoftHSM, NSS and Kryoptic accept this).
+    None,
+}

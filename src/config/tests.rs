@@ -1,0 +1,157 @@
+use std::path::Path;
+
+use secrecy::ExposeSecret;
+
+use super::*;
+
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+fn parse_ok(text: &str) -> Config {
+    parse(text, Path::new("/etc/qseed")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn parse_err(text: &str) -> String {
+    match parse(text, Path::new("/etc/qseed")) {
+        Ok(c) => panic!("accepted: {c:?}"),
+        Err(e) => e,
+    }
+}
+
+fn target(extra: &str) -> String {
+    format!(
+        "[source]\nauth = \"none\"\n[[target]]\nname = \"t1\"\nmodule = \"{MODULE}\"\n{extra}\n"
+    )
+}
+
+#[test]
+fn full_example_resolves() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("qrypt.token"), "tok-123\n").unwrap();
+    std::fs::write(dir.path().join("luna.pin"), "1234\r\n").unwrap();
+    let text = r#"
+        [source]
+        url = "https://api-eus.qrypt.com"
+        dialect = "entropy"
+        token_file = "qrypt.token"
+        timeout = "30s"
+
+        [[target]]
+        name = "luna-partition-1"
+        module = "/usr/lib/softhsm/libsofthsm2.so"
+        token_label = "qseed-test"
+        login = "user"
+        pin_file = "luna.pin"
+        size = 64
+        period = "1h 30m"
+
+        [[target]]
+        name = "second"
+        module = "lib/module.so"
+        slot_id = 3
+    "#;
+    let config = parse(text, dir.path()).unwrap();
+    assert_eq!(config.source.dialect, Dialect::Entropy);
+    assert_eq!(config.source.token.unwrap().expose_secret(), "tok-123");
+    assert_eq!(config.source.timeout, Duration::from_secs(30));
+    let t = &config.targets[0];
+    assert_eq!(t.token, TokenSelector::Label("qseed-test".into()));
+    assert_eq!(t.login.as_ref().unwrap().expose_secret(), "1234");
+    assert_eq!(t.size, 64);
+    assert_eq!(t.period, Duration::from_secs(5400));
+    let t2 = &config.targets[1];
+    assert_eq!(t2.module, dir.path().join("lib/module.so"));
+    assert_eq!(t2.token, TokenSelector::SlotId(3));
+    assert!(t2.login.is_none());
+    assert_eq!(t2.size, DEFAULT_SIZE);
+    assert_eq!(t2.period, DEFAULT_PERIOD);
+}
+
+#[test]
+fn unknown_keys_are_errors_with_position() {
+    let e = parse_err(&target("token_label = \"a\"\nperiode = \"10s\""));
+    assert!(e.contains("unknown field `periode`"), "{e}");
+    assert!(e.contains("line 7"), "{e}");
+    let e = parse_err("[source]\nurll = \"https://x\"\n");
+    assert!(e.contains("unknown field `urll`"), "{e}");
+}
+
+#[test]
+fn ranges_name_key_value_and_allowed_range() {
+    for (extra, want) in [
+        ("size = 0", "size = 0 is out of range: allowed 1..=65536"),
+        ("size = 65537", "size = 65537 is out of range"),
+        ("size = -5", "size = -5 is out of range"),
+        ("period = \"500ms\"", "period = 500ms is out of range: allowed 1s to 365d"),
+        ("period = \"366d\"", "period = 366d is out of range"),
+        ("period = \"soon\"", "\"soon\" is not a duration"),
+    ] {
+        let e = parse_err(&target(&format!("token_label = \"a\"\n{extra}")));
+        assert!(e.contains(want), "{extra}: {e}");
+        assert!(e.contains("t1") || e.contains("line"), "{extra}: {e}");
+    }
+}
+
+#[test]
+fn exactly_one_token_selector() {
+    let e = parse_err(&target(""));
+    assert!(e.contains("no token given"), "{e}");
+    let e = parse_err(&target("token_label = \"a\"\nserial = \"b\""));
+    assert!(e.contains("more than one of token_label, serial and slot_id"), "{e}");
+}
+
+#[test]
+fn at_most_one_pin_source() {
+    let e = parse_err(&target("token_label = \"a\"\npin = \"1\"\npin_env = \"X\""));
+    assert!(e.contains("more than one of pin_file, pin_env and pin"), "{e}");
+    let e = parse_err(&target("token_label = \"a\"\nlogin = \"user\""));
+    assert!(e.contains("needs a PIN"), "{e}");
+    let e = parse_err(&target("token_label = \"a\"\nlogin = \"none\"\npin = \"1\""));
+    assert!(e.contains("login = \"none\""), "{e}");
+}
+
+#[test]
+fn a_mistyped_pin_is_never_quoted() {
+    let e = parse_err(&target("token_label = \"a\"\npin = 987654"));
+    assert!(!e.contains("987654"), "{e}");
+    assert!(e.contains("must be a quoted string"), "{e}");
+    // And the resolved PIN never shows in Debug output.
+    let config = parse_ok(&target("token_label = \"a\"\npin = \"987654\""));
+    assert!(!format!("{config:?}").contains("987654"));
+}
+
+#[test]
+fn plain_http_needs_opt_in() {
+    let e = parse_err("[source]\nurl = \"http://127.0.0.1:8080\"\nauth = \"none\"\n");
+    assert!(e.contains("plain HTTP"), "{e}");
+    assert!(e.contains("allow_http = true"), "{e}");
+    let c = parse_ok("[source]\nurl = \"http://127.0.0.1:8080\"\nallow_http = true\nauth = \"none\"\n");
+    assert_eq!(c.source.url.scheme(), "http");
+}
+
+#[test]
+fn duplicate_names_and_tokens_are_refused() {
+    let two = format!(
+        "{}[[target]]\nname = \"t1\"\nmodule = \"{MODULE}\"\ntoken_label = \"b\"\n",
+        target("token_label = \"a\"")
+    );
+    assert!(parse_err(&two).contains("two targets are named \"t1\""));
+    let same_token = format!(
+        "{}[[target]]\nname = \"t2\"\nmodule = \"{MODULE}\"\ntoken_label = \"a\"\n",
+        target("token_label = \"a\"")
+    );
+    assert!(parse_err(&same_token).contains("same token"));
+}
+
+#[test]
+fn names_must_be_log_safe() {
+    let e = parse_err(&format!(
+        "[source]\nauth = \"none\"\n[[target]]\nname = \"a b\"\nmodule = \"{MODULE}\"\ntoken_label = \"x\"\n"
+    ));
+    assert!(e.contains("letters, digits"), "{e}");
+}
+
+#[test]
+fn missing_secret_files_are_named() {
+    let e = parse_err("[source]\ntoken_file = \"/nonexistent/qrypt.token\"\n");
+    assert!(e.contains("source.token_file = \"/nonexistent/qrypt.token\" cannot be read"), "{e}");
+}

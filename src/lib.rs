@@ -1,0 +1,30 @@
+//! qseed downloads quantum entropy and injects it into PKCS#11 HSMs with `C_SeedRandom`.
+//!
+//! The data path, one module per stage:
+//!
+//! ```text
+//!   source ──KiB blocks──▶ pool ──exactly `size` bytes, once──▶ target (C_SeedRandom)
+//!      ▲                     ▲                                      ▲
+//!      └──────────── service: one loop per target, on its period ───┘
+//! ```
+//!
+//! - [`source`]: the Qrypt entropy API client (both dialects) and the strict answer parser.
+//! - [`pool`]: the local buffer; hands every downloaded byte out once, wipes what it drops.
+//! - [`target`]: PKCS#11 modules, finding tokens, sessions, login and seeding.
+//! - [`service`]: the period loops, rounds, shutdown.
+//! - [`config`]: the TOML file, checked in two stages (shape, then resolved secrets and paths).
+//! - [`simulator`]: a local stand-in for the entropy API, for tests and the demo only.
+//! - [`commands`]: what each CLI subcommand does; [`cli`] parses the command line.
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations)]
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod pool;
+pub mod service;
+pub mod simulator;
+pub mod source;
+pub mod target;
+pub mod telemetry;

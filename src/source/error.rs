@@ -1,0 +1,70 @@
+//! What can go wrong while fetching entropy, in words an operator can act on.
+
+use std::time::Duration;
+
+use super::answer::AnswerError;
+
+/// A failed request. Messages never hold the token or any entropy.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "the entropy API rejected the access token (HTTP 401): it is wrong or has expired. \
+         Create a new token in the Qrypt portal and put it in source.token_file or QRYPT_TOKEN"
+    )]
+    TokenRejected,
+    #[error(
+        "the entropy API refused the request (HTTP 403): the account's entropy quota for this \
+         period is used up, or the token may not request entropy. Check the account in the \
+         Qrypt portal"
+    )]
+    Forbidden,
+    #[error("the entropy API is rate limiting this token (HTTP 429){}", retry_hint(*.retry_after))]
+    RateLimited { retry_after: Option<Duration> },
+    #[error(
+        "the entropy API has not enough entropy right now (HTTP 503){}",
+        retry_hint(*.retry_after)
+    )]
+    Unavailable { retry_after: Option<Duration> },
+    #[error("the entropy API answered HTTP {status}{}", detail_suffix(.detail))]
+    Status { status: u16, detail: String },
+    #[error(
+        "the entropy API answered with a redirect (HTTP {status}) to {location:?}; qseed does \
+         not follow redirects, so the token never goes to another server: set source.url to \
+         the final address"
+    )]
+    Redirect { status: u16, location: String },
+    #[error("the entropy API's answer is not JSON (Content-Type {0:?})")]
+    WrongContentType(String),
+    #[error("the entropy API's answer is larger than the {limit} bytes it can be; refused")]
+    TooLarge { limit: usize },
+    #[error("could not reach the entropy API at {url}: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("the entropy API did not answer within {0:?} (source.timeout)")]
+    Timeout(Duration),
+    #[error("the source delivered fewer bytes than the {needed} needed")]
+    ShortDelivery { needed: usize },
+    #[error("the entropy API's answer was refused: {0}")]
+    BadAnswer(#[from] AnswerError),
+}
+
+impl SourceError {
+    /// Whether asking again later could succeed without the operator changing anything.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, SourceError::TokenRejected | SourceError::Redirect { .. })
+    }
+}
+
+fn retry_hint(retry_after: Option<Duration>) -> String {
+    match retry_after {
+        Some(d) => format!("; it asks to retry after {}s", d.as_secs()),
+        None => String::new(),
+    }
+}
+
+fn detail_suffix(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {detail}")
+    }
+}

@@ -1,0 +1,57 @@
+//! Where entropy comes from.
+//!
+//! A source delivers whole blocks of [`BLOCK_LEN`] bytes. Today there is one kind, the Qrypt
+//! entropy REST API ([`qrypt::QryptClient`]); the [`EntropySource`] trait is the seam for the
+//! others that are planned (the on-premises appliance speaks the same API; a local device file).
+
+pub mod answer;
+pub mod error;
+pub mod qrypt;
+
+use std::future::Future;
+
+use serde::Deserialize;
+
+pub use error::SourceError;
+
+use crate::pool::EntropyBytes;
+
+/// Bytes per block: the API sells entropy by the KiB.
+pub const BLOCK_LEN: usize = 1024;
+
+/// Most blocks one request may ask for (both Qrypt clients and the appliance enforce it).
+pub const MAX_BLOCKS_PER_REQUEST: usize = 512;
+
+/// Which of the two request forms the server speaks (see `entropy-api.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dialect {
+    /// `GET /api/v1/quantum-entropy?size=K`: the documented cloud API.
+    #[default]
+    QuantumEntropy,
+    /// `POST /api/v1/entropy` with `{"block_size": 1024, "block_count": K}` (bytes per block,
+    /// as the appliance's written specification says).
+    Entropy,
+}
+
+impl Dialect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::QuantumEntropy => "quantum-entropy",
+            Dialect::Entropy => "entropy",
+        }
+    }
+}
+
+/// Something that sells entropy by the block.
+pub trait EntropySource: Send + Sync {
+    /// Fetches exactly `blocks` blocks of [`BLOCK_LEN`] bytes (1..=[`MAX_BLOCKS_PER_REQUEST`]),
+    /// or fails without returning any of an answer's bytes.
+    fn fetch(
+        &self,
+        blocks: usize,
+    ) -> impl Future<Output = Result<Vec<EntropyBytes>, SourceError>> + Send;
+
+    /// A short, secret-free description for logs (e.g. the base URL).
+    fn describe(&self) -> String;
+}

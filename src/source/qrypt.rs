@@ -1,0 +1,273 @@
+//! The Qrypt entropy REST API client (cloud service and on-premises appliance).
+
+use std::time::Duration;
+
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+use zeroize::Zeroizing;
+
+use super::{answer, Dialect, EntropySource, SourceError, BLOCK_LEN, MAX_BLOCKS_PER_REQUEST};
+use crate::config::SourceConfig;
+use crate::pool::EntropyBytes;
+
+/// Answers longer than this many bytes per block are refused unread (base64 of 1 KiB is 1,368
+/// bytes; the rest is JSON punctuation and slack for whitespace and escaped slashes).
+const MAX_ANSWER_BYTES_PER_BLOCK: usize = 2 * 1368;
+const MAX_ANSWER_OVERHEAD: usize = 16 * 1024;
+
+/// One HTTP client for one API base URL and token.
+pub struct QryptClient {
+    http: reqwest::Client,
+    base: Url,
+    dialect: Dialect,
+    /// `Authorization: Bearer …`, marked sensitive so reqwest never prints it.
+    authorization: Option<HeaderValue>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for QryptClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QryptClient")
+            .field("base", &self.base.as_str())
+            .field("dialect", &self.dialect)
+            .field("token", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Why a client could not be built (bad CA file and the like).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientSetupError(String);
+
+impl QryptClient {
+    pub fn new(config: &SourceConfig) -> Result<Self, ClientSetupError> {
+        install_crypto_provider();
+        let mut builder = reqwest::Client::builder()
+            .https_only(!config.allow_http)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .user_agent(concat!("qseed/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &config.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| {
+                ClientSetupError(format!(
+                    "cannot read source.ca_file {}: {e}; point it at a PEM certificate file",
+                    ca.display()
+                ))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                ClientSetupError(format!(
+                    "source.ca_file {} holds no usable PEM certificate: {e}",
+                    ca.display()
+                ))
+            })?;
+            if certs.is_empty() {
+                return Err(ClientSetupError(format!(
+                    "source.ca_file {} holds no PEM certificate",
+                    ca.display()
+                )));
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ClientSetupError(format!("cannot set up the HTTPS client: {e}")))?;
+        let authorization = match &config.token {
+            Some(token) => Some(bearer(token)?),
+            None => None,
+        };
+        let mut base = config.url.clone();
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        Ok(Self {
+            http,
+            base,
+            dialect: config.dialect,
+            authorization,
+            timeout: config.timeout,
+        })
+    }
+
+    fn request(&self, blocks: usize) -> reqwest::RequestBuilder {
+        let builder = match self.dialect {
+            Dialect::QuantumEntropy => {
+                let url = self.endpoint("api/v1/quantum-entropy");
+                self.http.get(url).query(&[("size", blocks)])
+            }
+            Dialect::Entropy => {
+                let url = self.endpoint("api/v1/entropy");
+                self.http.post(url).json(&serde_json::json!({
+                    "block_size": BLOCK_LEN,
+                    "block_count": blocks,
+                }))
+            }
+        };
+        let builder = builder.header(ACCEPT, "application/json");
+        match &self.authorization {
+            Some(value) => builder.header(AUTHORIZATION, value.clone()),
+            None => builder,
+        }
+    }
+
+    fn endpoint(&self, path: &str) -> Url {
+        // The base always ends in '/', and `path` is relative, so this cannot fail.
+        self.base.join(path).unwrap_or_else(|_| self.base.clone())
+    }
+
+    async fn fetch_blocks(&self, blocks: usize) -> Result<Vec<EntropyBytes>, SourceError> {
+        let response = self
+            .request(blocks)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e))?;
+        let status = response.status();
+        if status.is_redirection() {
+            let location = header_text(&response, LOCATION);
+            return Err(SourceError::Redirect {
+                status: status.as_u16(),
+                location,
+            });
+        }
+        if status != reqwest::StatusCode::OK {
+            return Err(self.status_error(response).await);
+        }
+        let content_type = header_text(&response, CONTENT_TYPE);
+        if !is_json(&content_type) {
+            return Err(SourceError::WrongContentType(content_type));
+        }
+        let limit = blocks * MAX_ANSWER_BYTES_PER_BLOCK + MAX_ANSWER_OVERHEAD;
+        let body = self.read_body(response, limit).await?;
+        Ok(answer::parse(self.dialect, &body, blocks, BLOCK_LEN)?)
+    }
+
+    /// Reads the body into one wiping buffer sized up front, so growth never leaves copies.
+    async fn read_body(
+        &self,
+        mut response: reqwest::Response,
+        limit: usize,
+    ) -> Result<Zeroizing<Vec<u8>>, SourceError> {
+        if response.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(SourceError::TooLarge { limit });
+        }
+        let mut body = Zeroizing::new(Vec::with_capacity(limit));
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.transport_error(e))? {
+            if body.len() + chunk.len() > limit {
+                return Err(SourceError::TooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
+    async fn status_error(&self, response: reqwest::Response) -> SourceError {
+        let status = response.status().as_u16();
+        let retry_after = retry_after(&response);
+        match status {
+            401 => SourceError::TokenRejected,
+            403 => SourceError::Forbidden,
+            429 => SourceError::RateLimited { retry_after },
+            503 => SourceError::Unavailable { retry_after },
+            _ => {
+                // Error bodies hold no entropy; show a short, printable excerpt for support.
+                let text = response.text().await.unwrap_or_default();
+                let detail: String = text
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(200)
+                    .collect();
+                SourceError::Status { status, detail }
+            }
+        }
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> SourceError {
+        if e.is_timeout() {
+            return SourceError::Timeout(self.timeout);
+        }
+        let mut reason = String::new();
+        let mut source: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+        while let Some(s) = source {
+            if !reason.is_empty() {
+                reason.push_str(": ");
+            }
+            reason.push_str(&s.to_string());
+            source = s.source();
+        }
+        if reason.is_empty() {
+            reason = e.to_string();
+        }
+        SourceError::Transport {
+            url: self.base.to_string(),
+            reason,
+        }
+    }
+}
+
+impl EntropySource for QryptClient {
+    async fn fetch(&self, blocks: usize) -> Result<Vec<EntropyBytes>, SourceError> {
+        debug_assert!((1..=MAX_BLOCKS_PER_REQUEST).contains(&blocks));
+        let blocks = blocks.clamp(1, MAX_BLOCKS_PER_REQUEST);
+        self.fetch_blocks(blocks).await
+    }
+
+    fn describe(&self) -> String {
+        format!("{} ({})", self.base, self.dialect.as_str())
+    }
+}
+
+/// rustls needs one process-wide crypto provider; ring is the one we build with.
+pub fn install_crypto_provider() {
+    // An error only means a provider is installed already, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn bearer(token: &SecretString) -> Result<HeaderValue, ClientSetupError> {
+    let text = Zeroizing::new(format!("Bearer {}", token.expose_secret()));
+    let mut value = HeaderValue::from_str(&text).map_err(|_| {
+        ClientSetupError(
+            "the API token holds characters that cannot go in an HTTP header; \
+             check the token file or QRYPT_TOKEN for stray characters"
+                .into(),
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+fn header_text(response: &reqwest::Response, name: reqwest::header::HeaderName) -> String {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn is_json(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    let text = response.headers().get(RETRY_AFTER)?.to_str().ok()?;
+    text.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_type_check() {
+        assert!(is_json("application/json"));
+        assert!(is_json("application/json; charset=utf-8"));
+        assert!(!is_json("text/html"));
+        assert!(!is_json(""));
+    }
+}

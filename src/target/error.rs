@@ -1,0 +1,275 @@
+//! PKCS#11 failures, each worded with the call, the CKR code and what to do about it.
+
+use cryptoki::context::Function;
+use cryptoki::error::{Error as CkError, RvError};
+
+/// What went wrong with a target. `Display` is the operator's message.
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    #[error(
+        "cannot load PKCS#11 module {path}: {reason}. Set module to the HSM vendor's PKCS#11 \
+         library (for SoftHSM: /usr/lib/softhsm/libsofthsm2.so)"
+    )]
+    ModuleLoad { path: String, reason: String },
+    #[error("{call}: {code}: {advice}")]
+    Call {
+        call: String,
+        code: String,
+        rv: RvError,
+        advice: &'static str,
+    },
+    #[error(
+        "the module does not provide a PKCS#11 function qseed needs (C_SeedRandom); this HSM \
+         cannot be seeded through PKCS#11"
+    )]
+    MissingFunction,
+    #[error("unexpected answer from the PKCS#11 module: {0}")]
+    Unexpected(String),
+    #[error("no token with {selector} in module {module}; {found}")]
+    TokenNotFound {
+        selector: String,
+        module: String,
+        found: String,
+    },
+    #[error(
+        "{count} tokens match {selector} in module {module} (slots {slots}); name the token by \
+         serial instead"
+    )]
+    Ambiguous {
+        selector: String,
+        module: String,
+        count: usize,
+        slots: String,
+    },
+    #[error(
+        "the token says the next wrong user PIN locks it (CKF_USER_PIN_FINAL_TRY); qseed will not \
+         risk a login. Check the PIN, reset the counter with a successful login by hand, then \
+         restart qseed"
+    )]
+    PinFinalTry,
+    #[error("the token's user PIN is locked (CKF_USER_PIN_LOCKED); an HSM administrator must unlock it")]
+    PinLocked,
+    #[error(
+        "the token has no random number generator (CKF_RNG is not set), so it cannot be seeded; \
+         remove this target"
+    )]
+    NoRng,
+    #[error("a login failed earlier with a PIN error; qseed never tries a PIN twice")]
+    LoginRefused,
+}
+
+impl HsmError {
+    /// Failures that will not go away by trying again: the target must stop, and for PIN
+    /// errors trying again could lock the user out of the HSM.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            HsmError::ModuleLoad { .. }
+            | HsmError::PinFinalTry
+            | HsmError::PinLocked
+            | HsmError::NoRng
+            | HsmError::LoginRefused
+            | HsmError::MissingFunction => true,
+            HsmError::TokenNotFound { .. }
+            | HsmError::Ambiguous { .. }
+            | HsmError::Unexpected(_) => false,
+            HsmError::Call { rv, .. } => is_permanent_rv(*rv),
+        }
+    }
+
+    /// A PIN error: the target stops and the PIN is never tried again.
+    pub fn is_pin_error(&self) -> bool {
+        matches!(
+            self,
+            HsmError::PinFinalTry | HsmError::PinLocked | HsmError::LoginRefused
+        ) || matches!(self, HsmError::Call { rv, .. } if is_pin_rv(*rv))
+    }
+
+    /// The session is gone (token removed, device reset): drop it and open a new one next time.
+    pub fn loses_session(&self) -> bool {
+        matches!(
+            self,
+            HsmError::Call {
+                rv: RvError::SessionHandleInvalid
+                    | RvError::SessionClosed
+                    | RvError::DeviceRemoved
+                    | RvError::TokenNotPresent
+                    | RvError::DeviceError
+                    | RvError::CryptokiNotInitialized
+                    | RvError::UserNotLoggedIn,
+                ..
+            }
+        )
+    }
+}
+
+fn is_pin_rv(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::PinIncorrect
+            | RvError::PinLocked
+            | RvError::PinExpired
+            | RvError::PinInvalid
+            | RvError::PinLenRange
+            | RvError::UserPinNotInitialized
+    )
+}
+
+fn is_permanent_rv(rv: RvError) -> bool {
+    is_pin_rv(rv)
+        || matches!(
+            rv,
+            RvError::RandomSeedNotSupported
+                | RvError::RandomNoRng
+                | RvError::FunctionNotSupported
+                | RvError::UserTypeInvalid
+        )
+}
+
+/// Converts a cryptoki error from `call` into an operator's message.
+pub fn from_cryptoki(e: CkError) -> HsmError {
+    match e {
+        CkError::Pkcs11(rv, function) => HsmError::Call {
+            call: function_name(function),
+            code: rv_name(rv),
+            rv,
+            advice: advice(rv),
+        },
+        CkError::NullFunctionPointer => HsmError::MissingFunction,
+        CkError::LibraryLoading(e) => HsmError::ModuleLoad {
+            path: String::new(),
+            reason: e.to_string(),
+        },
+        other => HsmError::Unexpected(other.to_string()),
+    }
+}
+
+/// `Function::SeedRandom` → `C_SeedRandom`.
+pub fn function_name(function: Function) -> String {
+    format!("C_{function:?}")
+}
+
+/// `RvError::RandomSeedNotSupported` → `CKR_RANDOM_SEED_NOT_SUPPORTED`.
+pub fn rv_name(rv: RvError) -> String {
+    match rv {
+        RvError::VendorDefined(code) => format!("CKR_VENDOR_DEFINED({code:#x})"),
+        RvError::UnknownErrorCode(code) => format!("unknown return code {code:#x}"),
+        other => {
+            let camel = format!("{other:?}");
+            let mut name = String::from("CKR");
+            for (i, c) in camel.char_indices() {
+                if c.is_ascii_uppercase() || i == 0 {
+                    name.push('_');
+                }
+                name.push(c.to_ascii_uppercase());
+            }
+            name
+        }
+    }
+}
+
+fn advice(rv: RvError) -> &'static str {
+    match rv {
+        RvError::PinIncorrect => {
+            "the PIN is wrong. qseed stops this target and will not try the PIN again (HSMs lock \
+             users after a few wrong PINs); correct the PIN source and restart"
+        }
+        RvError::PinLocked => "the user PIN is locked; an HSM administrator must unlock it",
+        RvError::PinExpired => "the PIN has expired; set a new one with the vendor's tools",
+        RvError::PinInvalid | RvError::PinLenRange => {
+            "the token rejects the PIN's form; check the PIN source"
+        }
+        RvError::UserPinNotInitialized => {
+            "the token's user PIN was never set; initialize it with the vendor's tools"
+        }
+        RvError::UserNotLoggedIn => {
+            "this token wants a login before it takes seed material: set login = \"user\" and a \
+             PIN source"
+        }
+        RvError::RandomSeedNotSupported => {
+            "this token does not accept seed material, so qseed cannot seed it; remove this target"
+        }
+        RvError::RandomNoRng => "this token has no random number generator; remove this target",
+        RvError::FunctionNotSupported => {
+            "this module does not implement the call, so qseed cannot seed this token; remove \
+             this target"
+        }
+        RvError::ArgumentsBad => {
+            "the token refused the seed; some tokens want at least 32 bytes per seed: raise size"
+        }
+        RvError::SessionHandleInvalid
+        | RvError::SessionClosed
+        | RvError::DeviceRemoved
+        | RvError::TokenNotPresent
+        | RvError::DeviceError => {
+            "the session or device was lost; qseed opens a new session at the next period"
+        }
+        RvError::CryptokiNotInitialized => {
+            "the module lost its initialization; qseed tries again at the next period"
+        }
+        RvError::SlotIdInvalid => {
+            "the slot does not exist; `qseed slots --module ...` lists the slots"
+        }
+        RvError::TokenNotRecognized => "the module does not recognize the token in this slot",
+        RvError::SessionCount => {
+            "the token has no free session; close other applications' sessions or raise the limit"
+        }
+        RvError::UserTypeInvalid => "the token does not know the user type CKU_USER",
+        _ => "the module reported a failure; qseed tries again at the next period",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_codes_like_the_specification() {
+        assert_eq!(
+            rv_name(RvError::RandomSeedNotSupported),
+            "CKR_RANDOM_SEED_NOT_SUPPORTED"
+        );
+        assert_eq!(rv_name(RvError::PinIncorrect), "CKR_PIN_INCORRECT");
+        assert_eq!(rv_name(RvError::RandomNoRng), "CKR_RANDOM_NO_RNG");
+        assert_eq!(
+            rv_name(RvError::SessionHandleInvalid),
+            "CKR_SESSION_HANDLE_INVALID"
+        );
+        assert_eq!(
+            rv_name(RvError::CryptokiNotInitialized),
+            "CKR_CRYPTOKI_NOT_INITIALIZED"
+        );
+        assert_eq!(
+            rv_name(RvError::VendorDefined(0x8000_0001)),
+            "CKR_VENDOR_DEFINED(0x80000001)"
+        );
+        assert_eq!(function_name(Function::SeedRandom), "C_SeedRandom");
+        assert_eq!(function_name(Function::Login), "C_Login");
+    }
+
+    #[test]
+    fn message_names_call_code_and_fix() {
+        let e = from_cryptoki(CkError::Pkcs11(
+            RvError::RandomSeedNotSupported,
+            Function::SeedRandom,
+        ));
+        assert_eq!(
+            e.to_string(),
+            "C_SeedRandom: CKR_RANDOM_SEED_NOT_SUPPORTED: this token does not accept seed \
+             material, so qseed cannot seed it; remove this target"
+        );
+        assert!(e.is_permanent());
+    }
+
+    #[test]
+    fn pin_errors_are_permanent_and_session_losses_are_not() {
+        let pin = from_cryptoki(CkError::Pkcs11(RvError::PinIncorrect, Function::Login));
+        assert!(pin.is_permanent() && pin.is_pin_error());
+        let lost = from_cryptoki(CkError::Pkcs11(
+            RvError::SessionHandleInvalid,
+            Function::SeedRandom,
+        ));
+        assert!(!lost.is_permanent() && lost.loses_session());
+        let missing = from_cryptoki(CkError::NullFunctionPointer);
+        assert!(missing.is_permanent());
+    }
+}
