@@ -56,7 +56,9 @@ pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error>
             module.display()
         )));
     }
-    let real_token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.trim().is_empty());
+    let real_token = std::env::var(TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.trim().is_empty());
     println!("qseed demo — in {}", dir.path().display());
 
     let modules = Modules::new();
@@ -71,7 +73,10 @@ pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error>
     shutdown::on_signals(stop.clone());
     let (source_toml, simulator) = match real_token {
         Some(_) => {
-            println!("  entropy source: Qrypt's service at {} (QRYPT_TOKEN is set)", config::DEFAULT_URL);
+            println!(
+                "  entropy source: Qrypt's service at {} (QRYPT_TOKEN is set)",
+                config::DEFAULT_URL
+            );
             (String::new(), None)
         }
         None => {
@@ -141,7 +146,9 @@ pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error>
     if outcome.all_seeded_every_round() {
         Ok(())
     } else {
-        Err(Error::Failed("some demo rounds failed; see the log above".into()))
+        Err(Error::Failed(
+            "some demo rounds failed; see the log above".into(),
+        ))
     }
 }
 
@@ -196,7 +203,9 @@ fn init_token(
                 .is_ok_and(|info| !info.token_initialized())
         })
         .ok_or_else(|| HsmError::Unexpected("SoftHSM shows no free slot".into()))?;
-    pkcs11.init_token(free, so_pin, label).map_err(from_cryptoki)?;
+    pkcs11
+        .init_token(free, so_pin, label)
+        .map_err(from_cryptoki)?;
     // SoftHSM gives the new token a new slot id: find it again by its label.
     let path = module.display().to_string();
     let made = token::find(pkcs11, &path, &TokenSelector::Label(label.into()))?;

@@ -10,7 +10,11 @@ use crate::error::Error;
 use crate::service::shutdown;
 use crate::simulator::{Options, Simulator};
 
-pub async fn simulator(listen: SocketAddr, ca_out: Option<&Path>, plain_http: bool) -> Result<(), Error> {
+pub async fn simulator(
+    listen: SocketAddr,
+    ca_out: Option<&Path>,
+    plain_http: bool,
+) -> Result<(), Error> {
     let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
     let sim = Simulator::start(Options {
         listen,
@@ -24,16 +28,24 @@ pub async fn simulator(listen: SocketAddr, ca_out: Option<&Path>, plain_http: bo
         std::fs::write(path, pem)
             .map_err(|e| Error::Failed(format!("cannot write {}: {e}", path.display())))?;
     }
-    eprintln!("qseed API simulator — TEST AND DEMO TOOL: it serves OS randomness, NOT quantum entropy");
+    eprintln!(
+        "qseed API simulator — TEST AND DEMO TOOL: it serves OS randomness, NOT quantum entropy"
+    );
     eprintln!("  url:   {}", sim.url());
     match (ca_out, sim.ca_pem()) {
-        (Some(path), Some(_)) => eprintln!("  CA:    {} (set source.ca_file to it)", path.display()),
-        (None, Some(_)) => eprintln!("  CA:    not written; pass --ca-out FILE to trust the server"),
+        (Some(path), Some(_)) => {
+            eprintln!("  CA:    {} (set source.ca_file to it)", path.display())
+        }
+        (None, Some(_)) => {
+            eprintln!("  CA:    not written; pass --ca-out FILE to trust the server")
+        }
         _ => eprintln!("  plain HTTP (set source.allow_http = true)"),
     }
     match token {
         Some(_) => eprintln!("  token: the value of {TOKEN_ENV}"),
-        None => eprintln!("  token: none required ({TOKEN_ENV} not set); use source.auth = \"none\""),
+        None => {
+            eprintln!("  token: none required ({TOKEN_ENV} not set); use source.auth = \"none\"")
+        }
     }
     let stop = CancellationToken::new();
     shutdown::on_signals(stop.clone());

@@ -194,9 +194,11 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
     let auth = raw.auth.unwrap_or(Auth::Bearer);
     let token = match (auth, raw.token_file) {
         (Auth::None, Some(_)) => {
-            return Err("source.auth = \"none\" and source.token_file are both set; \
+            return Err(
+                "source.auth = \"none\" and source.token_file are both set; \
                         remove one"
-                .into())
+                    .into(),
+            )
         }
         (Auth::None, None) => None,
         (Auth::Bearer, Some(file)) => {
@@ -243,9 +245,11 @@ fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetCon
     };
     let at = |message: String| format!("target {name:?}: {message}");
     let module = raw.module.ok_or_else(|| {
-        at("no module; set module = the path of the HSM vendor's PKCS#11 library, \
+        at(
+            "no module; set module = the path of the HSM vendor's PKCS#11 library, \
             e.g. \"/usr/lib/softhsm/libsofthsm2.so\""
-            .into())
+                .into(),
+        )
     })?;
     let module = absolute(base, &module);
 
@@ -258,9 +262,11 @@ fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetCon
             ))
         })?),
         (None, None, None) => {
-            return Err(at("no token given; set one of token_label, serial or slot_id \
+            return Err(at(
+                "no token given; set one of token_label, serial or slot_id \
                            (`qseed slots --module ...` lists them)"
-                .into()))
+                    .into(),
+            ))
         }
         _ => {
             return Err(at(
@@ -273,7 +279,9 @@ fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetCon
     let login = match (raw.login, pin) {
         (Some(Login::User), Some(pin)) => Some(pin),
         (Some(Login::User), None) => {
-            return Err(at("login = \"user\" needs a PIN; set pin_file, pin_env or pin".into()))
+            return Err(at(
+                "login = \"user\" needs a PIN; set pin_file, pin_env or pin".into(),
+            ))
         }
         (Some(Login::None), Some(_)) => {
             return Err(at(
@@ -334,7 +342,10 @@ fn resolve_pin(
 /// Reads a one-line secret file. A trailing newline is not part of the secret.
 fn read_secret_file(path: &Path, key: &str) -> Result<SecretString, String> {
     let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-        format!("{key} = {:?} cannot be read: {e}", path.display().to_string())
+        format!(
+            "{key} = {:?} cannot be read: {e}",
+            path.display().to_string()
+        )
     })?);
     let secret = text.trim_end_matches(['\n', '\r']);
     if secret.is_empty() {

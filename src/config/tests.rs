@@ -81,7 +81,10 @@ fn ranges_name_key_value_and_allowed_range() {
         ("size = 0", "size = 0 is out of range: allowed 1..=65536"),
         ("size = 65537", "size = 65537 is out of range"),
         ("size = -5", "size = -5 is out of range"),
-        ("period = \"500ms\"", "period = 500ms is out of range: allowed 1s to 365d"),
+        (
+            "period = \"500ms\"",
+            "period = 500ms is out of range: allowed 1s to 365d",
+        ),
         ("period = \"366d\"", "period = 366d is out of range"),
         ("period = \"soon\"", "\"soon\" is not a duration"),
     ] {
@@ -96,16 +99,24 @@ fn exactly_one_token_selector() {
     let e = parse_err(&target(""));
     assert!(e.contains("no token given"), "{e}");
     let e = parse_err(&target("token_label = \"a\"\nserial = \"b\""));
-    assert!(e.contains("more than one of token_label, serial and slot_id"), "{e}");
+    assert!(
+        e.contains("more than one of token_label, serial and slot_id"),
+        "{e}"
+    );
 }
 
 #[test]
 fn at_most_one_pin_source() {
     let e = parse_err(&target("token_label = \"a\"\npin = \"1\"\npin_env = \"X\""));
-    assert!(e.contains("more than one of pin_file, pin_env and pin"), "{e}");
+    assert!(
+        e.contains("more than one of pin_file, pin_env and pin"),
+        "{e}"
+    );
     let e = parse_err(&target("token_label = \"a\"\nlogin = \"user\""));
     assert!(e.contains("needs a PIN"), "{e}");
-    let e = parse_err(&target("token_label = \"a\"\nlogin = \"none\"\npin = \"1\""));
+    let e = parse_err(&target(
+        "token_label = \"a\"\nlogin = \"none\"\npin = \"1\"",
+    ));
     assert!(e.contains("login = \"none\""), "{e}");
 }
 
@@ -124,7 +135,8 @@ fn plain_http_needs_opt_in() {
     let e = parse_err("[source]\nurl = \"http://127.0.0.1:8080\"\nauth = \"none\"\n");
     assert!(e.contains("plain HTTP"), "{e}");
     assert!(e.contains("allow_http = true"), "{e}");
-    let c = parse_ok("[source]\nurl = \"http://127.0.0.1:8080\"\nallow_http = true\nauth = \"none\"\n");
+    let c =
+        parse_ok("[source]\nurl = \"http://127.0.0.1:8080\"\nallow_http = true\nauth = \"none\"\n");
     assert_eq!(c.source.url.scheme(), "http");
 }
 
@@ -153,5 +165,8 @@ fn names_must_be_log_safe() {
 #[test]
 fn missing_secret_files_are_named() {
     let e = parse_err("[source]\ntoken_file = \"/nonexistent/qrypt.token\"\n");
-    assert!(e.contains("source.token_file = \"/nonexistent/qrypt.token\" cannot be read"), "{e}");
+    assert!(
+        e.contains("source.token_file = \"/nonexistent/qrypt.token\" cannot be read"),
+        "{e}"
+    );
 }

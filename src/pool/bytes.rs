@@ -57,7 +57,9 @@ mod tests {
     #[test]
     fn debug_never_shows_bytes() {
         let mut bytes = EntropyBytes::zeroed(4);
-        bytes.expose_mut().copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+        bytes
+            .expose_mut()
+            .copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
         let shown = format!("{bytes:?}");
         assert_eq!(shown, "EntropyBytes(4 bytes, redacted)");
     }

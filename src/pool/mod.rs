@@ -77,7 +77,9 @@ impl<S: EntropySource> Pool<S> {
             }
         }
         // A source delivers whole blocks, enough for `missing`; this only fails if it did not.
-        let taken = buffer.take(len).ok_or(SourceError::ShortDelivery { needed: len })?;
+        let taken = buffer
+            .take(len)
+            .ok_or(SourceError::ShortDelivery { needed: len })?;
         self.stats
             .bytes_handed_out
             .fetch_add(len as u64, Ordering::Relaxed);

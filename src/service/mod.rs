@@ -160,7 +160,10 @@ async fn target_loop<S: EntropySource + 'static>(
             Err(RoundError::Hsm(e)) => {
                 outcome.failures += 1;
                 outcome.last_error = Some(e.to_string());
-                tracing::warn!("{name}: round failed, trying again in {}: {e}", human(period));
+                tracing::warn!(
+                    "{name}: round failed, trying again in {}: {e}",
+                    human(period)
+                );
             }
         }
         done += 1;
@@ -207,7 +210,10 @@ async fn round<S: EntropySource>(
         },
     };
     let (target, seeded) = blocking(target, move |t| t.seed(&bytes)).await;
-    (target, seeded.map(|token| (token, size)).map_err(RoundError::Hsm))
+    (
+        target,
+        seeded.map(|token| (token, size)).map_err(RoundError::Hsm),
+    )
 }
 
 /// Runs `f` on a blocking thread with the target moved there and back. `None` if the thread

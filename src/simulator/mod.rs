@@ -298,13 +298,17 @@ impl AppState {
         }
         match fault {
             Fault::Status(code) => {
-                let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let status =
+                    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 return error(status, "simulated failure");
             }
             Fault::BadJson => {
                 return labelled(
                     StatusCode::OK,
-                    ([("content-type", "application/json")], "{\"random\": [\"AAAA"),
+                    (
+                        [("content-type", "application/json")],
+                        "{\"random\": [\"AAAA",
+                    ),
                 )
             }
             Fault::None => {

@@ -91,9 +91,7 @@ pub async fn serve(
                         let Ok(tls) = acceptor.accept(stream).await else {
                             return;
                         };
-                        let _ = builder
-                            .serve_connection(TokioIo::new(tls), service)
-                            .await;
+                        let _ = builder.serve_connection(TokioIo::new(tls), service).await;
                     }
                     None => {
                         let _ = builder

@@ -50,7 +50,10 @@ pub enum SourceError {
 impl SourceError {
     /// Whether asking again later could succeed without the operator changing anything.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, SourceError::TokenRejected | SourceError::Redirect { .. })
+        !matches!(
+            self,
+            SourceError::TokenRejected | SourceError::Redirect { .. }
+        )
     }
 }
 

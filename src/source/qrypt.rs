@@ -154,7 +154,11 @@ impl QryptClient {
             return Err(SourceError::TooLarge { limit });
         }
         let mut body = Zeroizing::new(Vec::with_capacity(limit));
-        while let Some(chunk) = response.chunk().await.map_err(|e| self.transport_error(e))? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.transport_error(e))?
+        {
             if body.len() + chunk.len() > limit {
                 return Err(SourceError::TooLarge { limit });
             }
@@ -174,11 +178,7 @@ impl QryptClient {
             _ => {
                 // Error bodies hold no entropy; show a short, printable excerpt for support.
                 let text = response.text().await.unwrap_or_default();
-                let detail: String = text
-                    .chars()
-                    .filter(|c| !c.is_control())
-                    .take(200)
-                    .collect();
+                let detail: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
                 SourceError::Status { status, detail }
             }
         }

@@ -47,7 +47,9 @@ pub enum HsmError {
          restart qseed"
     )]
     PinFinalTry,
-    #[error("the token's user PIN is locked (CKF_USER_PIN_LOCKED); an HSM administrator must unlock it")]
+    #[error(
+        "the token's user PIN is locked (CKF_USER_PIN_LOCKED); an HSM administrator must unlock it"
+    )]
     PinLocked,
     #[error(
         "the token has no random number generator (CKF_RNG is not set), so it cannot be seeded; \

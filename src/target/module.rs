@@ -55,7 +55,11 @@ impl Modules {
             .collect();
         for (path, module) in modules {
             if let Err(e) = module.finalize() {
-                tracing::warn!("C_Finalize on {} failed: {}", path.display(), from_cryptoki(e));
+                tracing::warn!(
+                    "C_Finalize on {} failed: {}",
+                    path.display(),
+                    from_cryptoki(e)
+                );
             }
         }
     }
@@ -72,9 +76,9 @@ pub fn load(path: &Path) -> Result<Pkcs11, HsmError> {
     }
     let module = Pkcs11::new(path).map_err(|e| match e {
         CkError::LibraryLoading(e) => fail(e.to_string()),
-        CkError::MissingSymbol(name) => fail(format!(
-            "it is not a PKCS#11 library (no {name} function)"
-        )),
+        CkError::MissingSymbol(name) => {
+            fail(format!("it is not a PKCS#11 library (no {name} function)"))
+        }
         other => fail(other.to_string()),
     })?;
     // qseed calls the module from several threads: let it use the OS's locks.

@@ -2,6 +2,8 @@
 //! `QSEED_LOG` (e.g. `QSEED_LOG=qseed=debug`). No log line ever carries the API token, a PIN or
 //! entropy bytes: the types that hold them print as redacted.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// The `tracing` target of the one-line-per-injection records.
@@ -14,6 +16,7 @@ pub fn init(default_level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

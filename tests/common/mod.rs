@@ -1,0 +1,274 @@
+//! The test world: a private SoftHSM token folder, OpenSC's pkcs11-spy in front of SoftHSM, the
+//! API simulator on 127.0.0.1 over TLS with a throwaway CA, and the real `qseed` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use qseed::simulator::{Fault, Options, Simulator};
+
+pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub const SPY: &str = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so";
+pub const API_TOKEN: &str = "test-api-token-5f1c9e";
+pub const PIN: &str = "246810";
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
+    pub sim: Simulator,
+}
+
+impl World {
+    pub fn new() -> Self {
+        Self::with_options(Options {
+            token: Some(API_TOKEN.into()),
+            record: true,
+            ..Options::default()
+        })
+    }
+
+    pub fn with_options(options: Options) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let sim = runtime.block_on(Simulator::start(options)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir(&tokens).unwrap();
+        std::fs::write(
+            dir.path().join("softhsm2.conf"),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("api.token"), format!("{API_TOKEN}\n")).unwrap();
+        if let Some(pem) = sim.ca_pem() {
+            std::fs::write(dir.path().join("ca.pem"), pem).unwrap();
+        }
+        std::fs::write(dir.path().join("user.pin"), PIN).unwrap();
+        for secret in ["api.token", "user.pin"] {
+            private(&dir.path().join(secret));
+        }
+        Self { dir, runtime, sim }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Initializes a SoftHSM token with the user PIN [`PIN`].
+    pub fn add_token(&self, label: &str) {
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", self.path("softhsm2.conf"))
+            .args(["--init-token", "--free", "--label", label])
+            .args(["--so-pin", "13579135", "--pin", PIN])
+            .output()
+            .expect("softhsm2-util runs (apt-get install softhsm2)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The `[source]` table that points at this world's simulator.
+    pub fn source(&self, dialect: &str) -> String {
+        format!(
+            "[source]\nurl = \"{}\"\ndialect = \"{dialect}\"\ntoken_file = \"api.token\"\n\
+             ca_file = \"ca.pem\"\ntimeout = \"5s\"\n\n",
+            self.sim.url()
+        )
+    }
+
+    /// A `[[target]]` table seeding token `label` through the spy.
+    pub fn target(
+        &self,
+        name: &str,
+        label: &str,
+        size: usize,
+        period: &str,
+        login: bool,
+    ) -> String {
+        format!(
+            "[[target]]\nname = \"{name}\"\nmodule = \"{SPY}\"\ntoken_label = \"{label}\"\n\
+             size = {size}\nperiod = \"{period}\"\n{}\n",
+            if login {
+                "login = \"user\"\npin_file = \"user.pin\"\n"
+            } else {
+                "login = \"none\"\n"
+            }
+        )
+    }
+
+    pub fn write_config(&self, text: &str) -> PathBuf {
+        let path = self.path("qseed.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// The real binary, with this world's SoftHSM, spy log and configuration.
+    pub fn qseed(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qseed"));
+        cmd.env("SOFTHSM2_CONF", self.path("softhsm2.conf"))
+            .env("PKCS11SPY", SOFTHSM)
+            .env("PKCS11SPY_OUTPUT", self.path("spy.log"))
+            .env("QSEED_CONFIG_FILE", self.path("qseed.toml"))
+            .env_remove("QRYPT_TOKEN")
+            .env_remove("QSEED_LOG")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.qseed().args(args).output().unwrap()
+    }
+
+    /// Runs `qseed run` for `for_how_long`, then SIGTERM; returns its output.
+    pub fn run_service(&self, for_how_long: Duration) -> Output {
+        let child = self
+            .qseed()
+            .arg("run")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(for_how_long);
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn set_fault(&self, fault: Fault) {
+        self.sim.set_fault(fault);
+    }
+
+    pub fn spy(&self) -> SpyLog {
+        SpyLog::read(&self.path("spy.log"))
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+}
+
+/// Secret files as an operator should keep them: readable by the owner only.
+pub fn private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// pkcs11-spy's log, cut into calls.
+#[derive(Debug)]
+pub struct SpyLog {
+    pub calls: Vec<SpyCall>,
+}
+
+#[derive(Debug)]
+pub struct SpyCall {
+    pub name: String,
+    pub lines: Vec<String>,
+}
+
+impl SpyLog {
+    pub fn read(path: &Path) -> Self {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut calls: Vec<SpyCall> = Vec::new();
+        for line in text.lines() {
+            // A call starts with "<n>: C_Name".
+            if let Some((n, name)) = line.split_once(": ") {
+                if !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()) && name.starts_with("C_")
+                {
+                    calls.push(SpyCall {
+                        name: name.trim().to_string(),
+                        lines: Vec::new(),
+                    });
+                    continue;
+                }
+            }
+            if let Some(call) = calls.last_mut() {
+                call.lines.push(line.to_string());
+            }
+        }
+        Self { calls }
+    }
+
+    pub fn count(&self, name: &str) -> usize {
+        self.calls.iter().filter(|c| c.name == name).count()
+    }
+
+    /// The seed bytes of every successful `C_SeedRandom`, in call order.
+    pub fn seeds(&self) -> Vec<Vec<u8>> {
+        self.calls
+            .iter()
+            .filter(|c| c.name == "C_SeedRandom")
+            .filter(|c| c.lines.iter().any(|l| l.starts_with("Returned:  0 CKR_OK")))
+            .map(|c| {
+                let declared: usize = c
+                    .lines
+                    .iter()
+                    .find(|l| l.starts_with("[in] pSeed[ulSeedLen]"))
+                    .and_then(|l| l.rsplit('/').next())
+                    .map(|n| n.trim().parse().unwrap())
+                    .expect("seed length line");
+                let mut bytes = Vec::with_capacity(declared);
+                for l in &c.lines {
+                    // "    00000010  BD CD ...  ascii": hex in columns 14..62.
+                    if l.len() > 14 && l.starts_with("    ") && l.as_bytes()[12] == b' ' {
+                        let hex = &l[14..l.len().min(62)];
+                        for tok in hex.split_whitespace() {
+                            bytes.push(u8::from_str_radix(tok, 16).expect("hex byte"));
+                        }
+                    }
+                }
+                assert_eq!(bytes.len(), declared, "spy dump of a seed is complete");
+                bytes
+            })
+            .collect()
+    }
+}
+
+/// Checks that the seeds are exactly the simulator's bytes, each byte used once: sorted by
+/// where they sit in the served stream, they tile a prefix of it with no gap and no overlap.
+/// Returns the number of bytes the seeds cover.
+pub fn assert_seeds_tile_served(seeds: &[Vec<u8>], served: &[u8]) -> usize {
+    let mut placed: Vec<(usize, usize)> = seeds
+        .iter()
+        .map(|seed| {
+            let at = served
+                .windows(seed.len())
+                .position(|w| w == &seed[..])
+                .unwrap_or_else(|| panic!("a {}-byte seed is not from the simulator", seed.len()));
+            (at, seed.len())
+        })
+        .collect();
+    placed.sort();
+    let mut end = 0;
+    for (at, len) in placed {
+        assert_eq!(at, end, "seeds overlap or leave a gap at served byte {end}");
+        end = at + len;
+    }
+    end
+}
+
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done()
+}

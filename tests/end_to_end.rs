@@ -1,0 +1,172 @@
+//! The real binary against real SoftHSM (behind pkcs11-spy) and the simulator over TLS.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn once_injects_exactly_the_served_bytes_in_both_dialects() {
+    for dialect in ["quantum-entropy", "entropy"] {
+        let world = World::new();
+        world.add_token("alpha");
+        world.write_config(&format!(
+            "{}{}",
+            world.source(dialect),
+            world.target("alpha", "alpha", 40, "10s", true)
+        ));
+        let out = world.run(&["once"]);
+        let log = stderr(&out);
+        assert!(out.status.success(), "{dialect}: {log}");
+        assert!(
+            log.contains("seeded alpha: 40 bytes into token \"alpha\""),
+            "{log}"
+        );
+
+        let spy = world.spy();
+        let seeds = spy.seeds();
+        assert_eq!(seeds.len(), 1, "{dialect}");
+        assert_eq!(seeds[0].len(), 40);
+        let served = world.sim.served();
+        assert_eq!(served.len(), 1024, "one KiB bought for a 40-byte seed");
+        assert_eq!(
+            &seeds[0][..],
+            &served[..40],
+            "the first 40 served bytes went in"
+        );
+        assert_eq!(spy.count("C_Login"), 1);
+        assert_eq!(spy.count("C_Initialize"), 1);
+        assert_eq!(spy.count("C_Finalize"), 1);
+    }
+}
+
+#[test]
+fn run_seeds_two_tokens_at_their_own_periods_and_never_reuses_a_byte() {
+    let world = World::new();
+    world.add_token("left");
+    world.add_token("right");
+    world.write_config(&format!(
+        "{}{}{}",
+        world.source("entropy"),
+        world.target("left", "left", 48, "1s", true),
+        world.target("right", "right", 100, "2s", false),
+    ));
+    let out = world.run_service(Duration::from_millis(4500));
+    let log = stderr(&out);
+    assert!(
+        out.status.success(),
+        "SIGTERM ends the service cleanly: {log}"
+    );
+
+    let spy = world.spy();
+    let seeds = spy.seeds();
+    let left = seeds.iter().filter(|s| s.len() == 48).count();
+    let right = seeds.iter().filter(|s| s.len() == 100).count();
+    // Rounds at 0,1,2,3,4 s and at 0,2,4 s; allow one either way for a loaded machine.
+    assert!((4..=6).contains(&left), "left seeded {left} times: {log}");
+    assert!(
+        (2..=4).contains(&right),
+        "right seeded {right} times: {log}"
+    );
+    assert_eq!(left + right, seeds.len(), "no seed of another size");
+
+    let served = world.sim.served();
+    let used = assert_seeds_tile_served(&seeds, &served);
+    assert_eq!(used, left * 48 + right * 100);
+    assert!(
+        served.len() - used < 1024,
+        "less than one block left unused"
+    );
+    assert_eq!(
+        spy.count("C_Login"),
+        1,
+        "one login for the one target with a PIN"
+    );
+    assert_eq!(
+        spy.count("C_Finalize"),
+        1,
+        "modules are finalized at shutdown"
+    );
+    assert_eq!(log.matches("seeded left:").count(), left, "{log}");
+    assert_eq!(log.matches("seeded right:").count(), right, "{log}");
+}
+
+#[test]
+fn fetch_writes_exactly_the_bytes_served() {
+    let world = World::new();
+    world.write_config(&world.source("quantum-entropy"));
+    let file = world.path("out.bin");
+    let out = world.run(&[
+        "fetch",
+        "--bytes",
+        "3000",
+        "--output",
+        file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let written = std::fs::read(&file).unwrap();
+    let served = world.sim.served();
+    assert_eq!(written.len(), 3000);
+    assert_eq!(served.len(), 3072, "three whole blocks");
+    assert_eq!(&written[..], &served[..3000]);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "entropy files are private");
+    }
+
+    let out = world.run(&["fetch", "--bytes", "600000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout.len(), 600000);
+    let served = world.sim.served();
+    assert_eq!(&out.stdout[..], &served[3072..3072 + 600000]);
+}
+
+#[test]
+fn slots_lists_tokens_with_label_serial_and_rng() {
+    let world = World::new();
+    world.add_token("listed-token");
+    let out = world.run(&["slots", "--module", SOFTHSM]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let row = text
+        .lines()
+        .find(|l| l.contains("listed-token"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        row.contains("SoftHSM v2") && row.trim_end().ends_with("yes"),
+        "{row}"
+    );
+    assert!(
+        text.lines().any(|l| l.contains("uninit")),
+        "the free slot: {text}"
+    );
+}
+
+#[test]
+fn demo_seeds_a_throwaway_token_and_says_the_entropy_is_simulated() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qseed"))
+        .args(["demo", "--rounds", "2"])
+        .env_remove("QRYPT_TOKEN")
+        .env_remove("SOFTHSM2_CONF")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let log = stderr(&out);
+    assert!(out.status.success(), "{text}\n{log}");
+    assert!(text.contains("SIMULATED"), "{text}");
+    assert!(text.contains("software token"), "{text}");
+    assert!(text.contains("demo-a   2 injections, 96 bytes"), "{text}");
+    assert!(text.contains("demo-b   2 injections, 128 bytes"), "{text}");
+    let folder = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Removed "))
+        .map(|p| p.trim_end_matches('.').to_string())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        !std::path::Path::new(&folder).exists(),
+        "demo folder removed"
+    );
+}

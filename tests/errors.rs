@@ -1,0 +1,259 @@
+//! Error paths of the real binary: each names the problem and the fix, and nothing from a bad
+//! answer or a refused login reaches the HSM.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use qseed::simulator::Fault;
+
+fn world_with_one_target() -> World {
+    let world = World::new();
+    world.add_token("tok");
+    world.write_config(&format!(
+        "{}{}",
+        world.source("quantum-entropy"),
+        world.target("tok", "tok", 48, "1s", false)
+    ));
+    world
+}
+
+#[test]
+fn a_rejected_api_token_is_reported_as_a_token_problem() {
+    let world = world_with_one_target();
+    std::fs::write(world.path("api.token"), "wrong-token\n").unwrap();
+    let out = world.run(&["once"]);
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("rejected the access token (HTTP 401)"),
+        "{log}"
+    );
+    assert!(log.contains("Create a new token"), "{log}");
+    assert!(
+        !log.contains("wrong-token"),
+        "the token is never printed: {log}"
+    );
+    assert_eq!(world.spy().seeds().len(), 0);
+}
+
+#[test]
+fn malformed_answers_are_refused_whole() {
+    let world = world_with_one_target();
+    for (fault, want) in [
+        (Fault::BadJson, "not valid JSON"),
+        (Fault::MissingField, "has no `random` field"),
+        (
+            Fault::ShortBlock,
+            "block 0 decoded to 1000 bytes where 1024 were asked for",
+        ),
+        (
+            Fault::BadBase64,
+            "block 0 of the answer is not valid base64",
+        ),
+        (Fault::Status(500), "answered HTTP 500"),
+        (Fault::Status(403), "quota"),
+    ] {
+        world.set_fault(fault);
+        let out = world.run(&["once"]);
+        let log = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{fault:?}: {log}");
+        assert!(log.contains(want), "{fault:?}: {log}");
+        assert_eq!(world.spy().seeds().len(), 0, "{fault:?}: nothing injected");
+    }
+    // The same target works once the server behaves.
+    world.set_fault(Fault::None);
+    let out = world.run(&["once"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seeds = world.spy().seeds();
+    assert_eq!(seeds.len(), 1);
+    assert_eq!(&seeds[0][..], &world.sim.served()[..48]);
+}
+
+#[test]
+fn an_unreachable_api_is_named() {
+    let world = world_with_one_target();
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    world.write_config(&format!(
+        "[source]\nurl = \"https://127.0.0.1:{port}\"\ntoken_file = \"api.token\"\nca_file = \"ca.pem\"\n\n{}",
+        world.target("tok", "tok", 48, "1s", false)
+    ));
+    let out = world.run(&["once"]);
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "could not reach the entropy API at https://127.0.0.1:{port}/"
+        )),
+        "{log}"
+    );
+    assert_eq!(world.spy().seeds().len(), 0);
+}
+
+#[test]
+fn an_untrusted_server_certificate_is_refused() {
+    let world = world_with_one_target();
+    let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    world.write_config(&config.replace("ca_file = \"ca.pem\"\n", ""));
+    let out = world.run(&["once"]);
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    assert_eq!(world.sim.blocks_served(), 0);
+}
+
+#[test]
+fn a_missing_module_file_is_a_configuration_error() {
+    let world = world_with_one_target();
+    let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    world.write_config(&config.replace(SPY, "/nonexistent/libvendor.so"));
+    let out = world.run(&["once"]);
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    assert!(
+        log.contains(
+            "cannot load PKCS#11 module /nonexistent/libvendor.so: the file does not exist"
+        ),
+        "{log}"
+    );
+    assert_eq!(
+        world.sim.requests(),
+        0,
+        "no entropy bought for a broken config"
+    );
+}
+
+#[test]
+fn an_unknown_token_label_lists_the_tokens_present() {
+    let world = world_with_one_target();
+    let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    world.write_config(&config.replace("token_label = \"tok\"", "token_label = \"nope\""));
+    let out = world.run(&["once"]);
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("no token with token_label \"nope\""), "{log}");
+    assert!(log.contains("tokens present: \"tok\""), "{log}");
+    assert_eq!(
+        world.sim.requests(),
+        0,
+        "no entropy bought for a token that is not there"
+    );
+}
+
+#[test]
+fn a_wrong_pin_is_tried_once_and_never_again() {
+    let world = World::new();
+    world.add_token("locked-out");
+    world.add_token("fine");
+    std::fs::write(world.path("user.pin"), "999999").unwrap();
+    world.write_config(&format!(
+        "{}{}[[target]]\nname = \"fine\"\nmodule = \"{SPY}\"\ntoken_label = \"fine\"\nperiod = \"1s\"\n",
+        world.source("entropy"),
+        world.target("locked-out", "locked-out", 48, "1s", true),
+    ));
+    let out = world.run_service(Duration::from_millis(3500));
+    let log = stderr(&out);
+    assert!(
+        log.contains("locked-out: target stopped: C_Login: CKR_PIN_INCORRECT"),
+        "{log}"
+    );
+    assert!(log.contains("will not try the PIN again"), "{log}");
+    assert!(!log.contains("999999"), "the PIN is never printed: {log}");
+    let spy = world.spy();
+    assert_eq!(
+        spy.count("C_Login"),
+        1,
+        "exactly one login attempt in 3.5 s at a 1 s period"
+    );
+    // The other target carried on.
+    assert!(log.matches("seeded fine:").count() >= 3, "{log}");
+    assert!(
+        out.status.success(),
+        "the service ran on for the healthy target: {log}"
+    );
+}
+
+#[test]
+fn invalid_configurations_exit_2_with_the_key_and_the_fix() {
+    let world = world_with_one_target();
+    let good = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    for (broken, want) in [
+        (
+            good.replace("size = 48", "size = 0"),
+            "size = 0 is out of range: allowed 1..=65536",
+        ),
+        (
+            good.replace("period = \"1s\"", "period = \"400d\""),
+            "period = 400d is out of range: allowed 1s to 365d",
+        ),
+        (
+            good.replace("size = 48", "sise = 48"),
+            "unknown field `sise`",
+        ),
+        (
+            good.replace("dialect = \"quantum-entropy\"", "dialect = \"post\""),
+            "unknown variant `post`",
+        ),
+        (good.replace("https://", "http://"), "plain HTTP"),
+        (
+            good.replace(
+                "token_label = \"tok\"",
+                "token_label = \"tok\"\nslot_id = 1",
+            ),
+            "keep one",
+        ),
+        (
+            good.replace(
+                "token_file = \"api.token\"",
+                "token_file = \"missing.token\"",
+            ),
+            "missing.token\" cannot be read",
+        ),
+        ("[[target]\n".to_string(), "line 1"),
+    ] {
+        world.write_config(&broken);
+        let out = world.run(&["once"]);
+        let log = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{broken}\n{log}");
+        assert!(log.contains(want), "{want}\n{log}");
+        assert!(log.contains("qseed.toml"), "names the file: {log}");
+    }
+    assert_eq!(world.sim.requests(), 0);
+
+    let out = world
+        .qseed()
+        .args(["--config", "/nonexistent/q.toml", "run"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("the file does not exist"));
+}
+
+#[test]
+fn secrets_stay_out_of_debug_logs() {
+    let world = world_with_one_target();
+    let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    world.write_config(&config.replace(
+        "login = \"none\"",
+        "login = \"user\"\npin_file = \"user.pin\"",
+    ));
+    let out = world
+        .qseed()
+        .args(["--verbose", "once"])
+        .env("QSEED_LOG", "trace")
+        .output()
+        .unwrap();
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(!log.contains(API_TOKEN), "API token in the log");
+    assert!(!log.contains(PIN), "PIN in the log");
+    let seed = &world.spy().seeds()[0];
+    let hex: String = seed[..8].iter().map(|b| format!("{b:02x}")).collect();
+    assert!(!log.to_lowercase().contains(&hex), "seed bytes in the log");
+}
