@@ -1,0 +1,77 @@
+//! The command line as a user meets it: help with examples, version, the shipped example.
+
+use std::process::Command;
+
+fn qseed(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_qseed"))
+        .args(args)
+        .env_remove("QSEED_CONFIG_FILE")
+        .env_remove("QRYPT_TOKEN")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn every_command_has_help_with_an_example() {
+    for command in ["run", "once", "slots", "fetch", "demo", "simulator"] {
+        let out = qseed(&[command, "--help"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{command}");
+        assert!(
+            text.contains("Example"),
+            "{command} --help has an example:\n{text}"
+        );
+        assert!(text.contains("qseed "), "{command}");
+    }
+    let out = qseed(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Exit codes:") && text.contains("Examples:"),
+        "{text}"
+    );
+}
+
+#[test]
+fn version_and_usage_errors() {
+    let out = qseed(&["--version"]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("qseed "));
+    let out = qseed(&["frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = qseed(&["fetch", "--bytes", "0"]);
+    assert_eq!(out.status.code(), Some(2), "zero bytes is a usage error");
+}
+
+#[test]
+fn the_shipped_example_configuration_parses() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/qseed.toml"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = text
+        .replace("/etc/qseed/qrypt.token", "qrypt.token")
+        .replace("/etc/qseed/luna.pin", "luna.pin");
+    std::fs::write(dir.path().join("qrypt.token"), "t\n").unwrap();
+    std::fs::write(dir.path().join("luna.pin"), "1234\n").unwrap();
+    let config = qseed::config::parse(&text, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.targets.len(), 1);
+    assert_eq!(config.targets[0].size, 48);
+}
+
+#[test]
+fn fetch_without_a_config_file_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = qseed(&[
+        "--config",
+        dir.path().join("absent.toml").to_str().unwrap(),
+        "fetch",
+        "--bytes",
+        "16",
+        "--output",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no API token") && err.contains("QRYPT_TOKEN"),
+        "{err}"
+    );
+}
