@@ -153,9 +153,10 @@ fn a_wrong_pin_is_tried_once_and_never_again() {
     world.add_token("fine");
     std::fs::write(world.path("user.pin"), "999999").unwrap();
     world.write_config(&format!(
-        "{}{}[[target]]\nname = \"fine\"\nmodule = \"{SPY}\"\ntoken_label = \"fine\"\nperiod = \"1s\"\n",
+        "{}{}{}",
         world.source("entropy"),
         world.target("locked-out", "locked-out", 48, "1s", true),
+        world.target_at("fine", "fine", 48, "1s", false, "500ms"),
     ));
     let out = world.run_service(Duration::from_millis(3500));
     let log = stderr(&out);

@@ -64,6 +64,9 @@ pub struct TargetConfig {
     pub login: Option<cryptoki::types::AuthPin>,
     pub size: usize,
     pub period: Duration,
+    /// Delay of the first injection after start; later ones follow every `period` from there.
+    /// Spreads many targets' calls over time instead of all at once.
+    pub offset: Duration,
 }
 
 /// How a target's token is found among the module's slots.
@@ -309,6 +312,17 @@ fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetCon
         None => DEFAULT_PERIOD,
         Some(p) => in_range("period", p.0, &PERIOD_RANGE).map_err(&at)?,
     };
+    let offset = match raw.offset {
+        None => Duration::ZERO,
+        Some(o) if o.0 < period => o.0,
+        Some(o) => {
+            return Err(at(format!(
+                "offset = {} is out of range: allowed 0s up to (not including) period = {}",
+                short_duration(o.0),
+                short_duration(period)
+            )))
+        }
+    };
     Ok(TargetConfig {
         name,
         module,
@@ -316,6 +330,7 @@ fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetCon
         login,
         size,
         period,
+        offset,
     })
 }
 

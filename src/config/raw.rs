@@ -52,6 +52,7 @@ pub struct RawTarget {
     pub pin: Option<InlineSecret>,
     pub size: Option<i64>,
     pub period: Option<DurationValue>,
+    pub offset: Option<DurationValue>,
 }
 
 /// Whether to log in before seeding.

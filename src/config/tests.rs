@@ -43,6 +43,7 @@ fn full_example_resolves() {
         pin_file = "luna.pin"
         size = 64
         period = "1h 30m"
+        offset = "250ms"
 
         [[target]]
         name = "second"
@@ -58,12 +59,14 @@ fn full_example_resolves() {
     assert_eq!(t.login.as_ref().unwrap().expose_secret(), "1234");
     assert_eq!(t.size, 64);
     assert_eq!(t.period, Duration::from_secs(5400));
+    assert_eq!(t.offset, Duration::from_millis(250));
     let t2 = &config.targets[1];
     assert_eq!(t2.module, dir.path().join("lib/module.so"));
     assert_eq!(t2.token, TokenSelector::SlotId(3));
     assert!(t2.login.is_none());
     assert_eq!(t2.size, DEFAULT_SIZE);
     assert_eq!(t2.period, DEFAULT_PERIOD);
+    assert_eq!(t2.offset, Duration::ZERO);
 }
 
 #[test]
@@ -87,6 +90,10 @@ fn ranges_name_key_value_and_allowed_range() {
         ),
         ("period = \"366d\"", "period = 366d is out of range"),
         ("period = \"soon\"", "\"soon\" is not a duration"),
+        (
+            "offset = \"10s\"",
+            "offset = 10s is out of range: allowed 0s up to (not including) period = 10s",
+        ),
     ] {
         let e = parse_err(&target(&format!("token_label = \"a\"\n{extra}")));
         assert!(e.contains(want), "{extra}: {e}");

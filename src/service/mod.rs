@@ -113,11 +113,12 @@ async fn target_loop<S: EntropySource + 'static>(
 ) -> TargetOutcome {
     let name = target.config().name.clone();
     let period = target.config().period;
+    let offset = target.config().offset;
     let mut outcome = TargetOutcome {
         name: name.clone(),
         ..TargetOutcome::default()
     };
-    let mut next = Instant::now();
+    let mut next = Instant::now() + offset;
     let mut done = 0u32;
     loop {
         tokio::select! {

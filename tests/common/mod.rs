@@ -94,14 +94,29 @@ impl World {
         period: &str,
         login: bool,
     ) -> String {
+        self.target_at(name, label, size, period, login, "0s")
+    }
+
+    /// [`World::target`] with an `offset`. pkcs11-spy's log is unreadable where two calls
+    /// overlap in time (their lines interleave), so tests with several targets give them
+    /// offsets that keep their calls apart.
+    pub fn target_at(
+        &self,
+        name: &str,
+        label: &str,
+        size: usize,
+        period: &str,
+        login: bool,
+        offset: &str,
+    ) -> String {
+        let login = if login {
+            "login = \"user\"\npin_file = \"user.pin\"\n"
+        } else {
+            "login = \"none\"\n"
+        };
         format!(
             "[[target]]\nname = \"{name}\"\nmodule = \"{SPY}\"\ntoken_label = \"{label}\"\n\
-             size = {size}\nperiod = \"{period}\"\n{}\n",
-            if login {
-                "login = \"user\"\npin_file = \"user.pin\"\n"
-            } else {
-                "login = \"none\"\n"
-            }
+             size = {size}\nperiod = \"{period}\"\noffset = \"{offset}\"\n{login}\n"
         )
     }
 
