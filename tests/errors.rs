@@ -258,3 +258,33 @@ fn secrets_stay_out_of_debug_logs() {
     let hex: String = seed[..8].iter().map(|b| format!("{b:02x}")).collect();
     assert!(!log.to_lowercase().contains(&hex), "seed bytes in the log");
 }
+
+#[test]
+fn blocks_failing_the_health_tests_are_never_injected() {
+    let world = world_with_one_target();
+    world.set_fault(Fault::AllZeroBlock);
+    let out = world.run(&["once"]);
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("health tests refused all 1 block(s)"), "{log}");
+    assert!(log.contains("repetition count test"), "{log}");
+    assert_eq!(world.spy().seeds().len(), 0);
+
+    // A replayed block inside an answer: dropped, the rest used.
+    let world = world_with_one_target();
+    let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    world.write_config(&config.replace("size = 48", "size = 1500"));
+    world.set_fault(Fault::ReplayedBlock);
+    let out = world.run(&["once"]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("identical to one received earlier"), "{log}");
+    let seeds = world.spy().seeds();
+    let served = world.sim.served();
+    assert_eq!(seeds.len(), 1);
+    // Answer 1: blocks A and A again (the replay is refused); answer 2, for the 476 bytes
+    // still missing: block C.
+    assert_eq!(served.len(), 3 * 1024);
+    assert_eq!(&seeds[0][..1024], &served[..1024]);
+    assert_eq!(&seeds[0][1024..], &served[2048..2048 + 476]);
+}

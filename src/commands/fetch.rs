@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::config::{self, SourceConfig};
 use crate::error::Error;
+use crate::pool::{health, HealthTests, PoolConfig};
 use crate::source::qrypt::QryptClient;
 use crate::source::{EntropySource, BLOCK_LEN, MAX_BLOCKS_PER_REQUEST};
 
@@ -12,7 +13,7 @@ use crate::source::{EntropySource, BLOCK_LEN, MAX_BLOCKS_PER_REQUEST};
 const PROGRESS_FROM: u64 = 256 * 1024;
 
 pub async fn fetch(config_path: &Path, bytes: u64, output: Option<&Path>) -> Result<(), Error> {
-    let source = source_config(config_path)?;
+    let (source, pool_config) = source_config(config_path)?;
     let client = QryptClient::new(&source).map_err(|e| Error::Config(e.to_string()))?;
     let mut sink = open_output(output)?;
     let progress = (bytes >= PROGRESS_FROM && std::io::stderr().is_terminal()).then(|| {
@@ -25,21 +26,39 @@ pub async fn fetch(config_path: &Path, bytes: u64, output: Option<&Path>) -> Res
         );
         bar
     });
+    let mut health = HealthTests::new(pool_config.health);
     let mut remaining = bytes;
+    let mut refused_in_a_row = 0;
     while remaining > 0 {
         let blocks = (remaining.div_ceil(BLOCK_LEN as u64) as usize).min(MAX_BLOCKS_PER_REQUEST);
         let fetched = client
             .fetch(blocks)
             .await
             .map_err(|e| Error::Failed(e.to_string()))?;
-        for block in fetched {
-            let n = (block.len() as u64).min(remaining) as usize;
-            sink.write_all(&block.expose()[..n])
-                .map_err(|e| Error::Failed(format!("cannot write the entropy: {e}")))?;
-            remaining -= n as u64;
-            if let Some(bar) = &progress {
-                bar.inc(n as u64);
+        let (fetched, failures) = health::screen(&mut health, fetched, BLOCK_LEN);
+        if let Some(first) = failures.first() {
+            tracing::warn!(
+                "health tests refused {} of {blocks} block(s); fetching more: {first}",
+                failures.len()
+            );
+            refused_in_a_row = if fetched.is_empty() {
+                refused_in_a_row + 1
+            } else {
+                0
+            };
+            if refused_in_a_row == 3 {
+                return Err(Error::Failed(format!(
+                    "three answers in a row failed the health tests; the source looks broken: \
+                     {first}"
+                )));
             }
+        }
+        let n = (fetched.len() as u64).min(remaining) as usize;
+        sink.write_all(&fetched.expose()[..n])
+            .map_err(|e| Error::Failed(format!("cannot write the entropy: {e}")))?;
+        remaining -= n as u64;
+        if let Some(bar) = &progress {
+            bar.inc(n as u64);
         }
     }
     sink.flush()
@@ -51,17 +70,19 @@ pub async fn fetch(config_path: &Path, bytes: u64, output: Option<&Path>) -> Res
     Ok(())
 }
 
-/// The file's `[source]` when the file exists; else the cloud defaults with `QRYPT_TOKEN`.
-fn source_config(config_path: &Path) -> Result<SourceConfig, Error> {
+/// The file's `[source]` and `[pool]` when the file exists; else the cloud defaults with
+/// `QRYPT_TOKEN`.
+fn source_config(config_path: &Path) -> Result<(SourceConfig, PoolConfig), Error> {
     if config_path.exists() {
-        return Ok(config::load(config_path)?.source);
+        let config = config::load(config_path)?;
+        return Ok((config.source, config.pool));
     }
     tracing::debug!(
         "{} does not exist; using the Qrypt cloud defaults",
         config_path.display()
     );
     config::parse("", Path::new("."))
-        .map(|c| c.source)
+        .map(|c| (c.source, c.pool))
         .map_err(Error::Config)
 }
 

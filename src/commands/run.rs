@@ -95,14 +95,20 @@ pub async fn serve_with<S: EntropySource + 'static>(
         config.targets.len(),
         source.describe()
     );
-    let pool = Arc::new(Pool::new(source));
+    let pool = Arc::new(Pool::new(source, config.pool));
     let outcome = service::run(config.targets, pool, modules, rounds, shutdown).await;
     let injected: u64 = outcome.targets.iter().map(|t| t.bytes_injected).sum();
+    let p = &outcome.pool;
     tracing::info!(
-        "done: {} requests, {} bytes downloaded, {} injected, {} unused and wiped",
-        outcome.pool.requests,
-        outcome.pool.bytes_downloaded,
+        "done: {} requests ({} failed), {} bytes downloaded, {} injected, {} handed out but not \
+         injected (wiped), {} refused by health tests, {} expired, {} left at shutdown (wiped)",
+        p.requests,
+        p.failed_requests,
+        p.bytes_downloaded,
         injected,
+        p.bytes_handed_out.saturating_sub(injected),
+        p.bytes_rejected,
+        p.bytes_expired,
         outcome.bytes_left_unused
     );
     Ok(outcome)

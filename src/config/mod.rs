@@ -16,8 +16,9 @@ use std::time::Duration;
 use secrecy::SecretString;
 use url::Url;
 
+use crate::pool::{HealthConfig, PoolConfig};
 use crate::source::Dialect;
-use raw::{Auth, Login, RawConfig, RawSource, RawTarget};
+use raw::{Auth, Login, RawConfig, RawPool, RawSource, RawTarget};
 
 /// Where the configuration lives unless `--config` or `QSEED_CONFIG_FILE` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/qseed/qseed.toml";
@@ -34,11 +35,17 @@ pub const PERIOD_RANGE: std::ops::RangeInclusive<Duration> =
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(600);
+pub const MAX_BYTES_RANGE: std::ops::RangeInclusive<usize> = 65536..=64 * 1024 * 1024;
+pub const MAX_AGE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(60)..=Duration::from_secs(30 * 24 * 3600);
+pub const HORIZON_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
 
 /// A checked configuration, ready to run.
 #[derive(Debug)]
 pub struct Config {
     pub source: SourceConfig,
+    pub pool: PoolConfig,
     pub targets: Vec<TargetConfig>,
 }
 
@@ -136,6 +143,7 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
 
 fn resolve(raw: RawConfig, base: &Path) -> Result<Config, String> {
     let source = resolve_source(raw.source, base)?;
+    let pool = resolve_pool(raw.pool)?;
     let mut targets = Vec::with_capacity(raw.targets.len());
     let mut names = HashSet::new();
     let mut tokens = HashSet::new();
@@ -158,7 +166,64 @@ fn resolve(raw: RawConfig, base: &Path) -> Result<Config, String> {
         }
         targets.push(target);
     }
-    Ok(Config { source, targets })
+    Ok(Config {
+        source,
+        pool,
+        targets,
+    })
+}
+
+fn resolve_pool(raw: RawPool) -> Result<PoolConfig, String> {
+    let defaults = PoolConfig::default();
+    let max_bytes = match raw.max_bytes {
+        None => defaults.max_bytes,
+        Some(n) => usize::try_from(n)
+            .ok()
+            .filter(|n| MAX_BYTES_RANGE.contains(n))
+            .ok_or_else(|| {
+                format!(
+                    "pool.max_bytes = {n} is out of range: allowed {}..={} bytes",
+                    MAX_BYTES_RANGE.start(),
+                    MAX_BYTES_RANGE.end()
+                )
+            })?,
+    };
+    let max_age = match raw.max_age {
+        None => defaults.max_age,
+        Some(d) => in_range("pool.max_age", d.0, &MAX_AGE_RANGE)?,
+    };
+    let horizon = match raw.horizon {
+        None => defaults.horizon,
+        Some(d) => in_range("pool.horizon", d.0, &HORIZON_RANGE)?,
+    };
+    let min_entropy = match raw.min_entropy {
+        None => defaults.health.min_entropy,
+        Some(h) if h > 0.5 && h <= 8.0 => h,
+        Some(h) => {
+            return Err(format!(
+                "pool.min_entropy = {h} is out of range: allowed above 0.5 up to 8 bits per byte"
+            ))
+        }
+    };
+    let false_alarm = match raw.false_alarm {
+        None => defaults.health.false_alarm,
+        Some(a) if a > 0.0 && a <= 2f64.powi(-20) => a,
+        Some(a) => {
+            return Err(format!(
+                "pool.false_alarm = {a} is out of range: allowed above 0 up to 2^-20 \
+                 (9.5e-7); SP 800-90B suggests 2^-20 to 2^-40"
+            ))
+        }
+    };
+    Ok(PoolConfig {
+        max_bytes,
+        max_age,
+        horizon,
+        health: HealthConfig {
+            min_entropy,
+            false_alarm,
+        },
+    })
 }
 
 fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {

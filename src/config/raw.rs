@@ -14,8 +14,20 @@ use crate::source::Dialect;
 pub struct RawConfig {
     #[serde(default)]
     pub source: RawSource,
+    #[serde(default)]
+    pub pool: RawPool,
     #[serde(default, rename = "target")]
     pub targets: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub max_bytes: Option<i64>,
+    pub max_age: Option<DurationValue>,
+    pub horizon: Option<DurationValue>,
+    pub min_entropy: Option<f64>,
+    pub false_alarm: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -70,6 +70,36 @@ fn full_example_resolves() {
 }
 
 #[test]
+fn pool_limits_have_defaults_and_ranges() {
+    let c = parse_ok("[source]\nauth = \"none\"\n");
+    assert_eq!(c.pool, crate::pool::PoolConfig::default());
+    let c = parse_ok(
+        "[source]\nauth = \"none\"\n[pool]\nmax_bytes = 131072\nmax_age = \"2h\"\n\
+         horizon = \"1m\"\nmin_entropy = 7.5\nfalse_alarm = 1e-9\n",
+    );
+    assert_eq!(c.pool.max_bytes, 131072);
+    assert_eq!(c.pool.max_age, Duration::from_secs(7200));
+    assert_eq!(c.pool.horizon, Duration::from_secs(60));
+    assert_eq!(c.pool.health.min_entropy, 7.5);
+    for (extra, want) in [
+        ("max_bytes = 100", "pool.max_bytes = 100 is out of range"),
+        (
+            "max_age = \"1s\"",
+            "pool.max_age = 1s is out of range: allowed 1m to 30d",
+        ),
+        ("min_entropy = 9.0", "pool.min_entropy = 9 is out of range"),
+        (
+            "false_alarm = 0.5",
+            "pool.false_alarm = 0.5 is out of range",
+        ),
+        ("maxbytes = 1", "unknown field `maxbytes`"),
+    ] {
+        let e = parse_err(&format!("[source]\nauth = \"none\"\n[pool]\n{extra}\n"));
+        assert!(e.contains(want), "{extra}: {e}");
+    }
+}
+
+#[test]
 fn unknown_keys_are_errors_with_position() {
     let e = parse_err(&target("token_label = \"a\"\nperiode = \"10s\""));
     assert!(e.contains("unknown field `periode`"), "{e}");

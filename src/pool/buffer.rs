@@ -2,7 +2,9 @@
 //! exactly once, in the sizes asked for.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
+use tokio::time::Instant;
 use zeroize::Zeroize;
 
 use super::EntropyBytes;
@@ -22,6 +24,7 @@ pub struct Buffer {
 struct Block {
     bytes: EntropyBytes,
     cursor: usize,
+    received: Instant,
 }
 
 impl Buffer {
@@ -34,13 +37,32 @@ impl Buffer {
         self.available
     }
 
-    /// Adds a block of fresh bytes at the back.
-    pub fn push(&mut self, bytes: EntropyBytes) {
+    /// Adds fresh bytes, received at `received`, at the back.
+    pub fn push(&mut self, bytes: EntropyBytes, received: Instant) {
         if bytes.is_empty() {
             return;
         }
         self.available += bytes.len();
-        self.blocks.push_back(Block { bytes, cursor: 0 });
+        self.blocks.push_back(Block {
+            bytes,
+            cursor: 0,
+            received,
+        });
+    }
+
+    /// Drops (and so wipes) every block received more than `max_age` before `now`; returns
+    /// how many never-used bytes went with them.
+    pub fn expire(&mut self, now: Instant, max_age: Duration) -> usize {
+        let mut dropped = 0;
+        while let Some(block) = self.blocks.front() {
+            if now.saturating_duration_since(block.received) <= max_age {
+                break;
+            }
+            dropped += block.bytes.len() - block.cursor;
+            self.blocks.pop_front();
+        }
+        self.available -= dropped;
+        dropped
     }
 
     /// Hands out exactly `len` bytes, oldest first, or `None` (and nothing changes) when fewer
@@ -85,6 +107,10 @@ impl Buffer {
 mod tests {
     use super::*;
 
+    fn now() -> Instant {
+        Instant::now()
+    }
+
     fn block(start: u8, len: usize) -> EntropyBytes {
         let mut b = EntropyBytes::zeroed(len);
         for (i, byte) in b.expose_mut().iter_mut().enumerate() {
@@ -96,8 +122,8 @@ mod tests {
     #[test]
     fn takes_exact_sizes_across_block_boundaries_in_order() {
         let mut buf = Buffer::new();
-        buf.push(block(0, 10));
-        buf.push(block(10, 10));
+        buf.push(block(0, 10), now());
+        buf.push(block(10, 10), now());
         let a = buf.take(7).unwrap();
         let b = buf.take(7).unwrap();
         assert_eq!(a.expose(), &[0, 1, 2, 3, 4, 5, 6]);
@@ -108,7 +134,7 @@ mod tests {
     #[test]
     fn refuses_without_consuming_when_short() {
         let mut buf = Buffer::new();
-        buf.push(block(0, 5));
+        buf.push(block(0, 5), now());
         assert!(buf.take(6).is_none());
         assert_eq!(buf.available(), 5);
         assert_eq!(buf.take(5).unwrap().expose(), &[0, 1, 2, 3, 4]);
@@ -118,7 +144,7 @@ mod tests {
     #[test]
     fn handed_out_bytes_are_wiped_in_the_buffer() {
         let mut buf = Buffer::new();
-        buf.push(block(1, 8));
+        buf.push(block(1, 8), now());
         let _ = buf.take(3).unwrap();
         let front = buf.blocks.front().unwrap();
         assert_eq!(&front.bytes.expose()[..3], &[0, 0, 0]);
@@ -144,7 +170,7 @@ mod tests {
                     counter += 1;
                 }
                 pushed.extend_from_slice(b.expose());
-                buf.push(b);
+                buf.push(b, now());
             }
             let mut out = Vec::new();
             for len in takes {
@@ -164,9 +190,32 @@ mod tests {
     }
 
     #[test]
+    fn old_blocks_expire_whole_and_count_only_unused_bytes() {
+        let start = now();
+        let mut buf = Buffer::new();
+        buf.push(block(0, 100), start);
+        buf.push(block(0, 100), start + Duration::from_secs(50));
+        let _ = buf.take(30).unwrap();
+        assert_eq!(
+            buf.expire(start + Duration::from_secs(60), Duration::from_secs(60)),
+            0
+        );
+        assert_eq!(
+            buf.expire(start + Duration::from_secs(61), Duration::from_secs(60)),
+            70
+        );
+        assert_eq!(buf.available(), 100);
+        assert_eq!(
+            buf.expire(start + Duration::from_secs(200), Duration::from_secs(60)),
+            100
+        );
+        assert_eq!(buf.available(), 0);
+    }
+
+    #[test]
     fn clear_reports_unused_bytes() {
         let mut buf = Buffer::new();
-        buf.push(block(0, 1024));
+        buf.push(block(0, 1024), now());
         let _ = buf.take(48).unwrap();
         assert_eq!(buf.clear(), 976);
         assert_eq!(buf.available(), 0);

@@ -1,52 +1,124 @@
-//! A buffer of entropy bytes: never printed, wiped when dropped.
+//! A buffer of entropy bytes: never printed, kept out of swap and core dumps where the system
+//! allows, wiped when dropped.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use zeroize::Zeroizing;
+use memmap2::{Advice, MmapMut, MmapOptions};
+use zeroize::{Zeroize, Zeroizing};
 
-/// Entropy bytes in memory. `Debug` shows only the length; the bytes are zeroized on drop.
+/// Entropy bytes in memory. `Debug` shows only the length.
 ///
-/// The buffer is allocated at its final size before any byte is written into it, so no
-/// reallocation can leave an unwiped copy behind.
-pub struct EntropyBytes(Zeroizing<Vec<u8>>);
+/// Each buffer lives in its own anonymous memory mapping, allocated at its final size (so no
+/// reallocation leaves a copy behind), locked in RAM with `mlock` and marked `MADV_DONTDUMP`.
+/// On drop the whole mapping is zeroized before it is unmapped. When the system refuses the
+/// lock (`RLIMIT_MEMLOCK` too low), qseed warns once and carries on unlocked.
+pub struct EntropyBytes {
+    storage: Storage,
+    len: usize,
+}
+
+enum Storage {
+    Empty,
+    Mapped(MmapMut),
+    /// Used only if the system refuses an anonymous mapping: still wiped on drop.
+    Heap(Zeroizing<Vec<u8>>),
+}
+
+static LOCK_WARNED: AtomicBool = AtomicBool::new(false);
+static MAP_WARNED: AtomicBool = AtomicBool::new(false);
+static LOCK_FAILURES: AtomicU64 = AtomicU64::new(0);
 
 impl EntropyBytes {
     /// A zero-filled buffer of `len` bytes, to be written in place.
     pub fn zeroed(len: usize) -> Self {
-        Self(Zeroizing::new(vec![0u8; len]))
-    }
-
-    /// Takes ownership of bytes that already live in a wiping buffer.
-    pub fn from_zeroizing(bytes: Zeroizing<Vec<u8>>) -> Self {
-        Self(bytes)
+        if len == 0 {
+            return Self {
+                storage: Storage::Empty,
+                len,
+            };
+        }
+        let storage = match MmapOptions::new().len(len).map_anon() {
+            Ok(map) => {
+                if let Err(e) = map.lock() {
+                    LOCK_FAILURES.fetch_add(1, Ordering::Relaxed);
+                    if !LOCK_WARNED.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "cannot lock entropy buffers in RAM ({e}); they could be swapped to \
+                             disk. Raise the locked-memory limit (RLIMIT_MEMLOCK, now {}): \
+                             `ulimit -l`, or LimitMEMLOCK= in the systemd unit",
+                            super::memory::memlock_limit_text()
+                        );
+                    }
+                }
+                #[cfg(target_os = "linux")]
+                let _ = map.advise(Advice::DontDump);
+                Storage::Mapped(map)
+            }
+            Err(e) => {
+                if !MAP_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("cannot map memory for entropy buffers ({e}); using the heap");
+                }
+                Storage::Heap(Zeroizing::new(vec![0u8; len]))
+            }
+        };
+        Self { storage, len }
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len == 0
     }
 
-    /// Shortens the buffer in place; the cut-off bytes stay in the wiped allocation.
+    /// Shortens the buffer in place; the cut-off bytes stay in the mapping until it is wiped.
     pub fn truncate(&mut self, len: usize) {
-        self.0.truncate(len);
+        self.len = self.len.min(len);
     }
 
-    /// The bytes themselves: for `C_SeedRandom`, writing a fetched file, and tests only.
+    /// The bytes themselves: for `C_SeedRandom`, writing a fetched file, and tests.
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        match &self.storage {
+            Storage::Empty => &[],
+            Storage::Mapped(map) => &map[..self.len],
+            Storage::Heap(vec) => &vec[..self.len],
+        }
     }
 
     pub fn expose_mut(&mut self) -> &mut [u8] {
-        &mut self.0
+        match &mut self.storage {
+            Storage::Empty => &mut [],
+            Storage::Mapped(map) => &mut map[..self.len],
+            Storage::Heap(vec) => &mut vec[..self.len],
+        }
+    }
+
+    /// Whether this buffer's pages are locked in RAM.
+    pub fn is_locked(&self) -> bool {
+        matches!(self.storage, Storage::Mapped(_)) && LOCK_FAILURES.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// How many entropy buffers could not be locked in RAM since start.
+pub fn lock_failures() -> u64 {
+    LOCK_FAILURES.load(Ordering::Relaxed)
+}
+
+impl Drop for EntropyBytes {
+    fn drop(&mut self) {
+        if let Storage::Mapped(map) = &mut self.storage {
+            // The whole mapping, including bytes cut off by `truncate`.
+            map[..].zeroize();
+        }
+        // `Heap` wipes itself (Zeroizing); the mapping is unmapped after this.
     }
 }
 
 impl fmt::Debug for EntropyBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "EntropyBytes({} bytes, redacted)", self.0.len())
+        write!(f, "EntropyBytes({} bytes, redacted)", self.len)
     }
 }
 
@@ -60,7 +132,23 @@ mod tests {
         bytes
             .expose_mut()
             .copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
-        let shown = format!("{bytes:?}");
-        assert_eq!(shown, "EntropyBytes(4 bytes, redacted)");
+        assert_eq!(format!("{bytes:?}"), "EntropyBytes(4 bytes, redacted)");
+    }
+
+    #[test]
+    fn truncate_keeps_the_front_and_sizes_are_exact() {
+        let mut bytes = EntropyBytes::zeroed(10);
+        bytes
+            .expose_mut()
+            .copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        bytes.truncate(3);
+        assert_eq!(bytes.expose(), &[1, 2, 3]);
+        assert_eq!(EntropyBytes::zeroed(0).expose(), &[] as &[u8]);
+    }
+
+    #[test]
+    fn buffers_are_mapped_apart_from_the_heap() {
+        let bytes = EntropyBytes::zeroed(48);
+        assert!(matches!(bytes.storage, Storage::Mapped(_)));
     }
 }

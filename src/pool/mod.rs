@@ -1,51 +1,139 @@
 //! The pool: downloaded entropy waiting to be injected.
 //!
-//! Bytes are bought in whole KiB blocks and handed out in exactly the sizes targets ask for,
-//! each byte once, to one target, oldest first. What is handed out or dropped is wiped.
+//! Bytes are bought in whole KiB blocks, health-tested block by block before any byte is used,
+//! and handed out in exactly the sizes targets ask for, each byte once, to one target, oldest
+//! first. What is handed out, expires or is dropped is wiped.
+//!
+//! Request sizes follow demand: each target registers its size, period and (for bounded runs)
+//! how many rounds it has left. A request buys what the targets will consume over
+//! [`PoolConfig::horizon`] (1..512 KiB), never more than a bounded run still needs, than fits
+//! under [`PoolConfig::max_bytes`], or than would be used before [`PoolConfig::max_age`]. A
+//! background refill tops the pool up when it falls below the low-water mark (one round of
+//! every target plus [`LOW_WATER_LEAD`] of consumption), so injections rarely wait for the
+//! network; a stop throws away at most about one request's worth.
 
 mod buffer;
 mod bytes;
+pub mod health;
+pub mod memory;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 pub use buffer::Buffer;
-pub use bytes::EntropyBytes;
+pub use bytes::{lock_failures, EntropyBytes};
+pub use health::{HealthConfig, HealthFailure, HealthTests};
 
 use crate::source::{EntropySource, SourceError, BLOCK_LEN, MAX_BLOCKS_PER_REQUEST};
 
-/// A buffer shared by all targets, refilled from one source on demand.
-#[derive(Debug)]
-pub struct Pool<S> {
-    source: S,
-    /// Held across a refill, so concurrent takers wait for one request instead of each
-    /// buying their own.
-    buffer: tokio::sync::Mutex<Buffer>,
-    stats: Stats,
+/// How far ahead of need the background refill starts: consumption over this long.
+pub const LOW_WATER_LEAD: Duration = Duration::from_secs(30);
+
+/// The pool's limits and the health tests' parameters (`[pool]` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolConfig {
+    /// Most bytes held at once.
+    pub max_bytes: usize,
+    /// Bytes held longer than this are wiped unused (and counted).
+    pub max_age: Duration,
+    /// A request buys what the targets consume over this long.
+    pub horizon: Duration,
+    pub health: HealthConfig,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1024 * 1024,
+            max_age: Duration::from_secs(3600),
+            horizon: Duration::from_secs(600),
+            health: HealthConfig::default(),
+        }
+    }
+}
+
+/// A registered consumer of the pool (one per target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DemandId(usize);
+
+#[derive(Debug, Clone, Copy)]
+struct Demand {
+    size: usize,
+    period: Duration,
+    /// Rounds left in a bounded run; `None` runs until stopped.
+    rounds_left: Option<u64>,
 }
 
 /// Byte and request counters since start.
 #[derive(Debug, Default)]
-pub struct Stats {
-    pub requests: AtomicU64,
-    pub failed_requests: AtomicU64,
-    pub bytes_downloaded: AtomicU64,
-    pub bytes_handed_out: AtomicU64,
+struct Stats {
+    requests: AtomicU64,
+    failed_requests: AtomicU64,
+    bytes_downloaded: AtomicU64,
+    bytes_handed_out: AtomicU64,
+    blocks_rejected: AtomicU64,
+    bytes_rejected: AtomicU64,
+    bytes_expired: AtomicU64,
+    takes_waited: AtomicU64,
 }
 
-/// A copy of [`Stats`] at one moment.
+/// A copy of the pool's counters at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StatsSnapshot {
     pub requests: u64,
     pub failed_requests: u64,
     pub bytes_downloaded: u64,
     pub bytes_handed_out: u64,
+    /// Blocks (and their bytes) refused by the health tests.
+    pub blocks_rejected: u64,
+    pub bytes_rejected: u64,
+    /// Bytes wiped unused because they were older than `max_age`.
+    pub bytes_expired: u64,
+    /// Takes that found too few bytes and waited for a request.
+    pub takes_waited: u64,
+    /// Bytes held right now.
+    pub bytes_held: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    buffer: Buffer,
+    demand: HashMap<DemandId, Demand>,
+    next_id: usize,
+    health: HealthTests,
+}
+
+/// A buffer shared by all targets, refilled from one source.
+#[derive(Debug)]
+pub struct Pool<S> {
+    source: S,
+    config: PoolConfig,
+    /// Held only for quick bookkeeping, never across a request.
+    state: Mutex<State>,
+    /// Held across a request: one request in flight, so concurrent takers share it.
+    fetching: tokio::sync::Mutex<()>,
+    refill_wanted: tokio::sync::Notify,
+    stats: Stats,
 }
 
 impl<S: EntropySource> Pool<S> {
-    pub fn new(source: S) -> Self {
+    pub fn new(source: S, config: PoolConfig) -> Self {
         Self {
             source,
-            buffer: tokio::sync::Mutex::new(Buffer::new()),
+            config,
+            state: Mutex::new(State {
+                buffer: Buffer::new(),
+                demand: HashMap::new(),
+                next_id: 0,
+                health: HealthTests::new(config.health),
+            }),
+            fetching: tokio::sync::Mutex::new(()),
+            refill_wanted: tokio::sync::Notify::new(),
             stats: Stats::default(),
         }
     }
@@ -54,49 +142,231 @@ impl<S: EntropySource> Pool<S> {
         &self.source
     }
 
-    /// Exactly `len` never-used bytes (1..=64 KiB), buying whole blocks when too few are held.
-    pub async fn take(&self, len: usize) -> Result<EntropyBytes, SourceError> {
-        let mut buffer = self.buffer.lock().await;
-        if buffer.available() < len {
-            let missing = len - buffer.available();
-            let blocks = missing.div_ceil(BLOCK_LEN).clamp(1, MAX_BLOCKS_PER_REQUEST);
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            match self.source.fetch(blocks).await {
-                Ok(fetched) => {
-                    for block in fetched {
-                        self.stats
-                            .bytes_downloaded
-                            .fetch_add(block.len() as u64, Ordering::Relaxed);
-                        buffer.push(block);
-                    }
-                }
-                Err(e) => {
-                    self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
-                    return Err(e);
-                }
+    /// Declares a consumer taking `size` bytes every `period`, for `rounds` rounds (`None`:
+    /// until stopped). Its demand shapes request sizes until it is unregistered.
+    pub fn register(&self, size: usize, period: Duration, rounds: Option<u64>) -> DemandId {
+        let mut state = self.lock();
+        let id = DemandId(state.next_id);
+        state.next_id += 1;
+        state.demand.insert(
+            id,
+            Demand {
+                size,
+                period,
+                rounds_left: rounds,
+            },
+        );
+        id
+    }
+
+    /// The consumer stopped: its demand no longer counts.
+    pub fn unregister(&self, id: DemandId) {
+        self.lock().demand.remove(&id);
+    }
+
+    /// Exactly `len` never-used bytes for consumer `id`, buying whole blocks when too few are
+    /// held.
+    pub async fn take(&self, id: DemandId, len: usize) -> Result<EntropyBytes, SourceError> {
+        if let Some(bytes) = self.try_take(id, len) {
+            return Ok(bytes);
+        }
+        self.stats.takes_waited.fetch_add(1, Ordering::Relaxed);
+        // A few tries: a refill may be used up by other takers before this one gets its turn.
+        for _ in 0..3 {
+            self.refill(len).await?;
+            if let Some(bytes) = self.try_take(id, len) {
+                return Ok(bytes);
             }
         }
-        // A source delivers whole blocks, enough for `missing`; this only fails if it did not.
-        let taken = buffer
-            .take(len)
-            .ok_or(SourceError::ShortDelivery { needed: len })?;
+        self.try_take(id, len)
+            .ok_or(SourceError::ShortDelivery { needed: len })
+    }
+
+    fn try_take(&self, id: DemandId, len: usize) -> Option<EntropyBytes> {
+        let mut state = self.lock();
+        self.expire(&mut state);
+        let bytes = state.buffer.take(len)?;
+        if let Some(d) = state.demand.get_mut(&id) {
+            d.rounds_left = d.rounds_left.map(|r| r.saturating_sub(1));
+        }
         self.stats
             .bytes_handed_out
             .fetch_add(len as u64, Ordering::Relaxed);
-        Ok(taken)
+        if state.buffer.available() < low_water(&state.demand, self.config.max_bytes) {
+            self.refill_wanted.notify_one();
+        }
+        Some(bytes)
+    }
+
+    /// Buys one request's worth when fewer than `needed` bytes are held (or, with `needed` 0,
+    /// when the pool is below its low-water mark).
+    async fn refill(&self, needed: usize) -> Result<(), SourceError> {
+        let _one_request = self.fetching.lock().await;
+        let blocks = {
+            let mut state = self.lock();
+            self.expire(&mut state);
+            let available = state.buffer.available();
+            let low = low_water(&state.demand, self.config.max_bytes);
+            if available >= needed && (needed > 0 || available >= low) {
+                return Ok(());
+            }
+            plan_blocks(&state.demand, &self.config, available, needed)
+        };
+        if blocks == 0 {
+            return Ok(());
+        }
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let fetched = match self.source.fetch(blocks).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        self.stats
+            .bytes_downloaded
+            .fetch_add(fetched.len() as u64, Ordering::Relaxed);
+        let mut state = self.lock();
+        let (kept, failures) = health::screen(&mut state.health, fetched, BLOCK_LEN);
+        if let Some(first) = failures.first() {
+            self.stats
+                .blocks_rejected
+                .fetch_add(failures.len() as u64, Ordering::Relaxed);
+            self.stats
+                .bytes_rejected
+                .fetch_add((failures.len() * BLOCK_LEN) as u64, Ordering::Relaxed);
+            tracing::warn!(
+                "health tests refused {} of {blocks} block(s) from {} and wiped them: {first}",
+                failures.len(),
+                self.source.describe()
+            );
+        }
+        tracing::debug!(
+            "bought {blocks} KiB from {}; {} bytes held",
+            self.source.describe(),
+            state.buffer.available() + kept.len()
+        );
+        if kept.is_empty() {
+            return Err(SourceError::Unhealthy {
+                blocks,
+                first: failures.first().map(|f| f.to_string()).unwrap_or_default(),
+            });
+        }
+        state.buffer.push(kept, Instant::now());
+        Ok(())
+    }
+
+    /// Keeps the pool above its low-water mark in the background until `shutdown`.
+    pub async fn refill_in_background(&self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.refill_wanted.notified() => {}
+            }
+            if let Err(e) = self.refill(0).await {
+                // The takers report source failures; here it is only a missed head start.
+                tracing::debug!("background refill failed: {e}");
+            }
+        }
     }
 
     /// Wipes every byte still held and returns how many there were.
-    pub async fn drain(&self) -> usize {
-        self.buffer.lock().await.clear()
+    pub fn drain(&self) -> usize {
+        self.lock().buffer.clear()
     }
 
     pub fn stats(&self) -> StatsSnapshot {
+        let held = self.lock().buffer.available() as u64;
         StatsSnapshot {
             requests: self.stats.requests.load(Ordering::Relaxed),
             failed_requests: self.stats.failed_requests.load(Ordering::Relaxed),
             bytes_downloaded: self.stats.bytes_downloaded.load(Ordering::Relaxed),
             bytes_handed_out: self.stats.bytes_handed_out.load(Ordering::Relaxed),
+            blocks_rejected: self.stats.blocks_rejected.load(Ordering::Relaxed),
+            bytes_rejected: self.stats.bytes_rejected.load(Ordering::Relaxed),
+            bytes_expired: self.stats.bytes_expired.load(Ordering::Relaxed),
+            takes_waited: self.stats.takes_waited.load(Ordering::Relaxed),
+            bytes_held: held,
         }
     }
+
+    fn expire(&self, state: &mut State) {
+        let expired = state.buffer.expire(Instant::now(), self.config.max_age);
+        if expired > 0 {
+            self.stats
+                .bytes_expired
+                .fetch_add(expired as u64, Ordering::Relaxed);
+            tracing::info!(
+                "wiped {expired} unused bytes older than pool.max_age ({})",
+                crate::config::short_duration(self.config.max_age)
+            );
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
+
+/// Bytes per second the registered consumers take.
+fn rate(demand: &HashMap<DemandId, Demand>) -> f64 {
+    demand
+        .values()
+        .filter(|d| d.rounds_left != Some(0))
+        .map(|d| d.size as f64 / d.period.as_secs_f64().max(1e-3))
+        .sum()
+}
+
+/// What bounded consumers still need in all; `None` when any runs until stopped.
+fn remaining(demand: &HashMap<DemandId, Demand>) -> Option<u64> {
+    demand
+        .values()
+        .map(|d| d.rounds_left.map(|r| r * d.size as u64))
+        .sum()
+}
+
+/// Refill when fewer bytes than this are held: one round of every consumer plus
+/// [`LOW_WATER_LEAD`] of consumption, but never more than a bounded run still needs.
+fn low_water(demand: &HashMap<DemandId, Demand>, max_bytes: usize) -> usize {
+    let one_round: usize = demand
+        .values()
+        .filter(|d| d.rounds_left != Some(0))
+        .map(|d| d.size)
+        .sum();
+    let lead = (rate(demand) * LOW_WATER_LEAD.as_secs_f64()) as usize;
+    let mut low = (one_round + lead).min(max_bytes / 2);
+    if let Some(left) = remaining(demand) {
+        low = low.min(left as usize);
+    }
+    low
+}
+
+/// How many blocks the next request buys, given `available` bytes held and `needed` now.
+fn plan_blocks(
+    demand: &HashMap<DemandId, Demand>,
+    config: &PoolConfig,
+    available: usize,
+    needed: usize,
+) -> usize {
+    let deficit = needed.saturating_sub(available);
+    let rate = rate(demand);
+    let mut want = (rate * config.horizon.as_secs_f64()) as usize;
+    want = want.max(low_water(demand, config.max_bytes).saturating_sub(available));
+    // Never more than will be used before it expires, fits under the cap, or a bounded run
+    // still needs; but always what is needed right now.
+    if rate > 0.0 {
+        want = want.min((rate * config.max_age.as_secs_f64()) as usize);
+    }
+    want = want.min(config.max_bytes.saturating_sub(available));
+    if let Some(left) = remaining(demand) {
+        want = want.min((left as usize).saturating_sub(available));
+    }
+    want = want.max(deficit);
+    if want == 0 {
+        return 0;
+    }
+    want.div_ceil(BLOCK_LEN).clamp(1, MAX_BLOCKS_PER_REQUEST)
+}
+
+#[cfg(test)]
+mod tests;

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TargetConfig;
-use crate::pool::{EntropyBytes, Pool, StatsSnapshot};
+use crate::pool::{DemandId, EntropyBytes, Pool, StatsSnapshot};
 use crate::source::{EntropySource, SourceError};
 use crate::target::{HsmError, Modules, Target, TokenIdentity};
 use crate::telemetry::AUDIT;
@@ -91,6 +91,12 @@ pub async fn run<S: EntropySource + 'static>(
             shutdown.clone(),
         )));
     }
+    let refill_stop = shutdown.child_token();
+    let refiller = tokio::spawn({
+        let pool = pool.clone();
+        let stop = refill_stop.clone();
+        async move { pool.refill_in_background(stop).await }
+    });
     let mut outcome = Outcome::default();
     for task in tasks {
         match task.await {
@@ -98,10 +104,12 @@ pub async fn run<S: EntropySource + 'static>(
             Err(e) => tracing::error!("a target loop ended abnormally: {e}"),
         }
     }
+    refill_stop.cancel();
+    let _ = refiller.await;
     let finalize = modules.clone();
     let _ = tokio::task::spawn_blocking(move || finalize.finalize_all()).await;
-    outcome.bytes_left_unused = pool.drain().await as u64;
     outcome.pool = pool.stats();
+    outcome.bytes_left_unused = pool.drain() as u64;
     outcome
 }
 
@@ -114,6 +122,14 @@ async fn target_loop<S: EntropySource + 'static>(
     let name = target.config().name.clone();
     let period = target.config().period;
     let offset = target.config().offset;
+    let demand = pool.register(
+        target.config().size,
+        period,
+        match rounds {
+            Rounds::Forever => None,
+            Rounds::Limit(n) => Some(u64::from(n)),
+        },
+    );
     let mut outcome = TargetOutcome {
         name: name.clone(),
         ..TargetOutcome::default()
@@ -126,10 +142,11 @@ async fn target_loop<S: EntropySource + 'static>(
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep_until(next) => {}
         }
-        let (back, result) = round(target, &pool, &shutdown).await;
+        let (back, result) = round(target, &pool, demand, &shutdown).await;
         let Some(back) = back else {
             outcome.stopped = Some("its PKCS#11 thread failed".into());
             tracing::error!("{name}: target stopped: its PKCS#11 thread failed");
+            pool.unregister(demand);
             return outcome;
         };
         target = back;
@@ -178,6 +195,7 @@ async fn target_loop<S: EntropySource + 'static>(
             next = now + period;
         }
     }
+    pool.unregister(demand);
     let _ = tokio::task::spawn_blocking(move || target.close()).await;
     outcome
 }
@@ -194,6 +212,7 @@ enum RoundError {
 async fn round<S: EntropySource>(
     target: Target,
     pool: &Pool<S>,
+    demand: DemandId,
     shutdown: &CancellationToken,
 ) -> (Option<Target>, Result<(TokenIdentity, usize), RoundError>) {
     let target = match blocking(target, |t| t.connect()).await {
@@ -205,7 +224,7 @@ async fn round<S: EntropySource>(
     let bytes: EntropyBytes = tokio::select! {
         biased;
         _ = shutdown.cancelled() => return (Some(target), Err(RoundError::Cancelled)),
-        taken = pool.take(size) => match taken {
+        taken = pool.take(demand, size) => match taken {
             Ok(b) => b,
             Err(e) => return (Some(target), Err(RoundError::Source(e))),
         },

@@ -42,6 +42,10 @@ pub enum Fault {
     ShortBlock,
     /// A 200 whose first block is not base64.
     BadBase64,
+    /// A 200 whose first block is all zero bytes (a stuck generator).
+    AllZeroBlock,
+    /// A 200 whose second block repeats its first (a replaying upstream).
+    ReplayedBlock,
 }
 
 /// How to start the simulator.
@@ -282,6 +286,12 @@ impl AppState {
             if getrandom::fill(&mut block).is_err() {
                 return error(StatusCode::INTERNAL_SERVER_ERROR, "no OS randomness");
             }
+            if i == 0 && fault == Fault::AllZeroBlock {
+                block.fill(0);
+            }
+            if i == 1 && fault == Fault::ReplayedBlock {
+                block.copy_from_slice(&raw[..len]);
+            }
             let mut text = engine.encode(&block);
             if i == 0 && fault == Fault::BadBase64 {
                 text.replace_range(0..4, "@@@@");
@@ -311,7 +321,7 @@ impl AppState {
                     ),
                 )
             }
-            Fault::None => {
+            Fault::None | Fault::AllZeroBlock | Fault::ReplayedBlock => {
                 let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
                 shared.blocks_served += count as u64;
                 if self.record {

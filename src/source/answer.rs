@@ -60,13 +60,14 @@ struct EntropyAnswer<'a> {
     entropy: Option<Vec<Cow<'a, str>>>,
 }
 
-/// Parses a 200 answer of `dialect` that should hold `blocks` blocks of `block_len` bytes each.
+/// Parses a 200 answer of `dialect` that should hold `blocks` blocks of `block_len` bytes
+/// each, and decodes them, in order, into one buffer of `blocks * block_len` bytes.
 pub fn parse(
     dialect: Dialect,
     body: &[u8],
     blocks: usize,
     block_len: usize,
-) -> Result<Vec<EntropyBytes>, AnswerError> {
+) -> Result<EntropyBytes, AnswerError> {
     let mut strings = match dialect {
         Dialect::QuantumEntropy => {
             let answer: QuantumEntropyAnswer = serde_json::from_slice(body)
@@ -97,7 +98,7 @@ fn decode_all(
     strings: &[Cow<'_, str>],
     blocks: usize,
     block_len: usize,
-) -> Result<Vec<EntropyBytes>, AnswerError> {
+) -> Result<EntropyBytes, AnswerError> {
     if strings.len() != blocks {
         return Err(AnswerError::WrongCount {
             asked: blocks,
@@ -105,12 +106,16 @@ fn decode_all(
         });
     }
     let engine = &base64::engine::general_purpose::STANDARD;
-    let mut decoded = Vec::with_capacity(blocks);
+    let expected_text = base64::encoded_len(block_len, true);
+    // Three bytes of slack: the decoder wants room for its estimate past the last block.
+    let total = blocks * block_len;
+    let mut out = EntropyBytes::zeroed(total + 3);
     for (index, text) in strings.iter().enumerate() {
-        // Room for whatever the text decodes to, so a long block is measured, not cut.
-        let mut bytes = EntropyBytes::zeroed(base64::decoded_len_estimate(text.len()));
+        if Some(text.len()) != expected_text {
+            return Err(measure(text, index, block_len));
+        }
         let written = engine
-            .decode_slice(text.as_bytes(), bytes.expose_mut())
+            .decode_slice(text.as_bytes(), &mut out.expose_mut()[index * block_len..])
             .map_err(|_| AnswerError::BadBase64 { index })?;
         if written != block_len {
             return Err(AnswerError::WrongBlockLength {
@@ -119,10 +124,24 @@ fn decode_all(
                 got: written,
             });
         }
-        bytes.truncate(written);
-        decoded.push(bytes);
     }
-    Ok(decoded)
+    out.truncate(total);
+    Ok(out)
+}
+
+/// The error for a block whose text has the wrong length: decoded apart, to say how long it is.
+fn measure(text: &str, index: usize, block_len: usize) -> AnswerError {
+    let mut scratch = EntropyBytes::zeroed(base64::decoded_len_estimate(text.len()));
+    match base64::engine::general_purpose::STANDARD
+        .decode_slice(text.as_bytes(), scratch.expose_mut())
+    {
+        Ok(got) => AnswerError::WrongBlockLength {
+            index,
+            asked: block_len,
+            got,
+        },
+        Err(_) => AnswerError::BadBase64 { index },
+    }
 }
 
 /// serde_json's own messages for type errors quote the offending value, which here is
@@ -173,9 +192,9 @@ mod tests {
             b64(&blocks[1])
         );
         let got = parse(Dialect::QuantumEntropy, body.as_bytes(), 2, 1024).unwrap();
-        assert_eq!(got.len(), 2);
-        assert_eq!(got[0].expose(), &blocks[0][..]);
-        assert_eq!(got[1].expose(), &blocks[1][..]);
+        assert_eq!(got.len(), 2048);
+        assert_eq!(&got.expose()[..1024], &blocks[0][..]);
+        assert_eq!(&got.expose()[1024..], &blocks[1][..]);
     }
 
     #[test]
@@ -184,7 +203,7 @@ mod tests {
         let text = b64(&block).replace('/', "\\/");
         let body = format!(r#"{{"entropy": ["{text}"], "extra": 1}}"#);
         let got = parse(Dialect::Entropy, body.as_bytes(), 1, 1024).unwrap();
-        assert_eq!(got[0].expose(), &block[..]);
+        assert_eq!(got.expose(), &block[..]);
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub enum SourceError {
     Transport { url: String, reason: String },
     #[error("the entropy API did not answer within {0:?} (source.timeout)")]
     Timeout(Duration),
+    #[error(
+        "the health tests refused all {blocks} block(s) of the answer, so none was used: {first}"
+    )]
+    Unhealthy { blocks: usize, first: String },
     #[error("the source delivered fewer bytes than the {needed} needed")]
     ShortDelivery { needed: usize },
     #[error("the entropy API's answer was refused: {0}")]

@@ -46,11 +46,12 @@ impl Dialect {
 /// Something that sells entropy by the block.
 pub trait EntropySource: Send + Sync {
     /// Fetches exactly `blocks` blocks of [`BLOCK_LEN`] bytes (1..=[`MAX_BLOCKS_PER_REQUEST`]),
-    /// or fails without returning any of an answer's bytes.
+    /// in one buffer of `blocks * BLOCK_LEN` bytes, or fails without returning any of an
+    /// answer's bytes.
     fn fetch(
         &self,
         blocks: usize,
-    ) -> impl Future<Output = Result<Vec<EntropyBytes>, SourceError>> + Send;
+    ) -> impl Future<Output = Result<EntropyBytes, SourceError>> + Send;
 
     /// A short, secret-free description for logs (e.g. the base URL).
     fn describe(&self) -> String;

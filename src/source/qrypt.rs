@@ -118,7 +118,7 @@ impl QryptClient {
         self.base.join(path).unwrap_or_else(|_| self.base.clone())
     }
 
-    async fn fetch_blocks(&self, blocks: usize) -> Result<Vec<EntropyBytes>, SourceError> {
+    async fn fetch_blocks(&self, blocks: usize) -> Result<EntropyBytes, SourceError> {
         let response = self
             .request(blocks)
             .send()
@@ -208,7 +208,7 @@ impl QryptClient {
 }
 
 impl EntropySource for QryptClient {
-    async fn fetch(&self, blocks: usize) -> Result<Vec<EntropyBytes>, SourceError> {
+    async fn fetch(&self, blocks: usize) -> Result<EntropyBytes, SourceError> {
         debug_assert!((1..=MAX_BLOCKS_PER_REQUEST).contains(&blocks));
         let blocks = blocks.clamp(1, MAX_BLOCKS_PER_REQUEST);
         self.fetch_blocks(blocks).await

@@ -1,0 +1,311 @@
+//! Continuous health tests on every received block, before any byte of it is used.
+//!
+//! After NIST SP 800-90B section 4.4, on 8-bit samples, run afresh on each 1 KiB block:
+//!
+//! - **Repetition Count Test**: fails when one byte value repeats `C` times in a row, with
+//!   `C = 1 + ceil(-log2(alpha) / H)`.
+//! - **Adaptive Proportion Test**: in each window of `W = 512` bytes, fails when the window's
+//!   first byte value occurs `C` or more times, with `C = 1 + CRITBINOM(W, 2^-H, 1 - alpha)`.
+//!
+//! `H` is the assessed min-entropy per byte and `alpha` the false-alarm probability per test
+//! (defaults and reasons in [`HealthConfig`]). On top of 90B, a block identical to one seen
+//! recently is refused (a replaying or stuck upstream); only keyed 64-bit hashes of past blocks
+//! are kept, never the bytes.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::BuildHasher;
+
+/// Window of the Adaptive Proportion Test for non-binary samples (SP 800-90B 4.4.2).
+pub const APT_WINDOW: usize = 512;
+
+/// How many recent blocks the replay check remembers.
+pub const REPLAY_MEMORY: usize = 65_536;
+
+/// Parameters of the tests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthConfig {
+    /// Assessed min-entropy per byte, in bits (0 < H <= 8). Default 7.0: below the 8 bits a
+    /// conditioned QRNG output claims, so that the cutoffs leave room for honest data, yet
+    /// far above what stuck, constant or short-period output shows.
+    pub min_entropy: f64,
+    /// False-alarm probability per test, `alpha`. Default 2^-40, the low end of the range SP
+    /// 800-90B suggests (2^-20 .. 2^-40): a false alarm throws a good block away, which costs
+    /// money, so qseed prefers the rare one.
+    pub false_alarm: f64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            min_entropy: 7.0,
+            false_alarm: 2f64.powi(-40),
+        }
+    }
+}
+
+/// Why a block was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HealthFailure {
+    #[error("repetition count test: one byte value {run} times in a row (cutoff {cutoff})")]
+    RepetitionCount { run: usize, cutoff: usize },
+    #[error(
+        "adaptive proportion test: one byte value {count} times in a {window}-byte window \
+         (cutoff {cutoff})"
+    )]
+    AdaptiveProportion {
+        count: usize,
+        window: usize,
+        cutoff: usize,
+    },
+    #[error("the block is identical to one received earlier (replayed or stuck upstream)")]
+    Replayed,
+}
+
+/// The tests' cutoffs and the replay memory.
+#[derive(Debug)]
+pub struct HealthTests {
+    rct_cutoff: usize,
+    apt_cutoff: usize,
+    hasher: std::collections::hash_map::RandomState,
+    seen: HashSet<u64>,
+    order: VecDeque<u64>,
+    memory: usize,
+}
+
+impl HealthTests {
+    pub fn new(config: HealthConfig) -> Self {
+        Self::with_memory(config, REPLAY_MEMORY)
+    }
+
+    /// Remembers the last `memory` blocks for the replay check.
+    pub fn with_memory(config: HealthConfig, memory: usize) -> Self {
+        Self {
+            memory,
+            rct_cutoff: rct_cutoff(config),
+            apt_cutoff: apt_cutoff(config),
+            // A per-process random key: the stored hashes say nothing about past blocks.
+            hasher: std::collections::hash_map::RandomState::new(),
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    pub fn cutoffs(&self) -> (usize, usize) {
+        (self.rct_cutoff, self.apt_cutoff)
+    }
+
+    /// Runs every test on `block`; a block that passes is remembered for the replay check.
+    pub fn check(&mut self, block: &[u8]) -> Result<(), HealthFailure> {
+        self.repetition_count(block)?;
+        self.adaptive_proportion(block)?;
+        let hash = self.hasher.hash_one(block);
+        if self.seen.contains(&hash) {
+            return Err(HealthFailure::Replayed);
+        }
+        self.seen.insert(hash);
+        self.order.push_back(hash);
+        if self.order.len() > self.memory {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        Ok(())
+    }
+
+    fn repetition_count(&self, block: &[u8]) -> Result<(), HealthFailure> {
+        let mut run = 0;
+        let mut previous = None;
+        for &b in block {
+            if Some(b) == previous {
+                run += 1;
+            } else {
+                previous = Some(b);
+                run = 1;
+            }
+            if run >= self.rct_cutoff {
+                return Err(HealthFailure::RepetitionCount {
+                    run,
+                    cutoff: self.rct_cutoff,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn adaptive_proportion(&self, block: &[u8]) -> Result<(), HealthFailure> {
+        for window in block.chunks(APT_WINDOW) {
+            let first = window[0];
+            let count = window.iter().filter(|&&b| b == first).count();
+            if count >= self.apt_cutoff {
+                return Err(HealthFailure::AdaptiveProportion {
+                    count,
+                    window: window.len(),
+                    cutoff: self.apt_cutoff,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the tests on each `block_len`-byte block of `bytes`, drops (and wipes) the blocks
+/// that fail, and moves the passing ones together, in order, at the front. Returns the kept
+/// bytes and why each dropped block failed.
+pub fn screen(
+    tests: &mut HealthTests,
+    mut bytes: super::EntropyBytes,
+    block_len: usize,
+) -> (super::EntropyBytes, Vec<HealthFailure>) {
+    use zeroize::Zeroize;
+    let blocks = bytes.len() / block_len;
+    let mut failures = Vec::new();
+    let mut kept = 0;
+    for i in 0..blocks {
+        let range = i * block_len..(i + 1) * block_len;
+        match tests.check(&bytes.expose()[range.clone()]) {
+            Ok(()) => {
+                if kept != i {
+                    bytes.expose_mut().copy_within(range, kept * block_len);
+                }
+                kept += 1;
+            }
+            Err(failure) => failures.push(failure),
+        }
+    }
+    bytes.expose_mut()[kept * block_len..].zeroize();
+    bytes.truncate(kept * block_len);
+    (bytes, failures)
+}
+
+/// `C = 1 + ceil(-log2(alpha) / H)` (SP 800-90B 4.4.1).
+pub fn rct_cutoff(config: HealthConfig) -> usize {
+    1 + (-config.false_alarm.log2() / config.min_entropy).ceil() as usize
+}
+
+/// `C = 1 + CRITBINOM(W, 2^-H, 1 - alpha)` (SP 800-90B 4.4.2): one more than the smallest `k`
+/// with `P(X > k) <= alpha` for `X ~ Binomial(W, 2^-H)`.
+pub fn apt_cutoff(config: HealthConfig) -> usize {
+    let n = APT_WINDOW;
+    let p = 2f64.powf(-config.min_entropy);
+    // Probabilities in log space; the upper tail summed from the top keeps its precision.
+    let ln_pmf =
+        |k: usize| -> f64 { ln_choose(n, k) + k as f64 * p.ln() + (n - k) as f64 * (1.0 - p).ln() };
+    let mut tail = 0.0; // P(X > k)
+    for k in (0..n).rev() {
+        tail += ln_pmf(k + 1).exp();
+        if tail > config.false_alarm {
+            return 1 + k + 1;
+        }
+    }
+    1
+}
+
+fn ln_choose(n: usize, k: usize) -> f64 {
+    ln_factorial(n) - ln_factorial(k) - ln_factorial(n - k)
+}
+
+fn ln_factorial(n: usize) -> f64 {
+    (2..=n).map(|i| (i as f64).ln()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_block() -> Vec<u8> {
+        let mut b = vec![0u8; 1024];
+        getrandom::fill(&mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn cutoffs_follow_the_formulas() {
+        let default = HealthConfig::default();
+        // 1 + ceil(40 / 7) = 7.
+        assert_eq!(rct_cutoff(default), 7);
+        let full = HealthConfig {
+            min_entropy: 8.0,
+            ..default
+        };
+        assert_eq!(rct_cutoff(full), 6);
+        // The APT cutoff sits far above the mean (512 / 128 = 4) and tightens with H.
+        let c7 = apt_cutoff(default);
+        let c8 = apt_cutoff(full);
+        assert!((20..40).contains(&c7), "{c7}");
+        assert!(c8 < c7, "{c8} < {c7}");
+        // A looser alpha gives a lower cutoff.
+        let loose = HealthConfig {
+            false_alarm: 2f64.powi(-20),
+            ..default
+        };
+        assert!(apt_cutoff(loose) < c7);
+    }
+
+    #[test]
+    fn bad_blocks_are_refused() {
+        let mut tests = HealthTests::new(HealthConfig::default());
+        let all_zero = vec![0u8; 1024];
+        assert!(matches!(
+            tests.check(&all_zero),
+            Err(HealthFailure::RepetitionCount { .. })
+        ));
+        // Stuck after a good start.
+        let mut stuck = random_block();
+        stuck[600..].fill(0xa5);
+        assert!(matches!(
+            tests.check(&stuck),
+            Err(HealthFailure::RepetitionCount { .. })
+        ));
+        // A short period: no long runs, but each value far too often.
+        let period: Vec<u8> = (0..1024)
+            .map(|i| [3u8, 141, 59, 26, 53, 89, 79, 32][i % 8])
+            .collect();
+        assert!(matches!(
+            tests.check(&period),
+            Err(HealthFailure::AdaptiveProportion { .. })
+        ));
+        // A replay of a block that passed.
+        let good = random_block();
+        tests.check(&good).unwrap();
+        assert_eq!(tests.check(&good), Err(HealthFailure::Replayed));
+    }
+
+    #[test]
+    fn screening_keeps_good_blocks_in_order_and_wipes_the_rest() {
+        let mut tests = HealthTests::new(HealthConfig::default());
+        let (a, b) = (random_block(), random_block());
+        let mut bytes = super::super::EntropyBytes::zeroed(3 * 1024);
+        bytes.expose_mut()[..1024].copy_from_slice(&a);
+        // Block 1 stays all zero: it fails.
+        bytes.expose_mut()[2048..].copy_from_slice(&b);
+        let (kept, failures) = screen(&mut tests, bytes, 1024);
+        assert_eq!(failures.len(), 1);
+        assert_eq!(kept.len(), 2048);
+        assert_eq!(&kept.expose()[..1024], &a[..]);
+        assert_eq!(&kept.expose()[1024..], &b[..]);
+    }
+
+    #[test]
+    fn good_random_blocks_pass() {
+        // The measured false-reject rate (BENCHMARKS.md) comes from a far larger run of
+        // `cargo bench --bench pool`; this is a quick guard that the cutoffs leave room.
+        let mut tests = HealthTests::new(HealthConfig::default());
+        for _ in 0..2000 {
+            tests.check(&random_block()).unwrap();
+        }
+    }
+
+    #[test]
+    fn replay_memory_is_bounded() {
+        let mut tests = HealthTests::with_memory(HealthConfig::default(), 100);
+        let first = random_block();
+        tests.check(&first).unwrap();
+        for _ in 0..110 {
+            tests.check(&random_block()).unwrap();
+        }
+        assert_eq!(tests.order.len(), 100);
+        assert_eq!(tests.seen.len(), 100);
+        // Forgotten after 100 newer blocks: only the recent past is checked.
+        tests.check(&first).unwrap();
+    }
+}
