@@ -106,13 +106,21 @@ pub fn lock_failures() -> u64 {
     LOCK_FAILURES.load(Ordering::Relaxed)
 }
 
+impl EntropyBytes {
+    /// Zeroizes the whole allocation, including bytes cut off by `truncate`.
+    fn wipe(&mut self) {
+        match &mut self.storage {
+            Storage::Empty => {}
+            Storage::Mapped(map) => map[..].zeroize(),
+            Storage::Heap(vec) => vec.zeroize(),
+        }
+    }
+}
+
 impl Drop for EntropyBytes {
     fn drop(&mut self) {
-        if let Storage::Mapped(map) = &mut self.storage {
-            // The whole mapping, including bytes cut off by `truncate`.
-            map[..].zeroize();
-        }
-        // `Heap` wipes itself (Zeroizing); the mapping is unmapped after this.
+        // Before the mapping is unmapped (or the heap buffer freed).
+        self.wipe();
     }
 }
 
@@ -144,6 +152,19 @@ mod tests {
         bytes.truncate(3);
         assert_eq!(bytes.expose(), &[1, 2, 3]);
         assert_eq!(EntropyBytes::zeroed(0).expose(), &[] as &[u8]);
+    }
+
+    #[test]
+    fn wiping_clears_the_whole_allocation_even_after_truncate() {
+        let mut bytes = EntropyBytes::zeroed(100);
+        bytes.expose_mut().fill(0x5a);
+        bytes.truncate(10);
+        bytes.wipe();
+        let Storage::Mapped(map) = &bytes.storage else {
+            panic!("mapped");
+        };
+        assert!(map[..].iter().all(|&b| b == 0));
+        assert_eq!(map.len(), 100);
     }
 
     #[test]
