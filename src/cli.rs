@@ -11,8 +11,11 @@ use crate::error::{exit, Error};
 const AFTER_HELP: &str = "\
 Exit codes:
   0  everything asked for was done
-  1  a run-time failure (a target or the entropy source failed)
+  1  another run-time failure
   2  a configuration or command-line error; nothing was attempted
+  3  `once`: a target was not seeded because no entropy could be had from the source
+  4  `once`: a target failed on the HSM side; `run`: every target has stopped
+Signals (`run`): SIGINT/SIGTERM stop cleanly; SIGHUP reloads the configuration file.
 
 Examples:
   qseed demo                                   # try it: throwaway SoftHSM token + local simulator
@@ -49,11 +52,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the service: seed every target at start, then once per period, until SIGINT/SIGTERM.
+    /// Run the service: seed every target at start, then once per period, until SIGINT/SIGTERM;
+    /// SIGHUP reloads the configuration.
     #[command(after_help = "Example:\n  qseed --config /etc/qseed/qseed.toml run")]
     Run,
 
-    /// Seed every target once, then exit: 0 when every target was seeded, 1 otherwise.
+    /// Seed every target once, then exit: 0 when every target was seeded, 3 when entropy was
+    /// missing, 4 when an HSM failed.
     #[command(after_help = "Example (a cron line):\n  */10 * * * * qseed --quiet once")]
     Once,
 
@@ -152,7 +157,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         .enable_all()
         .build()
         .map_err(|e| Error::Failed(format!("cannot start the async runtime: {e}")))?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         match cli.command {
             Command::Run => commands::run::run(&cli.config).await,
             Command::Once => commands::run::once(&cli.config).await,
@@ -170,5 +175,8 @@ fn run(cli: Cli) -> Result<(), Error> {
                 plain_http,
             } => commands::simulator::simulator(listen, ca_out.as_deref(), plain_http).await,
         }
-    })
+    });
+    // A PKCS#11 call that never returned must not hold the process: its thread is left behind.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    result
 }

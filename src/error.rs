@@ -10,6 +10,10 @@ pub mod exit {
     pub const FAILURE: u8 = 1;
     /// The command line or the configuration is wrong; nothing was attempted.
     pub const CONFIG: u8 = 2;
+    /// A target was not seeded because no entropy could be had from the source.
+    pub const SOURCE: u8 = 3;
+    /// A target failed on the HSM side (PKCS#11), or every target has stopped.
+    pub const TARGET: u8 = 4;
 }
 
 /// What ended a command early, already worded for the operator.
@@ -19,6 +23,10 @@ pub enum Error {
     Config(String),
     #[error("{0}")]
     Failed(String),
+    #[error("{0}")]
+    Source(String),
+    #[error("{0}")]
+    Target(String),
 }
 
 impl Error {
@@ -26,6 +34,8 @@ impl Error {
         ExitCode::from(match self {
             Error::Config(_) => exit::CONFIG,
             Error::Failed(_) => exit::FAILURE,
+            Error::Source(_) => exit::SOURCE,
+            Error::Target(_) => exit::TARGET,
         })
     }
 }

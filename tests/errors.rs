@@ -25,7 +25,7 @@ fn a_rejected_api_token_is_reported_as_a_token_problem() {
     std::fs::write(world.path("api.token"), "wrong-token\n").unwrap();
     let out = world.run(&["once"]);
     let log = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert_eq!(out.status.code(), Some(3), "{log}");
     assert!(
         log.contains("rejected the access token (HTTP 401)"),
         "{log}"
@@ -58,7 +58,7 @@ fn malformed_answers_are_refused_whole() {
         world.set_fault(fault);
         let out = world.run(&["once"]);
         let log = stderr(&out);
-        assert_eq!(out.status.code(), Some(1), "{fault:?}: {log}");
+        assert_eq!(out.status.code(), Some(3), "{fault:?}: {log}");
         assert!(log.contains(want), "{fault:?}: {log}");
         assert_eq!(world.spy().seeds().len(), 0, "{fault:?}: nothing injected");
     }
@@ -86,7 +86,7 @@ fn an_unreachable_api_is_named() {
     ));
     let out = world.run(&["once"]);
     let log = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert_eq!(out.status.code(), Some(3), "{log}");
     assert!(
         log.contains(&format!(
             "could not reach the entropy API at https://127.0.0.1:{port}/"
@@ -103,7 +103,7 @@ fn an_untrusted_server_certificate_is_refused() {
     world.write_config(&config.replace("ca_file = \"ca.pem\"\n", ""));
     let out = world.run(&["once"]);
     let log = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert_eq!(out.status.code(), Some(3), "{log}");
     assert!(log.to_lowercase().contains("certificate"), "{log}");
     assert_eq!(world.sim.blocks_served(), 0);
 }
@@ -136,7 +136,7 @@ fn an_unknown_token_label_lists_the_tokens_present() {
     world.write_config(&config.replace("token_label = \"tok\"", "token_label = \"nope\""));
     let out = world.run(&["once"]);
     let log = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert_eq!(out.status.code(), Some(4), "{log}");
     assert!(log.contains("no token with token_label \"nope\""), "{log}");
     assert!(log.contains("tokens present: \"tok\""), "{log}");
     assert_eq!(
@@ -265,7 +265,7 @@ fn blocks_failing_the_health_tests_are_never_injected() {
     world.set_fault(Fault::AllZeroBlock);
     let out = world.run(&["once"]);
     let log = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert_eq!(out.status.code(), Some(3), "{log}");
     assert!(log.contains("health tests refused all 1 block(s)"), "{log}");
     assert!(log.contains("repetition count test"), "{log}");
     assert_eq!(world.spy().seeds().len(), 0);

@@ -1,4 +1,4 @@
-//! `qseed run` (the service) and `qseed once` (one round).
+//! `qseed run` (the service, with reload on SIGHUP) and `qseed once` (one round).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,15 +8,65 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Config};
 use crate::error::Error;
 use crate::pool::Pool;
-use crate::service::{self, shutdown, Outcome, Rounds};
+use crate::service::{self, shutdown, Outcome, Rounds, TargetOutcome};
 use crate::source::qrypt::QryptClient;
 use crate::source::EntropySource;
 use crate::target::Modules;
 
+/// The service: runs until SIGINT/SIGTERM. SIGHUP re-reads the configuration file; a new
+/// configuration that fails its checks is reported and the running one stays.
 pub async fn run(config_path: &Path) -> Result<(), Error> {
-    let outcome = serve(load(config_path)?, Rounds::Forever, None).await?;
+    let config = load(config_path)?;
+    let client = make_client(&config)?;
+    let modules = Modules::new();
+    service::load_modules(&config.targets, &modules)
+        .await
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let stop = CancellationToken::new();
+    shutdown::on_signals(stop.clone());
+    let mut reloads = shutdown::reloads();
+    announce(&config, &client);
+    let pool = Arc::new(Pool::new(client, config.pool));
+    let mut targets = Some(config.targets);
+    let outcomes = loop {
+        let generation = stop.child_token();
+        let mut running = tokio::spawn(service::run(
+            targets.take().unwrap_or_default(),
+            pool.clone(),
+            modules.clone(),
+            Rounds::Forever,
+            generation.clone(),
+        ));
+        let outcomes = loop {
+            tokio::select! {
+                finished = &mut running => break Some(finished),
+                _ = reloads.recv() => {
+                    match reload(config_path, &modules).await {
+                        Ok(new) => {
+                            tracing::info!("SIGHUP: configuration reloaded from {}", config_path.display());
+                            generation.cancel();
+                            let _ = (&mut running).await;
+                            let new_client = make_client(&new)?;
+                            announce(&new, &new_client);
+                            pool.reconfigure(new_client, new.pool);
+                            targets = Some(new.targets);
+                            break None;
+                        }
+                        Err(e) => tracing::error!(
+                            "SIGHUP: the new configuration is refused, the running one stays: {e}"
+                        ),
+                    }
+                }
+            }
+        };
+        if let Some(finished) = outcomes {
+            break finished.unwrap_or_default();
+        }
+    };
+    let outcome = service::teardown(outcomes, &pool, &modules).await;
+    summarize(&outcome);
     if !outcome.targets.is_empty() && outcome.targets.iter().all(|t| t.stopped.is_some()) {
-        return Err(Error::Failed(
+        return Err(Error::Target(
             "every target has stopped; fix the errors above and start qseed again".into(),
         ));
     }
@@ -24,14 +74,19 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
 }
 
 pub async fn once(config_path: &Path) -> Result<(), Error> {
-    let outcome = serve(load(config_path)?, Rounds::Limit(1), None).await?;
+    let config = load(config_path)?;
+    let client = make_client(&config)?;
+    let outcome = serve_with(config, client, Modules::new(), Rounds::Limit(1), None).await?;
     if outcome.all_seeded_every_round() {
         return Ok(());
     }
-    let failed: Vec<String> = outcome
+    let failed: Vec<&TargetOutcome> = outcome
         .targets
         .iter()
         .filter(|t| t.injections == 0)
+        .collect();
+    let lines: Vec<String> = failed
+        .iter()
         .map(|t| {
             format!(
                 "{}: {}",
@@ -40,12 +95,18 @@ pub async fn once(config_path: &Path) -> Result<(), Error> {
             )
         })
         .collect();
-    Err(Error::Failed(format!(
+    let message = format!(
         "{} of {} targets not seeded:\n  {}",
         failed.len(),
         outcome.targets.len(),
-        failed.join("\n  ")
-    )))
+        lines.join("\n  ")
+    );
+    // A target that failed on its own side outweighs one that had no entropy.
+    if failed.iter().any(|t| t.source_failures < t.failures) {
+        Err(Error::Target(message))
+    } else {
+        Err(Error::Source(message))
+    }
 }
 
 /// Reads the configuration for a seeding command: it must name at least one target.
@@ -61,19 +122,32 @@ pub fn load(config_path: &Path) -> Result<Config, Error> {
     Ok(config)
 }
 
-/// Starts the service on `config` and waits for it to end. `stop` lets a caller (the demo)
-/// share its cancellation; otherwise SIGINT/SIGTERM stop it.
-pub async fn serve(
-    config: Config,
-    rounds: Rounds,
-    stop: Option<CancellationToken>,
-) -> Result<Outcome, Error> {
-    let client = QryptClient::new(&config.source).map_err(|e| Error::Config(e.to_string()))?;
-    let modules = Modules::new();
-    serve_with(config, client, modules, rounds, stop).await
+/// A reload: the new file must pass every check a start does, modules included.
+async fn reload(config_path: &Path, modules: &Modules) -> Result<Config, Error> {
+    let config = load(config_path)?;
+    make_client(&config)?;
+    service::load_modules(&config.targets, modules)
+        .await
+        .map_err(|e| Error::Config(e.to_string()))?;
+    Ok(config)
 }
 
-/// [`serve`] with the client and modules made by the caller.
+fn make_client(config: &Config) -> Result<QryptClient, Error> {
+    QryptClient::new(&config.source).map_err(|e| Error::Config(e.to_string()))
+}
+
+fn announce(config: &Config, source: &impl EntropySource) {
+    tracing::info!(
+        "qseed {} seeding {} target(s) from {}",
+        env!("CARGO_PKG_VERSION"),
+        config.targets.len(),
+        source.describe()
+    );
+}
+
+/// Runs a bounded number of rounds on `config` with the caller's source and modules, then
+/// tears down. `stop` lets a caller (the demo) share its cancellation; otherwise SIGINT and
+/// SIGTERM stop it.
 pub async fn serve_with<S: EntropySource + 'static>(
     config: Config,
     source: S,
@@ -84,24 +158,26 @@ pub async fn serve_with<S: EntropySource + 'static>(
     service::load_modules(&config.targets, &modules)
         .await
         .map_err(|e| Error::Config(e.to_string()))?;
-    let shutdown = stop.unwrap_or_else(|| {
+    let stop = stop.unwrap_or_else(|| {
         let token = CancellationToken::new();
         shutdown::on_signals(token.clone());
         token
     });
-    tracing::info!(
-        "qseed {} seeding {} target(s) from {}",
-        env!("CARGO_PKG_VERSION"),
-        config.targets.len(),
-        source.describe()
-    );
+    announce(&config, &source);
     let pool = Arc::new(Pool::new(source, config.pool));
-    let outcome = service::run(config.targets, pool, modules, rounds, shutdown).await;
+    let targets = service::run(config.targets, pool.clone(), modules.clone(), rounds, stop).await;
+    let outcome = service::teardown(targets, &pool, &modules).await;
+    summarize(&outcome);
+    Ok(outcome)
+}
+
+fn summarize(outcome: &Outcome) {
     let injected: u64 = outcome.targets.iter().map(|t| t.bytes_injected).sum();
     let p = &outcome.pool;
     tracing::info!(
         "done: {} requests ({} failed), {} bytes downloaded, {} injected, {} handed out but not \
-         injected (wiped), {} refused by health tests, {} expired, {} left at shutdown (wiped)",
+         injected (wiped), {} refused by health tests, {} expired, {} rounds skipped for want of \
+         entropy, {} left at shutdown (wiped)",
         p.requests,
         p.failed_requests,
         p.bytes_downloaded,
@@ -109,7 +185,7 @@ pub async fn serve_with<S: EntropySource + 'static>(
         p.bytes_handed_out.saturating_sub(injected),
         p.bytes_rejected,
         p.bytes_expired,
+        p.rounds_skipped,
         outcome.bytes_left_unused
     );
-    Ok(outcome)
 }

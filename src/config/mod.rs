@@ -33,6 +33,7 @@ pub const DEFAULT_PERIOD: Duration = Duration::from_secs(10);
 pub const PERIOD_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(365 * 24 * 3600);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(600);
 pub const MAX_BYTES_RANGE: std::ops::RangeInclusive<usize> = 65536..=64 * 1024 * 1024;
@@ -74,6 +75,8 @@ pub struct TargetConfig {
     /// Delay of the first injection after start; later ones follow every `period` from there.
     /// Spreads many targets' calls over time instead of all at once.
     pub offset: Duration,
+    /// Longest wait for one PKCS#11 call before it is reported as hung.
+    pub timeout: Duration,
 }
 
 /// How a target's token is found among the module's slots.
@@ -388,6 +391,10 @@ fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetCon
             )))
         }
     };
+    let timeout = match raw.timeout {
+        None => DEFAULT_CALL_TIMEOUT,
+        Some(t) => in_range("timeout", t.0, &TIMEOUT_RANGE).map_err(&at)?,
+    };
     Ok(TargetConfig {
         name,
         module,
@@ -396,6 +403,7 @@ fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetCon
         size,
         period,
         offset,
+        timeout,
     })
 }
 

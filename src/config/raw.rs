@@ -65,6 +65,7 @@ pub struct RawTarget {
     pub size: Option<i64>,
     pub period: Option<DurationValue>,
     pub offset: Option<DurationValue>,
+    pub timeout: Option<DurationValue>,
 }
 
 /// Whether to log in before seeding.

@@ -90,6 +90,12 @@ impl HealthTests {
         }
     }
 
+    /// New cutoffs; the replay memory stays.
+    pub fn set_config(&mut self, config: HealthConfig) {
+        self.rct_cutoff = rct_cutoff(config);
+        self.apt_cutoff = apt_cutoff(config);
+    }
+
     pub fn cutoffs(&self) -> (usize, usize) {
         (self.rct_cutoff, self.apt_cutoff)
     }

@@ -19,7 +19,7 @@ pub mod memory;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -29,6 +29,7 @@ pub use buffer::Buffer;
 pub use bytes::{lock_failures, EntropyBytes};
 pub use health::{HealthConfig, HealthFailure, HealthTests};
 
+use crate::source::backoff::{self, Backoff};
 use crate::source::{EntropySource, SourceError, BLOCK_LEN, MAX_BLOCKS_PER_REQUEST};
 
 /// How far ahead of need the background refill starts: consumption over this long.
@@ -80,6 +81,7 @@ struct Stats {
     bytes_rejected: AtomicU64,
     bytes_expired: AtomicU64,
     takes_waited: AtomicU64,
+    rounds_skipped: AtomicU64,
 }
 
 /// A copy of the pool's counters at one moment.
@@ -96,23 +98,37 @@ pub struct StatsSnapshot {
     pub bytes_expired: u64,
     /// Takes that found too few bytes and waited for a request.
     pub takes_waited: u64,
+    /// Rounds targets skipped for want of entropy.
+    pub rounds_skipped: u64,
     /// Bytes held right now.
     pub bytes_held: u64,
 }
 
 #[derive(Debug)]
 struct State {
+    config: PoolConfig,
     buffer: Buffer,
     demand: HashMap<DemandId, Demand>,
     next_id: usize,
     health: HealthTests,
+    backoff: Backoff,
+    outage: Option<Outage>,
+}
+
+/// A run of failed requests, reported once when it starts and once when it ends.
+#[derive(Debug)]
+struct Outage {
+    since: Instant,
+    failed_requests: u64,
+    skipped_rounds: u64,
+    kind: &'static str,
 }
 
 /// A buffer shared by all targets, refilled from one source.
 #[derive(Debug)]
 pub struct Pool<S> {
-    source: S,
-    config: PoolConfig,
+    /// Replaced on reload; a request in flight keeps the one it started with.
+    source: std::sync::RwLock<Arc<S>>,
     /// Held only for quick bookkeeping, never across a request.
     state: Mutex<State>,
     /// Held across a request: one request in flight, so concurrent takers share it.
@@ -124,13 +140,15 @@ pub struct Pool<S> {
 impl<S: EntropySource> Pool<S> {
     pub fn new(source: S, config: PoolConfig) -> Self {
         Self {
-            source,
-            config,
+            source: std::sync::RwLock::new(Arc::new(source)),
             state: Mutex::new(State {
+                config,
                 buffer: Buffer::new(),
                 demand: HashMap::new(),
                 next_id: 0,
                 health: HealthTests::new(config.health),
+                backoff: Backoff::default(),
+                outage: None,
             }),
             fetching: tokio::sync::Mutex::new(()),
             refill_wanted: tokio::sync::Notify::new(),
@@ -138,8 +156,23 @@ impl<S: EntropySource> Pool<S> {
         }
     }
 
-    pub fn source(&self) -> &S {
-        &self.source
+    pub fn source(&self) -> Arc<S> {
+        self.source
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Takes a new source and limits (a reload). Bytes already held stay and are used first;
+    /// the replay memory is kept; the backoff starts afresh.
+    pub fn reconfigure(&self, source: S, config: PoolConfig) {
+        *self.source.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(source);
+        let mut state = self.lock();
+        if state.config.health != config.health {
+            state.health.set_config(config.health);
+        }
+        state.config = config;
+        state.backoff.succeeded();
     }
 
     /// Declares a consumer taking `size` bytes every `period`, for `rounds` rounds (`None`:
@@ -192,34 +225,48 @@ impl<S: EntropySource> Pool<S> {
         self.stats
             .bytes_handed_out
             .fetch_add(len as u64, Ordering::Relaxed);
-        if state.buffer.available() < low_water(&state.demand, self.config.max_bytes) {
+        if state.buffer.available() < low_water(&state.demand, state.config.max_bytes) {
             self.refill_wanted.notify_one();
         }
         Some(bytes)
     }
 
     /// Buys one request's worth when fewer than `needed` bytes are held (or, with `needed` 0,
-    /// when the pool is below its low-water mark).
+    /// when the pool is below its low-water mark). While the source is failing, requests wait
+    /// for the backoff schedule (`source::backoff`) and this fails at once with
+    /// [`SourceError::Waiting`].
     async fn refill(&self, needed: usize) -> Result<(), SourceError> {
         let _one_request = self.fetching.lock().await;
         let blocks = {
             let mut state = self.lock();
             self.expire(&mut state);
             let available = state.buffer.available();
-            let low = low_water(&state.demand, self.config.max_bytes);
+            let low = low_water(&state.demand, state.config.max_bytes);
             if available >= needed && (needed > 0 || available >= low) {
                 return Ok(());
             }
-            plan_blocks(&state.demand, &self.config, available, needed)
+            if let Err(retry_in) = state.backoff.ready(Instant::now()) {
+                return Err(SourceError::Waiting {
+                    retry_in,
+                    reason: state.outage.as_ref().map_or("", |o| o.kind).to_string(),
+                });
+            }
+            plan_blocks(&state.demand, &state.config, available, needed)
         };
         if blocks == 0 {
             return Ok(());
         }
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let fetched = match self.source.fetch(blocks).await {
-            Ok(bytes) => bytes,
+        let source = self.source();
+        let fetched = source.fetch(blocks).await;
+        let fetched = match fetched {
+            Ok(bytes) => {
+                self.recovered();
+                bytes
+            }
             Err(e) => {
                 self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+                self.failed(&e);
                 return Err(e);
             }
         };
@@ -238,34 +285,121 @@ impl<S: EntropySource> Pool<S> {
             tracing::warn!(
                 "health tests refused {} of {blocks} block(s) from {} and wiped them: {first}",
                 failures.len(),
-                self.source.describe()
+                source.describe()
             );
         }
         tracing::debug!(
             "bought {blocks} KiB from {}; {} bytes held",
-            self.source.describe(),
+            source.describe(),
             state.buffer.available() + kept.len()
         );
         if kept.is_empty() {
-            return Err(SourceError::Unhealthy {
+            drop(state);
+            let e = SourceError::Unhealthy {
                 blocks,
                 first: failures.first().map(|f| f.to_string()).unwrap_or_default(),
-            });
+            };
+            self.failed(&e);
+            return Err(e);
         }
         state.buffer.push(kept, Instant::now());
         Ok(())
     }
 
-    /// Keeps the pool above its low-water mark in the background until `shutdown`.
+    /// Backs off and reports the outage: loudly when it starts or changes kind, quietly after.
+    fn failed(&self, error: &SourceError) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let cap = shortest_period(&state.demand) / 2;
+        let wait = state.backoff.failed(error, cap, now);
+        let held = state.buffer.available();
+        let wait_text = crate::config::short_duration(Duration::from_secs(wait.as_secs().max(1)));
+        match &mut state.outage {
+            None => {
+                state.outage = Some(Outage {
+                    since: now,
+                    failed_requests: 1,
+                    skipped_rounds: 0,
+                    kind: error.kind(),
+                });
+                tracing::warn!(
+                    "entropy source failing: {error}. Targets are served from the {held} bytes \
+                     buffered; next try in {wait_text}"
+                );
+            }
+            Some(outage) => {
+                outage.failed_requests += 1;
+                if outage.kind != error.kind() {
+                    outage.kind = error.kind();
+                    tracing::warn!(
+                        "entropy source still failing, now: {error}; next try in {wait_text}"
+                    );
+                } else {
+                    tracing::debug!(
+                        "entropy source still failing: {error}; next try in {wait_text}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn recovered(&self) {
+        let mut state = self.lock();
+        state.backoff.succeeded();
+        if let Some(outage) = state.outage.take() {
+            tracing::info!(
+                "entropy source back after {}: {} failed request(s), {} round(s) skipped",
+                crate::config::short_duration(Duration::from_secs(
+                    outage.since.elapsed().as_secs().max(1)
+                )),
+                outage.failed_requests,
+                outage.skipped_rounds
+            );
+        }
+    }
+
+    /// A target skipped its round for want of entropy (counted in the outage report).
+    pub fn note_skipped_round(&self) {
+        self.stats.rounds_skipped.fetch_add(1, Ordering::Relaxed);
+        if let Some(outage) = &mut self.lock().outage {
+            outage.skipped_rounds += 1;
+        }
+    }
+
+    /// Forgets the backoff schedule, so the next need asks the source at once (after a reload,
+    /// when the operator may have fixed the token).
+    pub fn retry_now(&self) {
+        self.lock().backoff.succeeded();
+    }
+
+    /// Whether the source is in an outage right now.
+    pub fn source_failing(&self) -> bool {
+        self.lock().outage.is_some()
+    }
+
+    /// Keeps the pool above its low-water mark in the background until `shutdown`. While the
+    /// source fails it keeps trying on the backoff schedule, so the pool refills as soon as
+    /// the source is back, before the next round needs it.
     pub async fn refill_in_background(&self, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.refill_wanted.notified() => {}
             }
-            if let Err(e) = self.refill(0).await {
-                // The takers report source failures; here it is only a missed head start.
-                tracing::debug!("background refill failed: {e}");
+            while let Err(e) = self.refill(0).await {
+                let wait = match e {
+                    SourceError::Waiting { retry_in, .. } => retry_in,
+                    _ => self
+                        .lock()
+                        .backoff
+                        .ready(Instant::now())
+                        .err()
+                        .unwrap_or(backoff::FIRST_DELAY),
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait.max(Duration::from_millis(50))) => {}
+                }
             }
         }
     }
@@ -286,19 +420,21 @@ impl<S: EntropySource> Pool<S> {
             bytes_rejected: self.stats.bytes_rejected.load(Ordering::Relaxed),
             bytes_expired: self.stats.bytes_expired.load(Ordering::Relaxed),
             takes_waited: self.stats.takes_waited.load(Ordering::Relaxed),
+            rounds_skipped: self.stats.rounds_skipped.load(Ordering::Relaxed),
             bytes_held: held,
         }
     }
 
     fn expire(&self, state: &mut State) {
-        let expired = state.buffer.expire(Instant::now(), self.config.max_age);
+        let max_age = state.config.max_age;
+        let expired = state.buffer.expire(Instant::now(), max_age);
         if expired > 0 {
             self.stats
                 .bytes_expired
                 .fetch_add(expired as u64, Ordering::Relaxed);
             tracing::info!(
                 "wiped {expired} unused bytes older than pool.max_age ({})",
-                crate::config::short_duration(self.config.max_age)
+                crate::config::short_duration(max_age)
             );
         }
     }
@@ -306,6 +442,16 @@ impl<S: EntropySource> Pool<S> {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// The shortest period among consumers: the backoff waits at most half of it, so service
+/// resumes within one period of the source recovering.
+fn shortest_period(demand: &HashMap<DemandId, Demand>) -> Duration {
+    demand
+        .values()
+        .map(|d| d.period)
+        .min()
+        .unwrap_or(backoff::MAX_CAP)
 }
 
 /// Bytes per second the registered consumers take.

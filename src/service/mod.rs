@@ -1,12 +1,16 @@
-//! The service: one loop per target that seeds it at start and then once per period, all
-//! drawing from one shared pool, until the rounds are done or shutdown is signalled.
+//! The service: one loop per target that seeds it at start (after its `offset`) and then once
+//! per period, all drawing from one shared pool, until the rounds are done or shutdown.
 //!
 //! A target's failure is its own: it is logged, and the target tries again next period,
 //! except for failures that cannot heal (wrong PIN, a token that refuses seeds), which stop
-//! that target for good. Other targets carry on either way.
+//! that target for good. Other targets carry on either way. A PKCS#11 call that hangs is left
+//! on its thread after the target's timeout (see [`worker`]).
 
 pub mod shutdown;
+pub mod worker;
 
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +22,10 @@ use crate::pool::{DemandId, EntropyBytes, Pool, StatsSnapshot};
 use crate::source::{EntropySource, SourceError};
 use crate::target::{HsmError, Modules, Target, TokenIdentity};
 use crate::telemetry::AUDIT;
+use worker::{CallError, Worker};
+
+/// How long shutdown waits for an in-flight PKCS#11 call before leaving it behind.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
 /// How many rounds each target runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,9 +43,13 @@ pub struct TargetOutcome {
     pub injections: u64,
     pub bytes_injected: u64,
     pub failures: u64,
+    /// Of `failures`, rounds skipped for want of entropy.
+    pub source_failures: u64,
     /// Why the target stopped for good, if it did.
     pub stopped: Option<String>,
     pub last_error: Option<String>,
+    /// A PKCS#11 call was still running when the loop ended (its module is not finalized).
+    pub hung_module: Option<PathBuf>,
 }
 
 /// What a whole service run did.
@@ -72,15 +84,21 @@ pub async fn load_modules(targets: &[TargetConfig], modules: &Modules) -> Result
     .map_err(|e| HsmError::Unexpected(format!("module loading thread failed: {e}")))?
 }
 
-/// Runs the targets until `rounds` are done or `shutdown` is cancelled, then closes every
-/// session, finalizes the modules and wipes what is left in the pool.
+/// Runs the targets until `rounds` are done or `stop` is cancelled; sessions are closed at
+/// the end, but modules and pool stay for [`teardown`] (a reload reuses them).
 pub async fn run<S: EntropySource + 'static>(
     targets: Vec<TargetConfig>,
     pool: Arc<Pool<S>>,
     modules: Modules,
     rounds: Rounds,
-    shutdown: CancellationToken,
-) -> Outcome {
+    stop: CancellationToken,
+) -> Vec<TargetOutcome> {
+    let refill_stop = stop.child_token();
+    let refiller = tokio::spawn({
+        let pool = pool.clone();
+        let stop = refill_stop.clone();
+        async move { pool.refill_in_background(stop).await }
+    });
     let mut tasks = Vec::with_capacity(targets.len());
     for config in targets {
         let target = Target::new(config, modules.clone());
@@ -88,99 +106,137 @@ pub async fn run<S: EntropySource + 'static>(
             target,
             pool.clone(),
             rounds,
-            shutdown.clone(),
+            stop.clone(),
         )));
     }
-    let refill_stop = shutdown.child_token();
-    let refiller = tokio::spawn({
-        let pool = pool.clone();
-        let stop = refill_stop.clone();
-        async move { pool.refill_in_background(stop).await }
-    });
-    let mut outcome = Outcome::default();
+    let mut outcomes = Vec::with_capacity(tasks.len());
     for task in tasks {
         match task.await {
-            Ok(t) => outcome.targets.push(t),
+            Ok(t) => outcomes.push(t),
             Err(e) => tracing::error!("a target loop ended abnormally: {e}"),
         }
     }
     refill_stop.cancel();
     let _ = refiller.await;
+    outcomes
+}
+
+/// Finalizes the modules (except those with a call still hanging: `C_Finalize` must not run
+/// while another thread is inside the module) and wipes what is left in the pool.
+pub async fn teardown<S: EntropySource>(
+    targets: Vec<TargetOutcome>,
+    pool: &Pool<S>,
+    modules: &Modules,
+) -> Outcome {
+    let hung: HashSet<PathBuf> = targets
+        .iter()
+        .filter_map(|t| t.hung_module.clone())
+        .collect();
+    for path in &hung {
+        tracing::warn!(
+            "not finalizing {}: a call into it has not returned",
+            path.display()
+        );
+    }
     let finalize = modules.clone();
-    let _ = tokio::task::spawn_blocking(move || finalize.finalize_all()).await;
-    outcome.pool = pool.stats();
-    outcome.bytes_left_unused = pool.drain() as u64;
-    outcome
+    let _ = tokio::task::spawn_blocking(move || finalize.finalize_all_except(&hung)).await;
+    let pool_stats = pool.stats();
+    Outcome {
+        targets,
+        pool: pool_stats,
+        bytes_left_unused: pool.drain() as u64,
+    }
 }
 
 async fn target_loop<S: EntropySource + 'static>(
-    mut target: Target,
+    target: Target,
     pool: Arc<Pool<S>>,
     rounds: Rounds,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) -> TargetOutcome {
-    let name = target.config().name.clone();
-    let period = target.config().period;
-    let offset = target.config().offset;
+    let config = target.config();
+    let (name, period, offset, size) = (
+        config.name.clone(),
+        config.period,
+        config.offset,
+        config.size,
+    );
+    let timeout = config.timeout;
+    let module = config.module.clone();
     let demand = pool.register(
-        target.config().size,
+        size,
         period,
         match rounds {
             Rounds::Forever => None,
             Rounds::Limit(n) => Some(u64::from(n)),
         },
     );
+    let mut worker = Worker::new(target);
     let mut outcome = TargetOutcome {
         name: name.clone(),
         ..TargetOutcome::default()
     };
     let mut next = Instant::now() + offset;
     let mut done = 0u32;
+    let mut hung_reported = false;
     loop {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             _ = tokio::time::sleep_until(next) => {}
         }
-        let (back, result) = round(target, &pool, demand, &shutdown).await;
-        let Some(back) = back else {
-            outcome.stopped = Some("its PKCS#11 thread failed".into());
-            tracing::error!("{name}: target stopped: its PKCS#11 thread failed");
-            pool.unregister(demand);
-            return outcome;
-        };
-        target = back;
-        match result {
-            Ok((token, bytes)) => {
+        match round(&mut worker, &pool, demand, size, timeout, &stop).await {
+            Ok(token) => {
+                if hung_reported {
+                    tracing::info!("{name}: the hung PKCS#11 call returned; seeding again");
+                    hung_reported = false;
+                }
                 outcome.injections += 1;
-                outcome.bytes_injected += bytes as u64;
+                outcome.bytes_injected += size as u64;
                 tracing::info!(
                     target: AUDIT,
-                    "seeded {name}: {bytes} bytes into token {:?} (serial {}, slot {})",
+                    "seeded {name}: {size} bytes into token {:?} (serial {}, slot {})",
                     token.label,
                     token.serial,
                     token.slot
                 );
             }
-            Err(RoundError::Cancelled) => break,
+            Err(RoundError::Call(CallError::Cancelled)) => break,
             Err(RoundError::Source(e)) => {
+                // The pool reports the outage itself, once; here only the count.
                 outcome.failures += 1;
+                outcome.source_failures += 1;
                 outcome.last_error = Some(e.to_string());
-                tracing::warn!("{name}: round skipped, no entropy: {e}");
+                pool.note_skipped_round();
+                tracing::debug!("{name}: round skipped, no entropy: {e}");
             }
-            Err(RoundError::Hsm(e)) if e.is_permanent() => {
+            Err(RoundError::Call(CallError::Hsm(e))) if e.is_permanent() => {
                 outcome.failures += 1;
                 outcome.last_error = Some(e.to_string());
                 outcome.stopped = Some(e.to_string());
                 tracing::error!("{name}: target stopped: {e}");
                 break;
             }
-            Err(RoundError::Hsm(e)) => {
+            Err(RoundError::Call(CallError::Lost)) => {
+                outcome.failures += 1;
+                outcome.stopped = Some("its PKCS#11 thread failed".into());
+                tracing::error!("{name}: target stopped: its PKCS#11 thread failed");
+                break;
+            }
+            Err(RoundError::Call(e @ CallError::Hung { .. })) => {
+                outcome.failures += 1;
+                outcome.last_error = Some(e.to_string());
+                if !hung_reported {
+                    tracing::error!("{name}: {e}");
+                    hung_reported = true;
+                }
+            }
+            Err(RoundError::Call(CallError::Hsm(e))) => {
                 outcome.failures += 1;
                 outcome.last_error = Some(e.to_string());
                 tracing::warn!(
                     "{name}: round failed, trying again in {}: {e}",
-                    human(period)
+                    crate::config::short_duration(period)
                 );
             }
         }
@@ -196,66 +252,46 @@ async fn target_loop<S: EntropySource + 'static>(
         }
     }
     pool.unregister(demand);
-    let _ = tokio::task::spawn_blocking(move || target.close()).await;
+    match worker.finish(SHUTDOWN_GRACE).await {
+        Some(mut target) => {
+            let _ = tokio::time::timeout(
+                SHUTDOWN_GRACE,
+                tokio::task::spawn_blocking(move || target.close()),
+            )
+            .await;
+        }
+        None => outcome.hung_module = Some(module),
+    }
     outcome
 }
 
 enum RoundError {
     Source(SourceError),
-    Hsm(HsmError),
-    Cancelled,
+    Call(CallError),
 }
 
 /// One injection: connect first (so no bytes are taken for an unreachable token), then take
-/// fresh bytes, then seed. The bytes are wiped when the blocking call returns, whatever it
-/// returned: bytes that failed to go in are never offered to anyone else.
+/// fresh bytes, then seed. The bytes are wiped when the call returns, whatever it returned:
+/// bytes that failed to go in are never offered to anyone else.
 async fn round<S: EntropySource>(
-    target: Target,
+    worker: &mut Worker,
     pool: &Pool<S>,
     demand: DemandId,
-    shutdown: &CancellationToken,
-) -> (Option<Target>, Result<(TokenIdentity, usize), RoundError>) {
-    let target = match blocking(target, |t| t.connect()).await {
-        (Some(target), Ok(_)) => target,
-        (target, Err(e)) => return (target, Err(RoundError::Hsm(e))),
-        (None, Ok(_)) => return (None, Err(RoundError::Cancelled)),
-    };
-    let size = target.config().size;
+    size: usize,
+    timeout: Duration,
+    stop: &CancellationToken,
+) -> Result<TokenIdentity, RoundError> {
+    worker
+        .call("C_OpenSession/C_Login", timeout, stop, |t| t.connect())
+        .await
+        .map_err(RoundError::Call)?;
     let bytes: EntropyBytes = tokio::select! {
         biased;
-        _ = shutdown.cancelled() => return (Some(target), Err(RoundError::Cancelled)),
-        taken = pool.take(demand, size) => match taken {
-            Ok(b) => b,
-            Err(e) => return (Some(target), Err(RoundError::Source(e))),
-        },
+        _ = stop.cancelled() => return Err(RoundError::Call(CallError::Cancelled)),
+        taken = pool.take(demand, size) => taken.map_err(RoundError::Source)?,
     };
-    let (target, seeded) = blocking(target, move |t| t.seed(&bytes)).await;
-    (
-        target,
-        seeded.map(|token| (token, size)).map_err(RoundError::Hsm),
-    )
-}
-
-/// Runs `f` on a blocking thread with the target moved there and back. `None` if the thread
-/// panicked (the target and its session are then gone).
-async fn blocking<T: Send + 'static>(
-    mut target: Target,
-    f: impl FnOnce(&mut Target) -> Result<T, HsmError> + Send + 'static,
-) -> (Option<Target>, Result<T, HsmError>) {
-    match tokio::task::spawn_blocking(move || {
-        let r = f(&mut target);
-        (target, r)
-    })
-    .await
-    {
-        Ok((target, r)) => (Some(target), r),
-        Err(e) => (
-            None,
-            Err(HsmError::Unexpected(format!("PKCS#11 thread failed: {e}"))),
-        ),
-    }
-}
-
-fn human(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
+    worker
+        .call("C_SeedRandom", timeout, stop, move |t| t.seed(&bytes))
+        .await
+        .map_err(RoundError::Call)
 }

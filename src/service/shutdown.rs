@@ -1,4 +1,5 @@
-//! Turning SIGINT and SIGTERM into one cancellation that every loop watches.
+//! Turning SIGINT and SIGTERM into one cancellation that every loop watches, and SIGHUP into
+//! reload requests.
 
 use tokio_util::sync::CancellationToken;
 
@@ -30,4 +31,42 @@ async fn wait_for_signal() {
 #[cfg(not(unix))]
 async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// SIGHUP, as a stream of reload requests. On platforms without SIGHUP it never fires.
+pub fn reloads() -> Reloads {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Reloads(Some(s)),
+            Err(e) => {
+                tracing::warn!("cannot watch SIGHUP ({e}); reload by restarting qseed");
+                Reloads(None)
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        Reloads(None)
+    }
+}
+
+/// See [`reloads`].
+#[derive(Debug)]
+pub struct Reloads(
+    #[cfg(unix)] Option<tokio::signal::unix::Signal>,
+    #[cfg(not(unix))] Option<()>,
+);
+
+impl Reloads {
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(signal) = &mut self.0 {
+            if signal.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    }
 }

@@ -29,6 +29,7 @@ pub const LABEL: &str = "not-real-entropy";
 
 /// A misbehaviour to show on entropy requests, for error-path tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Fault {
     #[default]
     None,
@@ -46,6 +47,22 @@ pub enum Fault {
     AllZeroBlock,
     /// A 200 whose second block repeats its first (a replaying upstream).
     ReplayedBlock,
+    /// 429 with `Retry-After: N` seconds.
+    RateLimited { retry_after: u64 },
+    /// 503 with `Retry-After: N` seconds.
+    Unavailable { retry_after: u64 },
+    /// A good answer after this long.
+    Slow(std::time::Duration),
+    /// No answer at all; the connection stays open.
+    Hang,
+    /// A 200 whose body breaks off halfway.
+    TruncatedBody,
+    /// A 307 to another origin (this URL).
+    Redirect(&'static str),
+    /// A 200 of valid JSON padded to 4 MiB.
+    Oversized,
+    /// A good body labelled `text/html`.
+    WrongContentType,
 }
 
 /// How to start the simulator.
@@ -220,7 +237,7 @@ async fn quantum_entropy(
         Some(Ok(k)) if (1..=512).contains(&k) => k,
         _ => return bad_request("size must be an integer from 1 to 512"),
     };
-    state.answer("random", size, 1024, true)
+    state.answer("random", size, 1024, true).await
 }
 
 #[derive(Deserialize)]
@@ -245,7 +262,7 @@ async fn entropy(
     if !(1..=1024).contains(&size) || !(1..=512).contains(&count) {
         return bad_request("block_size must be 1..1024 bytes and block_count 1..512");
     }
-    state.answer("entropy", count, size, false)
+    state.answer("entropy", count, size, false).await
 }
 
 impl AppState {
@@ -267,12 +284,36 @@ impl AppState {
         }
     }
 
-    fn answer(&self, field: &str, count: usize, block_len: usize, with_size: bool) -> Response {
+    async fn answer(
+        &self,
+        field: &str,
+        count: usize,
+        block_len: usize,
+        with_size: bool,
+    ) -> Response {
         let fault = self
             .shared
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .fault;
+        match fault {
+            Fault::Slow(delay) => tokio::time::sleep(delay).await,
+            Fault::Hang => std::future::pending::<()>().await,
+            Fault::RateLimited { retry_after } => {
+                return retry_later(StatusCode::TOO_MANY_REQUESTS, retry_after)
+            }
+            Fault::Unavailable { retry_after } => {
+                return retry_later(StatusCode::SERVICE_UNAVAILABLE, retry_after)
+            }
+            Fault::Redirect(to) => {
+                let mut response = labelled(StatusCode::TEMPORARY_REDIRECT, "");
+                if let Ok(location) = HeaderValue::from_str(to) {
+                    response.headers_mut().insert("location", location);
+                }
+                return response;
+            }
+            _ => {}
+        }
         let engine = &base64::engine::general_purpose::STANDARD;
         let mut blocks = Vec::with_capacity(count);
         let mut raw = Vec::with_capacity(count * block_len);
@@ -321,14 +362,44 @@ impl AppState {
                     ),
                 )
             }
-            Fault::None | Fault::AllZeroBlock | Fault::ReplayedBlock => {
+            Fault::TruncatedBody => {
+                let text = serde_json::Value::Object(body).to_string();
+                let half = text.as_bytes()[..text.len() / 2].to_vec();
+                let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+                    Ok(half),
+                    Err(std::io::Error::other("simulated connection loss")),
+                ];
+                let stream = futures_util::stream::iter(chunks);
+                return labelled(
+                    StatusCode::OK,
+                    (
+                        [("content-type", "application/json")],
+                        axum::body::Body::from_stream(stream),
+                    ),
+                );
+            }
+            Fault::Oversized => {
+                body.insert("padding".into(), serde_json::json!("A".repeat(4 << 20)));
+                return labelled(StatusCode::OK, Json(serde_json::Value::Object(body)));
+            }
+            Fault::WrongContentType => {
+                let text = serde_json::Value::Object(body).to_string();
+                return labelled(StatusCode::OK, ([("content-type", "text/html")], text));
+            }
+            Fault::None | Fault::AllZeroBlock | Fault::ReplayedBlock | Fault::Slow(_) => {
                 let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
                 shared.blocks_served += count as u64;
                 if self.record {
                     shared.served.extend_from_slice(&raw);
                 }
             }
-            Fault::MissingField | Fault::ShortBlock | Fault::BadBase64 => {}
+            Fault::MissingField
+            | Fault::ShortBlock
+            | Fault::BadBase64
+            | Fault::Hang
+            | Fault::RateLimited { .. }
+            | Fault::Unavailable { .. }
+            | Fault::Redirect(_) => {}
         }
         labelled(StatusCode::OK, Json(serde_json::Value::Object(body)))
     }
@@ -339,6 +410,14 @@ fn labelled(status: StatusCode, body: impl IntoResponse) -> Response {
     response
         .headers_mut()
         .insert("x-qseed-simulator", HeaderValue::from_static(LABEL));
+    response
+}
+
+fn retry_later(status: StatusCode, seconds: u64) -> Response {
+    let mut response = error(status, "try again later");
+    response
+        .headers_mut()
+        .insert("retry-after", HeaderValue::from(seconds));
     response
 }
 

@@ -39,12 +39,16 @@ pub enum SourceError {
     TooLarge { limit: usize },
     #[error("could not reach the entropy API at {url}: {reason}")]
     Transport { url: String, reason: String },
+    #[error("the entropy API's answer broke off before its end: {0}")]
+    BodyCut(String),
     #[error("the entropy API did not answer within {0:?} (source.timeout)")]
     Timeout(Duration),
     #[error(
         "the health tests refused all {blocks} block(s) of the answer, so none was used: {first}"
     )]
     Unhealthy { blocks: usize, first: String },
+    #[error("the entropy source is failing ({reason}); next try in {}s", .retry_in.as_secs_f32().ceil())]
+    Waiting { retry_in: Duration, reason: String },
     #[error("the source delivered fewer bytes than the {needed} needed")]
     ShortDelivery { needed: usize },
     #[error("the entropy API's answer was refused: {0}")]
@@ -52,12 +56,25 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    /// Whether asking again later could succeed without the operator changing anything.
-    pub fn is_transient(&self) -> bool {
-        !matches!(
-            self,
-            SourceError::TokenRejected | SourceError::Redirect { .. }
-        )
+    /// A short name of the kind of failure, to tell a new problem from the same one again.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceError::TokenRejected => "token rejected",
+            SourceError::Forbidden => "forbidden",
+            SourceError::RateLimited { .. } => "rate limited",
+            SourceError::Unavailable { .. } => "unavailable",
+            SourceError::Status { .. } => "HTTP error",
+            SourceError::Redirect { .. } => "redirect",
+            SourceError::WrongContentType(_) => "wrong content type",
+            SourceError::TooLarge { .. } => "answer too large",
+            SourceError::Transport { .. } => "unreachable",
+            SourceError::Timeout(_) => "timeout",
+            SourceError::BodyCut(_) => "answer cut off",
+            SourceError::BadAnswer(_) => "bad answer",
+            SourceError::Unhealthy { .. } => "health tests failed",
+            SourceError::Waiting { .. } => "waiting",
+            SourceError::ShortDelivery { .. } => "short delivery",
+        }
     }
 }
 

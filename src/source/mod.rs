@@ -5,6 +5,7 @@
 //! others that are planned (the on-premises appliance speaks the same API; a local device file).
 
 pub mod answer;
+pub mod backoff;
 pub mod error;
 pub mod qrypt;
 

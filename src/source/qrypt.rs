@@ -47,8 +47,10 @@ impl QryptClient {
         let mut builder = reqwest::Client::builder()
             .https_only(!config.allow_http)
             .redirect(reqwest::redirect::Policy::none())
+            // The whole request, the connection, and any one read of a stalled body.
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
+            .read_timeout(config.timeout)
             .user_agent(concat!("qseed/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &config.ca_file {
             let pem = std::fs::read(ca).map_err(|e| {
@@ -188,21 +190,9 @@ impl QryptClient {
         if e.is_timeout() {
             return SourceError::Timeout(self.timeout);
         }
-        let mut reason = String::new();
-        let mut source: Option<&dyn std::error::Error> = std::error::Error::source(&e);
-        while let Some(s) = source {
-            if !reason.is_empty() {
-                reason.push_str(": ");
-            }
-            reason.push_str(&s.to_string());
-            source = s.source();
-        }
-        if reason.is_empty() {
-            reason = e.to_string();
-        }
         SourceError::Transport {
             url: self.base.to_string(),
-            reason,
+            reason: error_chain(&e),
         }
     }
 }
@@ -217,6 +207,23 @@ impl EntropySource for QryptClient {
     fn describe(&self) -> String {
         format!("{} ({})", self.base, self.dialect.as_str())
     }
+}
+
+/// The causes of a reqwest error, joined: its own message is too vague to act on.
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut reason = String::new();
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if !reason.is_empty() {
+            reason.push_str(": ");
+        }
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    if reason.is_empty() {
+        reason = e.to_string();
+    }
+    reason
 }
 
 /// rustls needs one process-wide crypto provider; ring is the one we build with.

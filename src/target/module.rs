@@ -47,11 +47,17 @@ impl Modules {
 
     /// `C_Finalize` on every module. Call only once no session is in use.
     pub fn finalize_all(&self) {
+        self.finalize_all_except(&std::collections::HashSet::new());
+    }
+
+    /// `C_Finalize` on every module but those in `busy` (a thread may still be inside them).
+    pub fn finalize_all_except(&self, busy: &std::collections::HashSet<PathBuf>) {
         let modules: Vec<_> = self
             .loaded
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .drain()
+            .filter(|(path, _)| !busy.contains(path))
             .collect();
         for (path, module) in modules {
             if let Err(e) = module.finalize() {
