@@ -170,7 +170,8 @@ impl Simulator {
         self.lock().fault = fault;
     }
 
-    /// Every byte served in good answers so far, in order (only with `record`).
+    /// Every byte served in good answers so far, in order, without the blocks a fault spoiled
+    /// on purpose (only with `record`).
     pub fn served(&self) -> Vec<u8> {
         self.lock().served.clone()
     }
@@ -317,6 +318,8 @@ impl AppState {
         let engine = &base64::engine::general_purpose::STANDARD;
         let mut blocks = Vec::with_capacity(count);
         let mut raw = Vec::with_capacity(count * block_len);
+        // What a client may legitimately use: the blocks that are not faulty on purpose.
+        let mut good = Vec::with_capacity(count * block_len);
         for i in 0..count {
             let len = if i == 0 && fault == Fault::ShortBlock {
                 block_len.saturating_sub(24).max(1)
@@ -336,6 +339,11 @@ impl AppState {
             let mut text = engine.encode(&block);
             if i == 0 && fault == Fault::BadBase64 {
                 text.replace_range(0..4, "@@@@");
+            }
+            let bad = (i == 0 && fault == Fault::AllZeroBlock)
+                || (i == 1 && fault == Fault::ReplayedBlock);
+            if !bad {
+                good.extend_from_slice(&block);
             }
             raw.extend_from_slice(&block);
             blocks.push(text);
@@ -369,7 +377,17 @@ impl AppState {
                     Ok(half),
                     Err(std::io::Error::other("simulated connection loss")),
                 ];
-                let stream = futures_util::stream::iter(chunks);
+                // A pause after the first half, so the status line and half the body are on
+                // the wire before the connection breaks.
+                let stream = futures_util::StreamExt::then(
+                    futures_util::stream::iter(chunks),
+                    |chunk| async move {
+                        if chunk.is_err() {
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        }
+                        chunk
+                    },
+                );
                 return labelled(
                     StatusCode::OK,
                     (
@@ -390,7 +408,7 @@ impl AppState {
                 let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
                 shared.blocks_served += count as u64;
                 if self.record {
-                    shared.served.extend_from_slice(&raw);
+                    shared.served.extend_from_slice(&good);
                 }
             }
             Fault::MissingField

@@ -156,11 +156,13 @@ impl QryptClient {
             return Err(SourceError::TooLarge { limit });
         }
         let mut body = Zeroizing::new(Vec::with_capacity(limit));
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| self.transport_error(e))?
-        {
+        loop {
+            let chunk = match response.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(e) if e.is_timeout() => return Err(SourceError::Timeout(self.timeout)),
+                Err(e) => return Err(SourceError::BodyCut(error_chain(&e))),
+            };
             if body.len() + chunk.len() > limit {
                 return Err(SourceError::TooLarge { limit });
             }

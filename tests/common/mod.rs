@@ -287,3 +287,79 @@ pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
     done()
 }
+
+/// A running `qseed run`, its log in a file that tests can read while it runs.
+pub struct Service {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl World {
+    pub fn start_service(&self) -> Service {
+        let log = self.path("service.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = self
+            .qseed()
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .spawn()
+            .unwrap();
+        Service { child, log }
+    }
+}
+
+impl Service {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log().contains(text))
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// SIGTERM, then the exit status and how long the exit took.
+    pub fn stop(mut self) -> (std::process::ExitStatus, Duration) {
+        let start = std::time::Instant::now();
+        self.signal("TERM");
+        let status = self.child.wait().unwrap();
+        (status, start.elapsed())
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every seed is bytes the simulator served in a good answer, and no two seeds share a byte.
+pub fn assert_seeds_are_distinct_served_bytes(seeds: &[Vec<u8>], served: &[u8]) {
+    let mut placed: Vec<(usize, usize)> = seeds
+        .iter()
+        .map(|seed| {
+            let at = served
+                .windows(seed.len())
+                .position(|w| w == &seed[..])
+                .unwrap_or_else(|| panic!("a {}-byte seed is not from a good answer", seed.len()));
+            (at, seed.len())
+        })
+        .collect();
+    placed.sort();
+    for pair in placed.windows(2) {
+        assert!(pair[0].0 + pair[0].1 <= pair[1].0, "two seeds share bytes");
+    }
+}

@@ -1,0 +1,112 @@
+//! Signals to the real `qseed run`: SIGTERM stops it cleanly and promptly; SIGHUP reloads the
+//! configuration, or keeps the running one when the new file is broken.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn world(size: usize, period: &str) -> World {
+    let world = World::new();
+    world.add_token("tok");
+    world.write_config(&format!(
+        "{}{}",
+        world.source("entropy"),
+        world.target("tok", "tok", size, period, true)
+    ));
+    world
+}
+
+#[test]
+fn sigterm_exits_0_promptly_with_c_finalize() {
+    let world = world(48, "1s");
+    let service = world.start_service();
+    assert!(wait_until(Duration::from_secs(5), || world
+        .spy()
+        .seeds()
+        .len()
+        == 2));
+    let (status, took) = service.stop();
+    assert!(status.success());
+    // The bound; the exit itself takes a few milliseconds.
+    assert!(took < Duration::from_secs(2), "exit took {took:?}");
+    let spy = world.spy();
+    assert_eq!(spy.count("C_CloseSession"), 1);
+    assert_eq!(spy.count("C_Finalize"), 1);
+    let last = spy.calls.last().map(|c| c.name.as_str());
+    assert_eq!(last, Some("C_Finalize"), "nothing after C_Finalize");
+}
+
+#[test]
+fn sighup_applies_a_changed_size_and_period() {
+    let world = world(48, "1s");
+    let mut service = world.start_service();
+    assert!(wait_until(Duration::from_secs(5), || world
+        .spy()
+        .seeds()
+        .len()
+        >= 2));
+    world.write_config(&format!(
+        "{}{}",
+        world.source("entropy"),
+        world.target("tok", "tok", 100, "2s", true)
+    ));
+    service.signal("HUP");
+    assert!(service.wait_for_log("configuration reloaded", Duration::from_secs(5)));
+    assert!(wait_until(Duration::from_secs(6), || {
+        world
+            .spy()
+            .seeds()
+            .iter()
+            .filter(|s| s.len() == 100)
+            .count()
+            >= 2
+    }));
+    assert!(service.alive());
+    let log = service.log();
+    let (status, _) = service.stop();
+    assert!(status.success(), "{log}");
+    let seeds = world.spy().seeds();
+    // After the reload only 100-byte seeds, and one request served both configurations.
+    let first_new = seeds.iter().position(|s| s.len() == 100).unwrap();
+    assert!(seeds[first_new..].iter().all(|s| s.len() == 100));
+    assert_seeds_tile_served(&seeds, &world.sim.served());
+    assert_eq!(
+        world.sim.requests(),
+        1,
+        "bytes bought before the reload were used after it"
+    );
+    // The reload logged in once more: the session was reopened.
+    assert_eq!(world.spy().count("C_Login"), 2);
+}
+
+#[test]
+fn sighup_with_a_broken_file_keeps_the_running_configuration() {
+    let world = world(48, "1s");
+    let mut service = world.start_service();
+    assert!(wait_until(Duration::from_secs(5), || !world
+        .spy()
+        .seeds()
+        .is_empty()));
+    let good = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    world.write_config(&good.replace("size = 48", "size = 0"));
+    service.signal("HUP");
+    assert!(service.wait_for_log("the new configuration is refused", Duration::from_secs(5)));
+    assert!(service.log().contains("size = 0 is out of range"));
+    let before = world.spy().seeds().len();
+    assert!(wait_until(Duration::from_secs(4), || world
+        .spy()
+        .seeds()
+        .len()
+        >= before + 2));
+    assert!(service.alive());
+    let (status, _) = service.stop();
+    assert!(status.success());
+    assert!(world.spy().seeds().iter().all(|s| s.len() == 48));
+    assert_eq!(
+        world.spy().count("C_Login"),
+        1,
+        "the running target was never restarted"
+    );
+}
