@@ -17,6 +17,8 @@ pub struct World {
     pub dir: tempfile::TempDir,
     runtime: tokio::runtime::Runtime,
     pub sim: Simulator,
+    /// The module pkcs11-spy forwards to: SoftHSM, or the fault module in front of it.
+    spied: std::cell::RefCell<PathBuf>,
 }
 
 impl World {
@@ -54,7 +56,12 @@ impl World {
         for secret in ["api.token", "user.pin"] {
             private(&dir.path().join(secret));
         }
-        Self { dir, runtime, sim }
+        Self {
+            dir,
+            runtime,
+            sim,
+            spied: std::cell::RefCell::new(PathBuf::from(SOFTHSM)),
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -130,7 +137,9 @@ impl World {
     pub fn qseed(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_qseed"));
         cmd.env("SOFTHSM2_CONF", self.path("softhsm2.conf"))
-            .env("PKCS11SPY", SOFTHSM)
+            .env("PKCS11SPY", &*self.spied.borrow())
+            .env("QSEED_FAULT_FILE", self.path("fault"))
+            .env("QSEED_FAULT_REAL_MODULE", SOFTHSM)
             .env("PKCS11SPY_OUTPUT", self.path("spy.log"))
             .env("QSEED_CONFIG_FILE", self.path("qseed.toml"))
             .env_remove("QRYPT_TOKEN")
@@ -163,6 +172,17 @@ impl World {
 
     pub fn set_fault(&self, fault: Fault) {
         self.sim.set_fault(fault);
+    }
+
+    /// Puts the fault module between pkcs11-spy and SoftHSM.
+    pub fn use_fault_module(&self) {
+        *self.spied.borrow_mut() = fault_module();
+        self.set_hsm_fault("");
+    }
+
+    /// Selects the fault module's fault ("" for none); read on every call.
+    pub fn set_hsm_fault(&self, fault: &str) {
+        std::fs::write(self.path("fault"), fault).unwrap();
     }
 
     pub fn spy(&self) -> SpyLog {
@@ -361,5 +381,42 @@ pub fn assert_seeds_are_distinct_served_bytes(seeds: &[Vec<u8>], served: &[u8]) 
     placed.sort();
     for pair in placed.windows(2) {
         assert!(pair[0].0 + pair[0].1 <= pair[1].0, "two seeds share bytes");
+    }
+}
+
+/// The test-only PKCS#11 fault module (tests/fault-module), built on first use.
+pub fn fault_module() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "-p", "qseed-fault-module"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building tests/fault-module failed");
+            let target = std::env::var("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+            let path = target.join("debug/libqseed_fault_module.so");
+            assert!(path.exists(), "{} missing", path.display());
+            path
+        })
+        .clone()
+}
+
+impl SpyLog {
+    /// The seed bytes of every `C_SeedRandom` that failed.
+    pub fn failed_seed_calls(&self) -> usize {
+        self.calls
+            .iter()
+            .filter(|c| c.name == "C_SeedRandom")
+            .filter(|c| {
+                c.lines
+                    .iter()
+                    .any(|l| l.starts_with("Returned:") && !l.contains("CKR_OK"))
+            })
+            .count()
     }
 }

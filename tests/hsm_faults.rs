@@ -1,0 +1,171 @@
+//! HSM faults against the real `qseed run`: pkcs11-spy -> the test fault module -> SoftHSM.
+//! The fault module (tests/fault-module) makes SoftHSM's token misbehave on demand.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// `faulty` goes through the fault module and the spy; `healthy` straight to SoftHSM.
+fn two_targets(faulty_timeout: &str) -> World {
+    let world = World::new();
+    world.use_fault_module();
+    world.add_token("faulty");
+    world.add_token("healthy");
+    world.write_config(&format!(
+        "{}{}\ntimeout = \"{faulty_timeout}\"\n\n[[target]]\nname = \"healthy\"\nmodule = \"{SOFTHSM}\"\n\
+         token_label = \"healthy\"\nperiod = \"1s\"\noffset = \"500ms\"\n",
+        world.source("entropy"),
+        world.target("faulty", "faulty", 48, "1s", true).trim_end(),
+    ));
+    world
+}
+
+#[test]
+fn a_lost_session_is_reopened_and_its_bytes_never_reused() {
+    for (fault, code) in [
+        ("session-lost", "CKR_SESSION_HANDLE_INVALID"),
+        ("device-removed", "CKR_DEVICE_REMOVED"),
+    ] {
+        let world = two_targets("30s");
+        let service = world.start_service();
+        assert!(wait_until(Duration::from_secs(5), || world
+            .spy()
+            .seeds()
+            .len()
+            == 1));
+        world.set_hsm_fault(fault);
+        assert!(
+            service.wait_for_log(code, Duration::from_secs(5)),
+            "{}",
+            service.log()
+        );
+        world.set_hsm_fault("");
+        let before = world.spy().seeds().len();
+        assert!(
+            wait_until(Duration::from_secs(4), || world.spy().seeds().len()
+                > before),
+            "{}",
+            service.log()
+        );
+        let log = service.log();
+        let (status, _) = service.stop();
+        assert!(status.success(), "{log}");
+        assert!(
+            log.contains("the session or device was lost; qseed opens a new session"),
+            "{log}"
+        );
+        let spy = world.spy();
+        assert!(spy.count("C_OpenSession") >= 2, "a new session was opened");
+        assert_eq!(
+            spy.count("C_Login"),
+            spy.count("C_OpenSession"),
+            "one login per session"
+        );
+        assert!(spy.failed_seed_calls() >= 1);
+        // The failed calls' bytes are in no successful seed: seeds still tile the served
+        // stream only with gaps where failed calls took bytes, so check distinctness.
+        assert_seeds_are_distinct_served_bytes(&spy.seeds(), &world.sim.served());
+        assert!(
+            log.matches("seeded healthy:").count() >= 2,
+            "the other target went on: {log}"
+        );
+    }
+}
+
+#[test]
+fn a_module_that_lost_its_initialization_is_initialized_again() {
+    let world = two_targets("30s");
+    let service = world.start_service();
+    assert!(wait_until(Duration::from_secs(5), || world
+        .spy()
+        .seeds()
+        .len()
+        == 1));
+    world.set_hsm_fault("not-initialized");
+    assert!(service.wait_for_log("CKR_CRYPTOKI_NOT_INITIALIZED", Duration::from_secs(5)));
+    world.set_hsm_fault("");
+    let before = world.spy().seeds().len();
+    assert!(wait_until(Duration::from_secs(4), || world
+        .spy()
+        .seeds()
+        .len()
+        > before));
+    let (status, _) = service.stop();
+    assert!(status.success());
+    let spy = world.spy();
+    assert_eq!(
+        spy.count("C_Initialize"),
+        2,
+        "the module was initialized again"
+    );
+    assert_eq!(
+        spy.count("C_Finalize"),
+        2,
+        "once on reset, once at shutdown"
+    );
+}
+
+#[test]
+fn a_token_that_refuses_seeds_or_has_no_rng_stops_only_its_target() {
+    for (fault, message) in [
+        (
+            "seed-not-supported",
+            "C_SeedRandom: CKR_RANDOM_SEED_NOT_SUPPORTED: this token does not accept seed material",
+        ),
+        (
+            "no-rng",
+            "the token has no random number generator (CKF_RNG is not set)",
+        ),
+    ] {
+        let world = two_targets("30s");
+        world.set_hsm_fault(fault);
+        let service = world.start_service();
+        assert!(service.wait_for_log("faulty: target stopped", Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(2500));
+        let log = service.log();
+        let (status, _) = service.stop();
+        assert!(status.success(), "{log}");
+        assert!(log.contains(message), "{log}");
+        assert_eq!(
+            log.matches("target stopped").count(),
+            1,
+            "reported once, never retried: {log}"
+        );
+        assert!(log.matches("seeded healthy:").count() >= 2, "{log}");
+        assert_eq!(world.spy().seeds().len(), 0);
+    }
+}
+
+#[test]
+fn a_hung_call_does_not_stop_other_targets_or_the_shutdown() {
+    let world = two_targets("1s");
+    let service = world.start_service();
+    assert!(wait_until(Duration::from_secs(5), || world
+        .spy()
+        .seeds()
+        .len()
+        == 1));
+    world.set_hsm_fault("hang");
+    assert!(
+        service.wait_for_log(
+            "C_SeedRandom has not returned after 1s",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        service.log()
+    );
+    let healthy_before = service.log().matches("seeded healthy:").count();
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = service.log();
+    assert!(
+        log.matches("seeded healthy:").count() >= healthy_before + 2,
+        "{log}"
+    );
+    // Shutdown while the call still hangs: bounded wait, then exit 0.
+    let (status, took) = service.stop();
+    assert!(status.success(), "{log}");
+    assert!(took < Duration::from_secs(3), "exit took {took:?}");
+    world.set_hsm_fault("");
+}
