@@ -15,10 +15,14 @@
 //! | `hang` | `C_SeedRandom` blocks while the file says `hang` (at most 60 s) |
 //! | `no-rng` | `C_GetTokenInfo` clears `CKF_RNG` |
 //!
+//! With `QSEED_FAULT_SEED_LOG` set, every successful `C_SeedRandom` appends one line to that
+//! file: the seed in hex. Unlike pkcs11-spy's log, lines of concurrent calls never interleave.
+//!
 //! This is the only code of the project with `unsafe`: a PKCS#11 module is a C ABI, and there
 //! is no other way to stand between qseed and a real module. It is never shipped.
 
-use std::sync::OnceLock;
+use std::io::Write;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use cryptoki_sys::{
@@ -131,10 +135,34 @@ unsafe extern "C" fn seed_random(
     let Ok(real) = real() else {
         return CKR_FUNCTION_FAILED;
     };
-    match real.functions.C_SeedRandom {
+    let rv = match real.functions.C_SeedRandom {
         // SAFETY: forwarding the caller's arguments unchanged to the real module's function.
         Some(f) => unsafe { f(session, seed, len) },
         None => cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED,
+    };
+    if rv == CKR_OK && !seed.is_null() {
+        // SAFETY: the caller passed `len` readable bytes at `seed` (PKCS#11's contract), and
+        // the real module accepted them.
+        let bytes = unsafe { std::slice::from_raw_parts(seed, len as usize) };
+        log_seed(bytes);
+    }
+    rv
+}
+
+fn log_seed(bytes: &[u8]) {
+    static LOG: Mutex<()> = Mutex::new(());
+    let Ok(path) = std::env::var("QSEED_FAULT_SEED_LOG") else {
+        return;
+    };
+    let mut line: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    line.push('\n');
+    let _one_writer = LOG.lock();
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = file.write_all(line.as_bytes());
     }
 }
 
