@@ -276,7 +276,7 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
             let file = absolute(base, &file);
             Some(read_secret_file(&file, "source.token_file")?)
         }
-        (Auth::Bearer, None) => match std::env::var(TOKEN_ENV) {
+        (Auth::Bearer, None) => match std::env::var(TOKEN_ENV).map(zeroize::Zeroizing::new) {
             Ok(t) if !t.trim().is_empty() => Some(SecretString::from(t.trim().to_string())),
             _ => {
                 return Err(format!(
