@@ -112,12 +112,14 @@ async fn soak(dir: &Path, module: &Path, sizes: &[usize], length: Duration) {
     let modules = Modules::new();
     service::load_modules(&targets, &modules).await.unwrap();
     let stop = CancellationToken::new();
+    let metrics = qseed::telemetry::metrics::Metrics::new(None);
     let running = tokio::spawn(service::run(
         targets,
         pool.clone(),
         modules.clone(),
         Rounds::Forever,
         stop.clone(),
+        metrics,
     ));
 
     let start = Instant::now();

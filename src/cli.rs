@@ -46,6 +46,10 @@ pub struct Cli {
     #[arg(short, long, global = true)]
     pub quiet: bool,
 
+    /// Log lines as text (default) or as JSON objects, one per line.
+    #[arg(long, global = true, value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
+    pub log_format: crate::telemetry::LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -134,7 +138,7 @@ pub fn main() -> ExitCode {
     } else {
         "info"
     };
-    crate::telemetry::init(level);
+    crate::telemetry::init(level, cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {

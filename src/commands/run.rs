@@ -12,6 +12,7 @@ use crate::service::{self, shutdown, Outcome, Rounds, TargetOutcome};
 use crate::source::qrypt::QryptClient;
 use crate::source::EntropySource;
 use crate::target::Modules;
+use crate::telemetry::{metrics::Metrics, server};
 
 /// The service: runs until SIGINT/SIGTERM. SIGHUP re-reads the configuration file; a new
 /// configuration that fails its checks is reported and the running one stays.
@@ -27,6 +28,22 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
     let mut reloads = shutdown::reloads();
     announce(&config, &client);
     let pool = Arc::new(Pool::new(client, config.pool));
+    let metrics = metrics_for(&pool);
+    let endpoint = match config.telemetry_listen {
+        Some(addr) => {
+            let listener = server::bind(addr).await.map_err(|e| {
+                Error::Config(format!(
+                    "cannot serve telemetry on {addr} ({e}); set telemetry.listen to a free \
+                     address, or to \"off\""
+                ))
+            })?;
+            if let Some(bound) = server::local_addr(&listener) {
+                tracing::info!("telemetry on http://{bound}/metrics, /healthz and /readyz");
+            }
+            Some(server::serve(listener, metrics.clone(), stop.clone()))
+        }
+        None => None,
+    };
     let mut targets = Some(config.targets);
     let outcomes = loop {
         let generation = stop.child_token();
@@ -36,6 +53,7 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
             modules.clone(),
             Rounds::Forever,
             generation.clone(),
+            metrics.clone(),
         ));
         let outcomes = loop {
             tokio::select! {
@@ -48,6 +66,9 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
                             let _ = (&mut running).await;
                             let new_client = make_client(&new)?;
                             announce(&new, &new_client);
+                            if new.telemetry_listen != config.telemetry_listen {
+                                tracing::warn!("telemetry.listen changes take effect at the next start");
+                            }
                             pool.reconfigure(new_client, new.pool);
                             targets = Some(new.targets);
                             break None;
@@ -63,6 +84,10 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
             break finished.unwrap_or_default();
         }
     };
+    stop.cancel();
+    if let Some(endpoint) = endpoint {
+        let _ = endpoint.await;
+    }
     let outcome = service::teardown(outcomes, &pool, &modules).await;
     summarize(&outcome);
     if !outcome.targets.is_empty() && outcome.targets.iter().all(|t| t.stopped.is_some()) {
@@ -165,10 +190,29 @@ pub async fn serve_with<S: EntropySource + 'static>(
     });
     announce(&config, &source);
     let pool = Arc::new(Pool::new(source, config.pool));
-    let targets = service::run(config.targets, pool.clone(), modules.clone(), rounds, stop).await;
+    let metrics = metrics_for(&pool);
+    let targets = service::run(
+        config.targets,
+        pool.clone(),
+        modules.clone(),
+        rounds,
+        stop,
+        metrics,
+    )
+    .await;
     let outcome = service::teardown(targets, &pool, &modules).await;
     summarize(&outcome);
     Ok(outcome)
+}
+
+/// Metrics that watch `pool` (held weakly: the pool's observer is these metrics).
+fn metrics_for<S: EntropySource + 'static>(pool: &Arc<Pool<S>>) -> Arc<Metrics> {
+    let weak = Arc::downgrade(pool);
+    let metrics = Metrics::new(Some(Arc::new(move || {
+        weak.upgrade().map(|p| p.stats()).unwrap_or_default()
+    })));
+    pool.set_observer(metrics.clone());
+    metrics
 }
 
 fn summarize(outcome: &Outcome) {

@@ -33,6 +33,7 @@ pub const DEFAULT_PERIOD: Duration = Duration::from_secs(10);
 pub const PERIOD_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(365 * 24 * 3600);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_TELEMETRY_PORT: u16 = 9750;
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(600);
@@ -47,6 +48,8 @@ pub const HORIZON_RANGE: std::ops::RangeInclusive<Duration> =
 pub struct Config {
     pub source: SourceConfig,
     pub pool: PoolConfig,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`qseed run`); `None`: off.
+    pub telemetry_listen: Option<std::net::SocketAddr>,
     pub targets: Vec<TargetConfig>,
 }
 
@@ -147,6 +150,19 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
 fn resolve(raw: RawConfig, base: &Path) -> Result<Config, String> {
     let source = resolve_source(raw.source, base)?;
     let pool = resolve_pool(raw.pool)?;
+    let telemetry_listen = match raw.telemetry.listen.as_deref() {
+        None => Some(std::net::SocketAddr::from((
+            [127, 0, 0, 1],
+            DEFAULT_TELEMETRY_PORT,
+        ))),
+        Some("off") => None,
+        Some(text) => Some(text.parse().map_err(|_| {
+            format!(
+                "telemetry.listen = {text:?} is not an address; write it like \
+                 \"127.0.0.1:9750\", or \"off\""
+            )
+        })?),
+    };
     let mut targets = Vec::with_capacity(raw.targets.len());
     let mut names = HashSet::new();
     let mut tokens = HashSet::new();
@@ -172,6 +188,7 @@ fn resolve(raw: RawConfig, base: &Path) -> Result<Config, String> {
     Ok(Config {
         source,
         pool,
+        telemetry_listen,
         targets,
     })
 }

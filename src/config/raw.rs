@@ -16,8 +16,16 @@ pub struct RawConfig {
     pub source: RawSource,
     #[serde(default)]
     pub pool: RawPool,
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
     #[serde(default, rename = "target")]
     pub targets: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

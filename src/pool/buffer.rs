@@ -25,6 +25,8 @@ struct Block {
     bytes: EntropyBytes,
     cursor: usize,
     received: Instant,
+    /// The number of the request that bought these bytes, for audit records.
+    request: u64,
 }
 
 impl Buffer {
@@ -39,6 +41,11 @@ impl Buffer {
 
     /// Adds fresh bytes, received at `received`, at the back.
     pub fn push(&mut self, bytes: EntropyBytes, received: Instant) {
+        self.push_from(bytes, received, 0);
+    }
+
+    /// [`Buffer::push`] for bytes bought by request number `request`.
+    pub fn push_from(&mut self, bytes: EntropyBytes, received: Instant, request: u64) {
         if bytes.is_empty() {
             return;
         }
@@ -47,6 +54,7 @@ impl Buffer {
             bytes,
             cursor: 0,
             received,
+            request,
         });
     }
 
@@ -68,9 +76,15 @@ impl Buffer {
     /// Hands out exactly `len` bytes, oldest first, or `None` (and nothing changes) when fewer
     /// than `len` are held.
     pub fn take(&mut self, len: usize) -> Option<EntropyBytes> {
+        self.take_traced(len).map(|(bytes, _)| bytes)
+    }
+
+    /// [`Buffer::take`], with the numbers of the requests that bought the bytes.
+    pub fn take_traced(&mut self, len: usize) -> Option<(EntropyBytes, Vec<u64>)> {
         if len > self.available {
             return None;
         }
+        let mut requests = Vec::new();
         let mut out = EntropyBytes::zeroed(len);
         let mut filled = 0;
         // `available` counts exactly the unread bytes of `blocks`, so the blocks run out only
@@ -79,6 +93,9 @@ impl Buffer {
             let Some(block) = self.blocks.front_mut() else {
                 break;
             };
+            if requests.last() != Some(&block.request) {
+                requests.push(block.request);
+            }
             let unread = &mut block.bytes.expose_mut()[block.cursor..];
             let n = unread.len().min(len - filled);
             out.expose_mut()[filled..filled + n].copy_from_slice(&unread[..n]);
@@ -91,7 +108,7 @@ impl Buffer {
         }
         debug_assert_eq!(filled, len);
         self.available -= filled;
-        Some(out)
+        Some((out, requests))
     }
 
     /// Drops (and so wipes) every byte held; returns how many were never handed out.

@@ -58,6 +58,12 @@ impl Default for PoolConfig {
     }
 }
 
+/// Told about every request to the source (telemetry implements it).
+pub trait RequestObserver: Send + Sync + std::fmt::Debug {
+    /// `outcome`: the HTTP status, or the kind of failure; `seconds`: request to checked answer.
+    fn request(&self, outcome: &str, seconds: f64);
+}
+
 /// A registered consumer of the pool (one per target).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DemandId(usize);
@@ -135,6 +141,7 @@ pub struct Pool<S> {
     fetching: tokio::sync::Mutex<()>,
     refill_wanted: tokio::sync::Notify,
     stats: Stats,
+    observer: std::sync::RwLock<Option<Arc<dyn RequestObserver>>>,
 }
 
 impl<S: EntropySource> Pool<S> {
@@ -153,6 +160,7 @@ impl<S: EntropySource> Pool<S> {
             fetching: tokio::sync::Mutex::new(()),
             refill_wanted: tokio::sync::Notify::new(),
             stats: Stats::default(),
+            observer: std::sync::RwLock::new(None),
         }
     }
 
@@ -173,6 +181,20 @@ impl<S: EntropySource> Pool<S> {
         }
         state.config = config;
         state.backoff.succeeded();
+    }
+
+    /// Reports every request to `observer` from now on.
+    pub fn set_observer(&self, observer: Arc<dyn RequestObserver>) {
+        *self
+            .observer
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(observer);
+    }
+
+    fn observe(&self, outcome: &str, started: std::time::Instant) {
+        if let Some(o) = &*self.observer.read().unwrap_or_else(PoisonError::into_inner) {
+            o.request(outcome, started.elapsed().as_secs_f64());
+        }
     }
 
     /// Declares a consumer taking `size` bytes every `period`, for `rounds` rounds (`None`:
@@ -200,6 +222,16 @@ impl<S: EntropySource> Pool<S> {
     /// Exactly `len` never-used bytes for consumer `id`, buying whole blocks when too few are
     /// held.
     pub async fn take(&self, id: DemandId, len: usize) -> Result<EntropyBytes, SourceError> {
+        self.take_traced(id, len).await.map(|(bytes, _)| bytes)
+    }
+
+    /// [`Pool::take`], with the numbers of the requests that bought the bytes (`r3,r4`), for
+    /// the audit record.
+    pub async fn take_traced(
+        &self,
+        id: DemandId,
+        len: usize,
+    ) -> Result<(EntropyBytes, String), SourceError> {
         if let Some(bytes) = self.try_take(id, len) {
             return Ok(bytes);
         }
@@ -215,10 +247,15 @@ impl<S: EntropySource> Pool<S> {
             .ok_or(SourceError::ShortDelivery { needed: len })
     }
 
-    fn try_take(&self, id: DemandId, len: usize) -> Option<EntropyBytes> {
+    fn try_take(&self, id: DemandId, len: usize) -> Option<(EntropyBytes, String)> {
         let mut state = self.lock();
         self.expire(&mut state);
-        let bytes = state.buffer.take(len)?;
+        let (bytes, requests) = state.buffer.take_traced(len)?;
+        let requests = requests
+            .iter()
+            .map(|r| format!("r{r}"))
+            .collect::<Vec<_>>()
+            .join(",");
         if let Some(d) = state.demand.get_mut(&id) {
             d.rounds_left = d.rounds_left.map(|r| r.saturating_sub(1));
         }
@@ -228,7 +265,7 @@ impl<S: EntropySource> Pool<S> {
         if state.buffer.available() < low_water(&state.demand, state.config.max_bytes) {
             self.refill_wanted.notify_one();
         }
-        Some(bytes)
+        Some((bytes, requests))
     }
 
     /// Buys one request's worth when fewer than `needed` bytes are held (or, with `needed` 0,
@@ -256,15 +293,18 @@ impl<S: EntropySource> Pool<S> {
         if blocks == 0 {
             return Ok(());
         }
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let request = self.stats.requests.fetch_add(1, Ordering::Relaxed) + 1;
         let source = self.source();
+        let started = std::time::Instant::now();
         let fetched = source.fetch(blocks).await;
         let fetched = match fetched {
             Ok(bytes) => {
+                self.observe("200", started);
                 self.recovered();
                 bytes
             }
             Err(e) => {
+                self.observe(&e.outcome_label(), started);
                 self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
                 self.failed(&e);
                 return Err(e);
@@ -302,7 +342,7 @@ impl<S: EntropySource> Pool<S> {
             self.failed(&e);
             return Err(e);
         }
-        state.buffer.push(kept, Instant::now());
+        state.buffer.push_from(kept, Instant::now(), request);
         Ok(())
     }
 

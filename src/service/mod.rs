@@ -21,6 +21,7 @@ use crate::config::TargetConfig;
 use crate::pool::{DemandId, EntropyBytes, Pool, StatsSnapshot};
 use crate::source::{EntropySource, SourceError};
 use crate::target::{HsmError, Modules, Target, TokenIdentity};
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::AUDIT;
 use worker::{CallError, Worker};
 
@@ -92,7 +93,9 @@ pub async fn run<S: EntropySource + 'static>(
     modules: Modules,
     rounds: Rounds,
     stop: CancellationToken,
+    metrics: Arc<Metrics>,
 ) -> Vec<TargetOutcome> {
+    metrics.reset_targets();
     let refill_stop = stop.child_token();
     let refiller = tokio::spawn({
         let pool = pool.clone();
@@ -107,6 +110,7 @@ pub async fn run<S: EntropySource + 'static>(
             pool.clone(),
             rounds,
             stop.clone(),
+            metrics.clone(),
         )));
     }
     let mut outcomes = Vec::with_capacity(tasks.len());
@@ -153,6 +157,7 @@ async fn target_loop<S: EntropySource + 'static>(
     pool: Arc<Pool<S>>,
     rounds: Rounds,
     stop: CancellationToken,
+    metrics: Arc<Metrics>,
 ) -> TargetOutcome {
     let config = target.config();
     let (name, period, offset, size) = (
@@ -171,6 +176,8 @@ async fn target_loop<S: EntropySource + 'static>(
             Rounds::Limit(n) => Some(u64::from(n)),
         },
     );
+    let source = pool.source().describe();
+    metrics.target_started(&name, period);
     let mut worker = Worker::new(target);
     let mut outcome = TargetOutcome {
         name: name.clone(),
@@ -186,15 +193,24 @@ async fn target_loop<S: EntropySource + 'static>(
             _ = tokio::time::sleep_until(next) => {}
         }
         match round(&mut worker, &pool, demand, size, timeout, &stop).await {
-            Ok(token) => {
+            Ok((token, requests)) => {
                 if hung_reported {
                     tracing::info!("{name}: the hung PKCS#11 call returned; seeding again");
                     hung_reported = false;
                 }
                 outcome.injections += 1;
                 outcome.bytes_injected += size as u64;
+                metrics.injected(&name, size as u64);
                 tracing::info!(
                     target: AUDIT,
+                    event = "injection",
+                    target_name = %name,
+                    token_label = %token.label,
+                    token_serial = %token.serial,
+                    slot = token.slot.id(),
+                    bytes = size,
+                    source = %source,
+                    request_ids = %requests,
                     "seeded {name}: {size} bytes into token {:?} (serial {}, slot {})",
                     token.label,
                     token.serial,
@@ -207,6 +223,7 @@ async fn target_loop<S: EntropySource + 'static>(
                 outcome.failures += 1;
                 outcome.source_failures += 1;
                 outcome.last_error = Some(e.to_string());
+                metrics.failed(&name, "source_error");
                 pool.note_skipped_round();
                 tracing::debug!("{name}: round skipped, no entropy: {e}");
             }
@@ -214,18 +231,23 @@ async fn target_loop<S: EntropySource + 'static>(
                 outcome.failures += 1;
                 outcome.last_error = Some(e.to_string());
                 outcome.stopped = Some(e.to_string());
+                metrics.failed(&name, "hsm_error");
+                metrics.target_stopped(&name, e.reason());
                 tracing::error!("{name}: target stopped: {e}");
                 break;
             }
             Err(RoundError::Call(CallError::Lost)) => {
                 outcome.failures += 1;
                 outcome.stopped = Some("its PKCS#11 thread failed".into());
+                metrics.failed(&name, "hsm_error");
+                metrics.target_stopped(&name, "thread_failed");
                 tracing::error!("{name}: target stopped: its PKCS#11 thread failed");
                 break;
             }
             Err(RoundError::Call(e @ CallError::Hung { .. })) => {
                 outcome.failures += 1;
                 outcome.last_error = Some(e.to_string());
+                metrics.failed(&name, "hsm_error");
                 if !hung_reported {
                     tracing::error!("{name}: {e}");
                     hung_reported = true;
@@ -234,6 +256,7 @@ async fn target_loop<S: EntropySource + 'static>(
             Err(RoundError::Call(CallError::Hsm(e))) => {
                 outcome.failures += 1;
                 outcome.last_error = Some(e.to_string());
+                metrics.failed(&name, "hsm_error");
                 tracing::warn!(
                     "{name}: round failed, trying again in {}: {e}",
                     crate::config::short_duration(period)
@@ -280,18 +303,19 @@ async fn round<S: EntropySource>(
     size: usize,
     timeout: Duration,
     stop: &CancellationToken,
-) -> Result<TokenIdentity, RoundError> {
+) -> Result<(TokenIdentity, String), RoundError> {
     worker
         .call("C_OpenSession/C_Login", timeout, stop, |t| t.connect())
         .await
         .map_err(RoundError::Call)?;
-    let bytes: EntropyBytes = tokio::select! {
+    let (bytes, requests): (EntropyBytes, String) = tokio::select! {
         biased;
         _ = stop.cancelled() => return Err(RoundError::Call(CallError::Cancelled)),
-        taken = pool.take(demand, size) => taken.map_err(RoundError::Source)?,
+        taken = pool.take_traced(demand, size) => taken.map_err(RoundError::Source)?,
     };
-    worker
+    let token = worker
         .call("C_SeedRandom", timeout, stop, move |t| t.seed(&bytes))
         .await
-        .map_err(RoundError::Call)
+        .map_err(RoundError::Call)?;
+    Ok((token, requests))
 }

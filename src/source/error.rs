@@ -56,6 +56,20 @@ pub enum SourceError {
 }
 
 impl SourceError {
+    /// The HTTP status when there was one, else the kind of failure: a metrics label.
+    pub fn outcome_label(&self) -> String {
+        match self {
+            SourceError::TokenRejected => "401".into(),
+            SourceError::Forbidden => "403".into(),
+            SourceError::RateLimited { .. } => "429".into(),
+            SourceError::Unavailable { .. } => "503".into(),
+            SourceError::Status { status, .. } | SourceError::Redirect { status, .. } => {
+                status.to_string()
+            }
+            other => other.kind().replace(' ', "_"),
+        }
+    }
+
     /// A short name of the kind of failure, to tell a new problem from the same one again.
     pub fn kind(&self) -> &'static str {
         match self {

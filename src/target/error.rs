@@ -78,6 +78,24 @@ impl HsmError {
         }
     }
 
+    /// Why a target stopped, as a short metrics label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            _ if self.is_pin_error() => "pin",
+            HsmError::ModuleLoad { .. } => "module",
+            HsmError::NoRng => "no_rng",
+            HsmError::MissingFunction => "function_missing",
+            HsmError::Call { rv, .. } => match rv {
+                RvError::RandomSeedNotSupported | RvError::FunctionNotSupported => {
+                    "seed_not_supported"
+                }
+                RvError::RandomNoRng => "no_rng",
+                _ => "hsm_error",
+            },
+            _ => "hsm_error",
+        }
+    }
+
     /// A PIN error: the target stops and the PIN is never tried again.
     pub fn is_pin_error(&self) -> bool {
         matches!(

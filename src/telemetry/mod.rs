@@ -2,6 +2,9 @@
 //! `QSEED_LOG` (e.g. `QSEED_LOG=qseed=debug`). No log line ever carries the API token, a PIN or
 //! entropy bytes: the types that hold them print as redacted.
 
+pub mod metrics;
+pub mod server;
+
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
@@ -9,14 +12,34 @@ use tracing_subscriber::EnvFilter;
 /// The `tracing` target of the one-line-per-injection records.
 pub const AUDIT: &str = "qseed::audit";
 
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, fields at the top level, for log pipelines. Audit records
+    /// have `"target": "qseed::audit"` and `"event": "injection"`.
+    Json,
+}
+
 /// Installs the stderr logger. `default_level` applies where `QSEED_LOG` is not set.
-pub fn init(default_level: &str) {
+pub fn init(default_level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_env("QSEED_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("qseed={default_level},warn")));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_target(true)
+            .try_init(),
+    };
 }

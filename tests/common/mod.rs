@@ -83,10 +83,12 @@ impl World {
         );
     }
 
-    /// The `[source]` table that points at this world's simulator.
+    /// The `[source]` table that points at this world's simulator, and a `[telemetry]` table
+    /// on a free loopback port (tests run in parallel).
     pub fn source(&self, dialect: &str) -> String {
         format!(
-            "[source]\nurl = \"{}\"\ndialect = \"{dialect}\"\ntoken_file = \"api.token\"\n\
+            "[telemetry]\nlisten = \"127.0.0.1:0\"\n\n\
+             [source]\nurl = \"{}\"\ndialect = \"{dialect}\"\ntoken_file = \"api.token\"\n\
              ca_file = \"ca.pem\"\ntimeout = \"5s\"\n\n",
             self.sim.url()
         )

@@ -1,0 +1,366 @@
+//! Prometheus metrics and readiness. Names follow Prometheus conventions: prefix `qseed_`, base
+//! units (bytes, seconds), `_total` on counters. No metric ever carries a secret or entropy.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::pool::{RequestObserver, StatsSnapshot};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InjectionLabels {
+    target: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabels {
+    target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    target: String,
+    state: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: String,
+}
+
+/// What readiness needs to know of a target.
+#[derive(Debug, Clone)]
+struct TargetStatus {
+    period: Duration,
+    started: Instant,
+    last_ok: Option<Instant>,
+    stopped: Option<String>,
+}
+
+pub type PoolStats = Arc<dyn Fn() -> StatsSnapshot + Send + Sync>;
+
+/// All of qseed's metrics; shared by the service, the pool and the HTTP endpoint.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    injections: Family<InjectionLabels, Counter>,
+    injected_bytes: Family<TargetLabels, Counter>,
+    last_injection: Family<TargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    target_state: Family<StateLabels, Gauge>,
+    requests: Family<StatusLabels, Counter>,
+    request_seconds: Histogram,
+    targets: Mutex<HashMap<String, TargetStatus>>,
+}
+
+impl Metrics {
+    /// `pool` gives the pool's counters (bytes downloaded, held, refused, ...) at each scrape.
+    pub fn new(pool: Option<PoolStats>) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("qseed");
+        if let Some(stats) = pool {
+            registry.register_collector(Box::new(PoolCollector(stats)));
+        }
+        let injections = Family::<InjectionLabels, Counter>::default();
+        registry.register(
+            "injections",
+            "C_SeedRandom rounds per target and result (ok, source_error, hsm_error)",
+            injections.clone(),
+        );
+        let injected_bytes = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "injected_bytes",
+            "Bytes injected with C_SeedRandom per target",
+            injected_bytes.clone(),
+        );
+        let last_injection = Family::<TargetLabels, Gauge<f64, _>>::default();
+        registry.register(
+            "last_injection_timestamp_seconds",
+            "Unix time of the last successful injection per target",
+            last_injection.clone(),
+        );
+        let target_state = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "target_state",
+            "1 for the target's current state (active or stopped, with the reason)",
+            target_state.clone(),
+        );
+        let requests = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "source_requests",
+            "Requests to the entropy source by outcome (HTTP status or failure kind)",
+            requests.clone(),
+        );
+        let request_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register(
+            "source_request_duration_seconds",
+            "Time from sending a request to the entropy source to its checked answer",
+            request_seconds.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            injections,
+            injected_bytes,
+            last_injection,
+            target_state,
+            requests,
+            request_seconds,
+            targets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Forgets all targets (a reload registers the new set).
+    pub fn reset_targets(&self) {
+        self.targets_lock().clear();
+        self.target_state.clear();
+    }
+
+    pub fn target_started(&self, target: &str, period: Duration) {
+        self.targets_lock().insert(
+            target.to_string(),
+            TargetStatus {
+                period,
+                started: Instant::now(),
+                last_ok: None,
+                stopped: None,
+            },
+        );
+        self.set_state(target, "active", "");
+    }
+
+    pub fn injected(&self, target: &str, bytes: u64) {
+        self.count(target, "ok");
+        self.injected_bytes
+            .get_or_create(&TargetLabels {
+                target: target.into(),
+            })
+            .inc_by(bytes);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_injection
+            .get_or_create(&TargetLabels {
+                target: target.into(),
+            })
+            .set(now);
+        if let Some(t) = self.targets_lock().get_mut(target) {
+            t.last_ok = Some(Instant::now());
+        }
+    }
+
+    /// A failed round: `kind` is `source_error` or `hsm_error`.
+    pub fn failed(&self, target: &str, kind: &str) {
+        self.count(target, kind);
+    }
+
+    pub fn target_stopped(&self, target: &str, reason: &str) {
+        if let Some(t) = self.targets_lock().get_mut(target) {
+            t.stopped = Some(reason.to_string());
+        }
+        self.set_state(target, "stopped", reason);
+    }
+
+    /// Ready when every active target was seeded within twice its period (a target still in
+    /// its first two periods counts as ready); otherwise the reasons.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let targets = self.targets_lock();
+        let mut problems = Vec::new();
+        let mut active = 0;
+        for (name, t) in targets.iter() {
+            if t.stopped.is_some() {
+                continue;
+            }
+            active += 1;
+            let since = t.last_ok.unwrap_or(t.started);
+            if since.elapsed() > 2 * t.period {
+                problems.push(match t.last_ok {
+                    Some(_) => format!("{name}: not seeded for {}s", since.elapsed().as_secs()),
+                    None => format!("{name}: not seeded since start"),
+                });
+            }
+        }
+        if active == 0 {
+            problems.push("no active target".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            problems.sort();
+            Err(problems)
+        }
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+
+    fn count(&self, target: &str, result: &str) {
+        self.injections
+            .get_or_create(&InjectionLabels {
+                target: target.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    fn set_state(&self, target: &str, state: &str, reason: &str) {
+        for s in ["active", "stopped"] {
+            if s != state {
+                self.target_state.remove(&StateLabels {
+                    target: target.into(),
+                    state: s.into(),
+                    reason: String::new(),
+                });
+            }
+        }
+        self.target_state
+            .get_or_create(&StateLabels {
+                target: target.into(),
+                state: state.into(),
+                reason: reason.into(),
+            })
+            .set(1);
+    }
+
+    fn targets_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TargetStatus>> {
+        self.targets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl RequestObserver for Metrics {
+    fn request(&self, outcome: &str, seconds: f64) {
+        self.requests
+            .get_or_create(&StatusLabels {
+                status: outcome.into(),
+            })
+            .inc();
+        self.request_seconds.observe(seconds);
+    }
+}
+
+struct PoolCollector(PoolStats);
+
+impl std::fmt::Debug for PoolCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolCollector")
+    }
+}
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = (self.0)();
+        let counters: [(&str, &str, u64); 6] = [
+            (
+                "downloaded_bytes",
+                "Bytes of entropy downloaded",
+                s.bytes_downloaded,
+            ),
+            (
+                "health_rejected_blocks",
+                "Blocks refused by the health tests (SP 800-90B RCT, APT, replay)",
+                s.blocks_rejected,
+            ),
+            (
+                "health_rejected_bytes",
+                "Bytes refused by the health tests",
+                s.bytes_rejected,
+            ),
+            (
+                "expired_bytes",
+                "Bytes wiped unused after pool.max_age",
+                s.bytes_expired,
+            ),
+            (
+                "handed_out_bytes",
+                "Bytes taken from the pool for injections (injected or wiped after a failed call)",
+                s.bytes_handed_out,
+            ),
+            (
+                "skipped_rounds",
+                "Rounds skipped for want of entropy",
+                s.rounds_skipped,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        let gauge = ConstGauge::new(s.bytes_held as i64);
+        let metric = encoder.encode_descriptor(
+            "pool_bytes",
+            "Bytes held in the pool, not yet injected",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_names_and_readiness() {
+        let metrics = Metrics::new(None);
+        metrics.target_started("a", Duration::from_secs(10));
+        metrics.injected("a", 48);
+        metrics.failed("a", "source_error");
+        metrics.request("200", 0.02);
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"qseed_injections_total{target="a",result="ok"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"qseed_injected_bytes_total{target="a"} 48"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"qseed_source_requests_total{status="200"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("qseed_source_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.contains(r#"qseed_target_state{target="a",state="active",reason=""} 1"#));
+        assert!(metrics.readiness().is_ok());
+        metrics.target_stopped("a", "pin");
+        let text = metrics.render();
+        assert!(text.contains(r#"qseed_target_state{target="a",state="stopped",reason="pin"} 1"#));
+        assert!(!text.contains(r#"state="active""#), "{text}");
+        assert_eq!(
+            metrics.readiness(),
+            Err(vec!["no active target".to_string()])
+        );
+    }
+
+    #[test]
+    fn a_target_late_by_two_periods_is_unready() {
+        let metrics = Metrics::new(None);
+        metrics.target_started("slow", Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(
+            metrics.readiness(),
+            Err(vec!["slow: not seeded since start".to_string()])
+        );
+        metrics.injected("slow", 1);
+        assert!(metrics.readiness().is_ok());
+    }
+}

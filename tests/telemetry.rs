@@ -1,0 +1,170 @@
+//! The telemetry endpoint and JSON logs of a real `qseed run`, checked against the spy log and
+//! the simulator.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use qseed::simulator::Fault;
+
+fn endpoint(service: &Service) -> String {
+    assert!(service.wait_for_log("telemetry on http://", Duration::from_secs(5)));
+    let log = service.log();
+    let start = log.find("telemetry on http://").unwrap() + "telemetry on ".len();
+    let url = &log[start..];
+    url[..url.find("/metrics").unwrap()].to_string()
+}
+
+/// A plain blocking HTTP GET (the endpoint is loopback HTTP): status and body.
+fn get(url: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn metric(text: &str, line_start: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(line_start)
+                .map(|v| v.trim().parse::<f64>().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no {line_start} in\n{text}")) as u64
+}
+
+#[test]
+fn metrics_match_the_spy_log_and_the_simulator() {
+    let world = World::new();
+    world.add_token("tok");
+    world.write_config(&format!(
+        "{}{}",
+        world.source("entropy"),
+        world.target("tok", "tok", 48, "1s", false)
+    ));
+    let service = world.start_service();
+    let base = endpoint(&service);
+    assert!(wait_until(Duration::from_secs(6), || world
+        .spy()
+        .seeds()
+        .len()
+        >= 3));
+    // Between two rounds: the counters cannot move while they are read.
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, text) = get(&format!("{base}/metrics"));
+    let seeds = world.spy().seeds().len() as u64;
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(
+            &text,
+            r#"qseed_injections_total{target="tok",result="ok"} "#
+        ),
+        seeds
+    );
+    assert_eq!(
+        metric(&text, r#"qseed_injected_bytes_total{target="tok"} "#),
+        seeds * 48
+    );
+    assert_eq!(
+        metric(&text, "qseed_downloaded_bytes_total "),
+        world.sim.served().len() as u64
+    );
+    assert_eq!(
+        metric(&text, r#"qseed_source_requests_total{status="200"} "#),
+        world.sim.requests()
+    );
+    assert!(text.contains(r#"qseed_target_state{target="tok",state="active",reason=""} 1"#));
+    assert!(text.contains("qseed_last_injection_timestamp_seconds{target=\"tok\"}"));
+    assert!(
+        text.contains("qseed_source_request_duration_seconds_count 1"),
+        "{text}"
+    );
+    assert!(text.contains("qseed_pool_bytes "));
+    assert!(!text.contains(API_TOKEN));
+    assert_eq!(get(&format!("{base}/healthz")), (200, "ok\n".to_string()));
+    assert_eq!(get(&format!("{base}/readyz")).0, 200);
+    let (status, _) = service.stop();
+    assert!(status.success());
+}
+
+#[test]
+fn readyz_turns_unready_when_the_source_is_broken_past_two_periods() {
+    let world = World::new();
+    world.add_token("tok");
+    world.write_config(&format!(
+        "{}{}",
+        world.source("quantum-entropy"),
+        world.target("tok", "tok", 48, "1s", false)
+    ));
+    world.set_fault(Fault::Status(500));
+    let service = world.start_service();
+    let base = endpoint(&service);
+    assert!(wait_until(Duration::from_secs(5), || {
+        get(&format!("{base}/readyz")).0 == 503
+    }));
+    let (_, body) = get(&format!("{base}/readyz"));
+    assert!(body.contains("tok: not seeded since start"), "{body}");
+    assert_eq!(get(&format!("{base}/healthz")).0, 200, "alive all the same");
+    let (_, text) = get(&format!("{base}/metrics"));
+    assert!(metric(&text, r#"qseed_source_requests_total{status="500"} "#) >= 1);
+    assert!(
+        metric(
+            &text,
+            r#"qseed_injections_total{target="tok",result="source_error"} "#
+        ) >= 1
+    );
+    world.set_fault(Fault::None);
+    assert!(wait_until(Duration::from_secs(5), || {
+        get(&format!("{base}/readyz")).0 == 200
+    }));
+    let (status, _) = service.stop();
+    assert!(status.success());
+}
+
+#[test]
+fn json_logs_parse_and_carry_the_audit_fields_but_no_secret() {
+    let world = World::new();
+    world.add_token("tok");
+    world.write_config(&format!(
+        "{}{}",
+        world.source("entropy"),
+        world.target("tok", "tok", 48, "10s", true)
+    ));
+    let out = world.run(&["--log-format", "json", "once"]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let audit: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["target"] == "qseed::audit")
+        .collect();
+    assert_eq!(audit.len(), 1, "{log}");
+    let a = audit[0];
+    assert_eq!(a["event"], "injection");
+    assert_eq!(a["target_name"], "tok");
+    assert_eq!(a["token_label"], "tok");
+    assert_eq!(a["bytes"], 48);
+    assert!(a["token_serial"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(a["source"]
+        .as_str()
+        .unwrap()
+        .starts_with("https://localhost:"));
+    assert_eq!(a["request_ids"], "r1");
+    assert!(a["timestamp"].as_str().is_some());
+    assert!(!log.contains(API_TOKEN) && !log.contains(PIN), "{log}");
+    let seed = &world.spy().seeds()[0];
+    let hex: String = seed[..8].iter().map(|b| format!("{b:02x}")).collect();
+    assert!(!log.to_lowercase().contains(&hex));
+}
