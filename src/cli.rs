@@ -66,6 +66,13 @@ pub enum Command {
     #[command(after_help = "Example (a cron line):\n  */10 * * * * qseed --quiet once")]
     Once,
 
+    /// Check a configuration like a support engineer would: the file, the API token (one
+    /// minimal request, its bytes used for the seed checks), every module, token, login (tried
+    /// once) and C_SeedRandom. Prints a checklist with a fix for each failure; exit 0 only when
+    /// everything passes.
+    #[command(after_help = "Example:\n  qseed --config /etc/qseed/qseed.toml doctor")]
+    Doctor,
+
     /// List a PKCS#11 module's slots and tokens, to fill in the configuration.
     #[command(after_help = "Example:\n  qseed slots --module /usr/lib/softhsm/libsofthsm2.so")]
     Slots {
@@ -165,6 +172,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         match cli.command {
             Command::Run => commands::run::run(&cli.config).await,
             Command::Once => commands::run::once(&cli.config).await,
+            Command::Doctor => commands::doctor::doctor(&cli.config).await,
             Command::Slots { module } => commands::slots::slots(&module).await,
             Command::Fetch { bytes, output } => {
                 commands::fetch::fetch(&cli.config, bytes, output.as_deref()).await

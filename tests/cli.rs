@@ -13,7 +13,7 @@ fn qseed(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn every_command_has_help_with_an_example() {
-    for command in ["run", "once", "slots", "fetch", "demo", "simulator"] {
+    for command in ["run", "once", "doctor", "slots", "fetch", "demo", "simulator"] {
         let out = qseed(&[command, "--help"]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{command}");

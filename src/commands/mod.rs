@@ -2,6 +2,7 @@
 //! into an exit code.
 
 pub mod demo;
+pub mod doctor;
 pub mod fetch;
 pub mod run;
 pub mod simulator;

@@ -12,7 +12,7 @@ use crate::service::{self, shutdown, Outcome, Rounds, TargetOutcome};
 use crate::source::qrypt::QryptClient;
 use crate::source::EntropySource;
 use crate::target::Modules;
-use crate::telemetry::{metrics::Metrics, server};
+use crate::telemetry::{metrics::Metrics, server, systemd};
 
 /// The service: runs until SIGINT/SIGTERM. SIGHUP re-reads the configuration file; a new
 /// configuration that fails its checks is reported and the running one stays.
@@ -44,6 +44,15 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
         }
         None => None,
     };
+    systemd::spawn_watchdog(stop.clone());
+    {
+        let metrics = metrics.clone();
+        let count = config.targets.len();
+        tokio::spawn(async move {
+            metrics.first_round_done().await;
+            systemd::ready(&format!("seeding {count} target(s)"));
+        });
+    }
     let mut targets = Some(config.targets);
     let outcomes = loop {
         let generation = stop.child_token();
@@ -59,6 +68,7 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
             tokio::select! {
                 finished = &mut running => break Some(finished),
                 _ = reloads.recv() => {
+                    systemd::reloading();
                     match reload(config_path, &modules).await {
                         Ok(new) => {
                             tracing::info!("SIGHUP: configuration reloaded from {}", config_path.display());
@@ -70,12 +80,16 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
                                 tracing::warn!("telemetry.listen changes take effect at the next start");
                             }
                             pool.reconfigure(new_client, new.pool);
+                            systemd::ready(&format!("seeding {} target(s)", new.targets.len()));
                             targets = Some(new.targets);
                             break None;
                         }
-                        Err(e) => tracing::error!(
-                            "SIGHUP: the new configuration is refused, the running one stays: {e}"
-                        ),
+                        Err(e) => {
+                            tracing::error!(
+                                "SIGHUP: the new configuration is refused, the running one stays: {e}"
+                            );
+                            systemd::ready("reload refused; running the previous configuration");
+                        }
                     }
                 }
             }

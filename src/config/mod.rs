@@ -290,7 +290,7 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
         }
         (Auth::None, None) => None,
         (Auth::Bearer, Some(file)) => {
-            let file = absolute(base, &file);
+            let file = secret_path(base, &file, "source.token_file")?;
             Some(read_secret_file(&file, "source.token_file")?)
         }
         (Auth::Bearer, None) => match std::env::var(TOKEN_ENV).map(zeroize::Zeroizing::new) {
@@ -308,7 +308,10 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
         url,
         dialect: raw.dialect.unwrap_or_default(),
         token,
-        ca_file: raw.ca_file.map(|f| absolute(base, &f)),
+        ca_file: raw
+            .ca_file
+            .map(|f| secret_path(base, &f, "source.ca_file"))
+            .transpose()?,
         timeout,
         allow_http,
     })
@@ -432,7 +435,9 @@ fn resolve_pin(
 ) -> Result<Option<SecretString>, String> {
     match (pin_file, pin_env, pin) {
         (None, None, None) => Ok(None),
-        (Some(file), None, None) => read_secret_file(&absolute(base, file), "pin_file").map(Some),
+        (Some(file), None, None) => {
+            read_secret_file(&secret_path(base, file, "pin_file")?, "pin_file").map(Some)
+        }
         (None, Some(var), None) => match std::env::var(var) {
             Ok(v) if !v.is_empty() => Ok(Some(SecretString::from(v))),
             _ => Err(format!(
@@ -514,6 +519,28 @@ fn valid_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// A secret file's path: `credential:NAME` is the credential NAME that systemd passed with
+/// `LoadCredential=` (in `$CREDENTIALS_DIRECTORY`); anything else is a path, relative to the
+/// configuration file's folder.
+fn secret_path(base: &Path, path: &Path, key: &str) -> Result<PathBuf, String> {
+    let Some(name) = path.to_str().and_then(|p| p.strip_prefix("credential:")) else {
+        return Ok(absolute(base, path));
+    };
+    if name.is_empty() || name.contains('/') {
+        return Err(format!(
+            "{key} = \"credential:{name}\" needs a credential name without '/', as in \
+             LoadCredential=NAME:PATH"
+        ));
+    }
+    match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(dir) => Ok(Path::new(&dir).join(name)),
+        None => Err(format!(
+            "{key} = \"credential:{name}\" but CREDENTIALS_DIRECTORY is not set: run qseed from \
+             a systemd unit with LoadCredential={name}:/path/to/file, or give a file path"
+        )),
+    }
 }
 
 fn absolute(base: &Path, path: &Path) -> PathBuf {

@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 pub fn on_signals(token: CancellationToken) {
     tokio::spawn(async move {
         wait_for_signal().await;
+        crate::telemetry::systemd::stopping();
         tracing::info!("stopping: finishing in-flight calls, closing sessions");
         token.cancel();
     });

@@ -45,6 +45,7 @@ struct TargetStatus {
     started: Instant,
     last_ok: Option<Instant>,
     stopped: Option<String>,
+    rounds: u64,
 }
 
 pub type PoolStats = Arc<dyn Fn() -> StatsSnapshot + Send + Sync>;
@@ -60,6 +61,7 @@ pub struct Metrics {
     requests: Family<StatusLabels, Counter>,
     request_seconds: Histogram,
     targets: Mutex<HashMap<String, TargetStatus>>,
+    round_done: tokio::sync::Notify,
 }
 
 impl Metrics {
@@ -114,6 +116,7 @@ impl Metrics {
             requests,
             request_seconds,
             targets: Mutex::new(HashMap::new()),
+            round_done: tokio::sync::Notify::new(),
         })
     }
 
@@ -131,6 +134,7 @@ impl Metrics {
                 started: Instant::now(),
                 last_ok: None,
                 stopped: None,
+                rounds: 0,
             },
         );
         self.set_state(target, "active", "");
@@ -166,6 +170,20 @@ impl Metrics {
             t.stopped = Some(reason.to_string());
         }
         self.set_state(target, "stopped", reason);
+    }
+
+    /// Waits until every registered target has finished its first round (seeded or not).
+    pub async fn first_round_done(&self) {
+        loop {
+            let notified = self.round_done.notified();
+            {
+                let targets = self.targets_lock();
+                if !targets.is_empty() && targets.values().all(|t| t.rounds > 0) {
+                    return;
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Ready when every active target was seeded within twice its period (a target still in
@@ -208,6 +226,10 @@ impl Metrics {
     }
 
     fn count(&self, target: &str, result: &str) {
+        if let Some(t) = self.targets_lock().get_mut(target) {
+            t.rounds += 1;
+        }
+        self.round_done.notify_waiters();
         self.injections
             .get_or_create(&InjectionLabels {
                 target: target.into(),

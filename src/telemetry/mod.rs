@@ -4,6 +4,7 @@
 
 pub mod metrics;
 pub mod server;
+pub mod systemd;
 
 use std::io::IsTerminal;
 

@@ -318,10 +318,16 @@ pub struct Service {
 
 impl World {
     pub fn start_service(&self) -> Service {
+        self.start_service_with(&[])
+    }
+
+    /// [`World::start_service`] with extra environment variables.
+    pub fn start_service_with(&self, env: &[(&str, &str)]) -> Service {
         let log = self.path("service.log");
         let file = std::fs::File::create(&log).unwrap();
         let child = self
             .qseed()
+            .envs(env.iter().copied())
             .arg("run")
             .stdout(Stdio::null())
             .stderr(Stdio::from(file))

@@ -1,0 +1,260 @@
+//! `qseed doctor`: checks a configuration the way a support engineer would, and prints a
+//! checklist with the fix for each failure. Exit 0 only when every check passes.
+//!
+//! It makes one minimal request to the API (enough for one seed per target) and uses those
+//! bytes for the seeding checks, so nothing bought is wasted. Each login is tried once.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::{self, Config};
+use crate::error::Error;
+use crate::pool::{EntropyBytes, Pool};
+use crate::source::qrypt::QryptClient;
+use crate::source::EntropySource;
+use crate::target::{token, HsmError, Modules, Target};
+
+#[derive(Debug, Default)]
+struct Checklist {
+    failures: usize,
+    warnings: usize,
+}
+
+impl Checklist {
+    fn ok(&mut self, what: &str) {
+        println!("[ ok ] {what}");
+    }
+
+    fn warn(&mut self, what: &str, fix: &str) {
+        self.warnings += 1;
+        println!("[warn] {what}\n       fix: {fix}");
+    }
+
+    fn fail(&mut self, what: &str, why: &str) {
+        self.failures += 1;
+        println!("[FAIL] {what}\n       {why}");
+    }
+}
+
+pub async fn doctor(config_path: &Path) -> Result<(), Error> {
+    let mut list = Checklist::default();
+    let config = match config::load(config_path) {
+        Ok(c) => {
+            list.ok(&format!(
+                "configuration {}: valid, {} target(s)",
+                config_path.display(),
+                c.targets.len()
+            ));
+            c
+        }
+        Err(e) => {
+            list.fail(
+                &format!("configuration {}", config_path.display()),
+                &e.message,
+            );
+            return Err(Error::Config(
+                "the configuration is not usable; see above".into(),
+            ));
+        }
+    };
+    check_permissions(&mut list, config_path, &config);
+    if config.targets.is_empty() {
+        list.fail(
+            "targets",
+            "no [[target]] table: add one per HSM token to seed (see examples/qseed.toml)",
+        );
+    }
+
+    let bytes = check_source(&mut list, &config).await;
+    let modules = Modules::new();
+    let mut bytes = bytes.into_iter();
+    let mut checked = std::collections::HashSet::new();
+    for target in config.targets {
+        let path = target.module.clone();
+        let first_use = checked.insert(path.clone());
+        let seed = bytes.next();
+        let modules = modules.clone();
+        let lines =
+            tokio::task::spawn_blocking(move || check_target(target, modules, seed, first_use))
+                .await
+                .unwrap_or_else(|e| vec![Line::Fail("PKCS#11 checks".into(), e.to_string())]);
+        for line in lines {
+            match line {
+                Line::Ok(what) => list.ok(&what),
+                Line::Fail(what, why) => list.fail(&what, &why),
+            }
+        }
+    }
+    let finalize = modules.clone();
+    let _ = tokio::task::spawn_blocking(move || finalize.finalize_all()).await;
+
+    println!();
+    if list.failures == 0 {
+        println!(
+            "All checks passed{}.",
+            if list.warnings > 0 {
+                format!(" ({} warning(s) above)", list.warnings)
+            } else {
+                String::new()
+            }
+        );
+        Ok(())
+    } else {
+        Err(Error::Failed(format!(
+            "{} check(s) failed; see the fixes above",
+            list.failures
+        )))
+    }
+}
+
+fn check_permissions(list: &mut Checklist, path: &Path, config: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    let shown = path.display();
+    if mode & 0o002 != 0 {
+        list.fail(
+            &format!("permissions of {shown} ({mode:04o})"),
+            &format!("anyone can change it; run: chmod o-w {shown}"),
+        );
+    } else if mode & 0o004 != 0 && config.targets.iter().any(|t| t.login.is_some()) {
+        list.warn(
+            &format!("permissions of {shown} ({mode:04o}): readable by every user"),
+            &format!("it names the HSM's PIN source (or holds a PIN); run: chmod o-rwx {shown}"),
+        );
+    } else {
+        list.ok(&format!("permissions of {shown} ({mode:04o})"));
+    }
+}
+
+/// One request for what the targets need for one seed each; the bytes are returned, one
+/// buffer per target, for the seeding checks.
+async fn check_source(list: &mut Checklist, config: &Config) -> Vec<EntropyBytes> {
+    let client = match QryptClient::new(&config.source) {
+        Ok(c) => c,
+        Err(e) => {
+            list.fail("entropy source", &e.to_string());
+            return Vec::new();
+        }
+    };
+    let describe = client.describe();
+    let pool = Arc::new(Pool::new(client, config.pool));
+    let ids: Vec<_> = config
+        .targets
+        .iter()
+        .map(|t| (pool.register(t.size, t.period, Some(1)), t.size))
+        .collect();
+    let started = std::time::Instant::now();
+    let mut seeds = Vec::new();
+    for (id, size) in ids {
+        match pool.take(id, size).await {
+            Ok(bytes) => seeds.push(bytes),
+            Err(e) => {
+                list.fail(&format!("entropy API {describe}"), &e.to_string());
+                return Vec::new();
+            }
+        }
+    }
+    let stats = pool.stats();
+    if stats.requests > 0 {
+        list.ok(&format!(
+            "entropy API {describe} accepted the token: {} bytes in {} request(s), {} ms, \
+             health tests passed",
+            stats.bytes_downloaded,
+            stats.requests,
+            started.elapsed().as_millis()
+        ));
+    }
+    seeds
+}
+
+enum Line {
+    Ok(String),
+    Fail(String, String),
+}
+
+fn check_target(
+    config: crate::config::TargetConfig,
+    modules: Modules,
+    seed: Option<EntropyBytes>,
+    first_use: bool,
+) -> Vec<Line> {
+    let mut lines = Vec::new();
+    let name = config.name.clone();
+    let path = config.module.clone();
+    let shown = path.display().to_string();
+    let pkcs11 = match modules.get(&path) {
+        Ok(m) => m,
+        Err(e) => {
+            lines.push(Line::Fail(format!("module {shown}"), e.to_string()));
+            return lines;
+        }
+    };
+    if first_use {
+        let about = pkcs11
+            .get_library_info()
+            .map(|i| {
+                format!(
+                    "{} {} (Cryptoki {})",
+                    i.manufacturer_id(),
+                    i.library_description(),
+                    i.cryptoki_version()
+                )
+            })
+            .unwrap_or_default();
+        lines.push(Line::Ok(format!("module {shown} loads: {about}")));
+    }
+    let found = match token::find(&pkcs11, &shown, &config.token) {
+        Ok(t) => t,
+        Err(e) => {
+            lines.push(Line::Fail(format!("target {name}: token"), e.to_string()));
+            return lines;
+        }
+    };
+    lines.push(Line::Ok(format!(
+        "target {name}: token {:?} found (serial {}, model {}, slot {})",
+        found.label, found.serial, found.model, found.slot
+    )));
+    if !found.has_rng {
+        lines.push(Line::Fail(
+            format!("target {name}: random number generator"),
+            HsmError::NoRng.to_string(),
+        ));
+        return lines;
+    }
+    let logs_in = config.login.is_some();
+    let mut target = Target::new(config, modules);
+    match target.connect() {
+        Ok(_) if logs_in => lines.push(Line::Ok(format!("target {name}: login as user"))),
+        Ok(_) => lines.push(Line::Ok(format!(
+            "target {name}: session open (no login configured)"
+        ))),
+        Err(e) => {
+            lines.push(Line::Fail(
+                format!("target {name}: session and login"),
+                e.to_string(),
+            ));
+            return lines;
+        }
+    }
+    match seed {
+        Some(bytes) => match target.seed(&bytes) {
+            Ok(_) => lines.push(Line::Ok(format!(
+                "target {name}: the token has an RNG and accepted a {}-byte seed",
+                bytes.len()
+            ))),
+            Err(e) => lines.push(Line::Fail(
+                format!("target {name}: C_SeedRandom"),
+                e.to_string(),
+            )),
+        },
+        None => lines.push(Line::Fail(
+            format!("target {name}: C_SeedRandom"),
+            "not tried: no entropy could be had (see the entropy API check)".into(),
+        )),
+    }
+    target.close();
+    lines
+}
