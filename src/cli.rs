@@ -108,6 +108,15 @@ pub enum Command {
         module: PathBuf,
     },
 
+    /// Write the man page and shell completions, generated from this command line, into a
+    /// folder (for packagers).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Folder to write qseed.1 and the completions into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+
     /// Serve the local entropy API simulator (TEST AND DEMO TOOL: OS randomness, not
     /// quantum entropy) until SIGINT/SIGTERM.
     #[command(after_help = "Example:\n  \
@@ -174,6 +183,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             Command::Once => commands::run::once(&cli.config).await,
             Command::Doctor => commands::doctor::doctor(&cli.config).await,
             Command::Slots { module } => commands::slots::slots(&module).await,
+            Command::GenerateAssets { out } => commands::assets::generate(&out),
             Command::Fetch { bytes, output } => {
                 commands::fetch::fetch(&cli.config, bytes, output.as_deref()).await
             }

@@ -13,7 +13,15 @@ fn qseed(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn every_command_has_help_with_an_example() {
-    for command in ["run", "once", "doctor", "slots", "fetch", "demo", "simulator"] {
+    for command in [
+        "run",
+        "once",
+        "doctor",
+        "slots",
+        "fetch",
+        "demo",
+        "simulator",
+    ] {
         let out = qseed(&[command, "--help"]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{command}");
@@ -74,4 +82,23 @@ fn fetch_without_a_config_file_needs_a_token() {
         err.contains("no API token") && err.contains("QRYPT_TOKEN"),
         "{err}"
     );
+}
+
+#[test]
+fn the_man_page_and_completions_follow_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = qseed(&["generate-assets", "--out", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let man = std::fs::read_to_string(dir.path().join("qseed.1")).unwrap();
+    assert!(man.starts_with(".ie") || man.contains(".TH qseed"), "{man}");
+    for command in ["run", "once", "doctor", "slots", "fetch", "demo"] {
+        assert!(man.contains(command), "{command} in the man page");
+    }
+    let bash = std::fs::read_to_string(dir.path().join("qseed.bash")).unwrap();
+    assert!(bash.contains("doctor") && bash.contains("--log-format"));
+    assert!(dir.path().join("_qseed").exists() && dir.path().join("qseed.fish").exists());
 }

@@ -1,6 +1,7 @@
 //! One module per subcommand. Each returns `Err` with an operator-ready message; `cli` turns it
 //! into an exit code.
 
+pub mod assets;
 pub mod demo;
 pub mod doctor;
 pub mod fetch;
