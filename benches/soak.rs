@@ -37,17 +37,7 @@ fn main() {
         .unwrap_or(3);
     let dir = tempfile::tempdir().unwrap();
     let module = build_fault_module();
-    let tokens = dir.path().join("tokens");
-    std::fs::create_dir(&tokens).unwrap();
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
+    let conf = qseed::commands::demo::write_softhsm_config(dir.path()).unwrap();
     // Still one thread: the environment may change.
     std::env::set_var("SOFTHSM2_CONF", &conf);
     std::env::set_var("QSEED_FAULT_REAL_MODULE", SOFTHSM);

@@ -7,13 +7,7 @@ use common::*;
 use qseed::simulator::Fault;
 
 fn world() -> World {
-    let world = World::new();
-    world.add_token("tok");
-    world.write_config(&format!(
-        "{}{}",
-        world.source("entropy"),
-        world.target("tok", "tok", 48, "10s", true)
-    ));
+    let world = World::one_target("entropy", 48, "10s", true);
     private(&world.path("qseed.toml"));
     world
 }

@@ -9,14 +9,7 @@ use common::*;
 use qseed::simulator::Fault;
 
 fn world_with_one_target() -> World {
-    let world = World::new();
-    world.add_token("tok");
-    world.write_config(&format!(
-        "{}{}",
-        world.source("quantum-entropy"),
-        world.target("tok", "tok", 48, "1s", false)
-    ));
-    world
+    World::one_target("quantum-entropy", 48, "1s", false)
 }
 
 #[test]

@@ -11,15 +11,9 @@ use qseed::simulator::Fault;
 
 /// The service is started with the fault on; every round is skipped until it clears.
 fn fault_case(fault: Fault, expect: &str) -> (World, Service) {
-    let world = World::new();
-    world.add_token("tok");
-    world.write_config(&format!(
-        "{}{}",
-        world
-            .source("quantum-entropy")
-            .replace("timeout = \"5s\"", "timeout = \"2s\""),
-        world.target("tok", "tok", 48, "1s", false)
-    ));
+    let world = World::one_target("quantum-entropy", 48, "1s", false);
+    let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    world.write_config(&config.replace("timeout = \"5s\"", "timeout = \"2s\""));
     world.set_fault(fault);
     let mut service = world.start_service();
     assert!(
@@ -127,13 +121,7 @@ fn unhealthy_blocks_in_a_large_answer_are_dropped_and_the_rest_used() {
         (Fault::AllZeroBlock, "repetition count test"),
         (Fault::ReplayedBlock, "identical to one received earlier"),
     ] {
-        let world = World::new();
-        world.add_token("tok");
-        world.write_config(&format!(
-            "{}{}",
-            world.source("entropy"),
-            world.target("tok", "tok", 48, "1s", false)
-        ));
+        let world = World::one_target("entropy", 48, "1s", false);
         world.set_fault(fault);
         let service = world.start_service();
         assert!(wait_until(Duration::from_secs(5), || world
@@ -156,13 +144,7 @@ fn unhealthy_blocks_in_a_large_answer_are_dropped_and_the_rest_used() {
 
 #[test]
 fn buffered_bytes_keep_targets_served_while_the_source_is_down() {
-    let world = World::new();
-    world.add_token("tok");
-    world.write_config(&format!(
-        "{}{}",
-        world.source("quantum-entropy"),
-        world.target("tok", "tok", 48, "1s", false)
-    ));
+    let world = World::one_target("quantum-entropy", 48, "1s", false);
     let mut service = world.start_service();
     assert!(wait_until(Duration::from_secs(5), || world
         .spy()

@@ -8,14 +8,7 @@ use std::time::Duration;
 use common::*;
 
 fn world(size: usize, period: &str) -> World {
-    let world = World::new();
-    world.add_token("tok");
-    world.write_config(&format!(
-        "{}{}",
-        world.source("entropy"),
-        world.target("tok", "tok", size, period, true)
-    ));
-    world
+    World::one_target("entropy", size, period, true)
 }
 
 #[test]

@@ -44,13 +44,7 @@ fn metric(text: &str, line_start: &str) -> u64 {
 
 #[test]
 fn metrics_match_the_spy_log_and_the_simulator() {
-    let world = World::new();
-    world.add_token("tok");
-    world.write_config(&format!(
-        "{}{}",
-        world.source("entropy"),
-        world.target("tok", "tok", 48, "1s", false)
-    ));
+    let world = World::one_target("entropy", 48, "1s", false);
     let service = world.start_service();
     let base = endpoint(&service);
     assert!(wait_until(Duration::from_secs(6), || world
@@ -98,13 +92,7 @@ fn metrics_match_the_spy_log_and_the_simulator() {
 
 #[test]
 fn readyz_turns_unready_when_the_source_is_broken_past_two_periods() {
-    let world = World::new();
-    world.add_token("tok");
-    world.write_config(&format!(
-        "{}{}",
-        world.source("quantum-entropy"),
-        world.target("tok", "tok", 48, "1s", false)
-    ));
+    let world = World::one_target("quantum-entropy", 48, "1s", false);
     world.set_fault(Fault::Status(500));
     let service = world.start_service();
     let base = endpoint(&service);
@@ -132,13 +120,7 @@ fn readyz_turns_unready_when_the_source_is_broken_past_two_periods() {
 
 #[test]
 fn json_logs_parse_and_carry_the_audit_fields_but_no_secret() {
-    let world = World::new();
-    world.add_token("tok");
-    world.write_config(&format!(
-        "{}{}",
-        world.source("entropy"),
-        world.target("tok", "tok", 48, "10s", true)
-    ));
+    let world = World::one_target("entropy", 48, "10s", true);
     let out = world.run(&["--log-format", "json", "once"]);
     let log = stderr(&out);
     assert!(out.status.success(), "{log}");

@@ -32,20 +32,26 @@ pub fn prepare_environment() -> Result<TempDir, Error> {
         .prefix("qseed-demo-")
         .tempdir()
         .map_err(|e| Error::Failed(format!("cannot make a temporary folder: {e}")))?;
-    let tokens = dir.path().join("tokens");
-    std::fs::create_dir(&tokens)
-        .map_err(|e| Error::Failed(format!("cannot make {}: {e}", tokens.display())))?;
-    let conf = dir.path().join("softhsm2.conf");
+    let conf = write_softhsm_config(dir.path())
+        .map_err(|e| Error::Failed(format!("cannot write a SoftHSM configuration: {e}")))?;
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    Ok(dir)
+}
+
+/// A private SoftHSM configuration in `dir` (`softhsm2.conf`, tokens in `dir/tokens`), for the
+/// demo, tests and benchmarks: point `SOFTHSM2_CONF` at the returned path.
+pub fn write_softhsm_config(dir: &Path) -> std::io::Result<PathBuf> {
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens)?;
+    let conf = dir.join("softhsm2.conf");
     std::fs::write(
         &conf,
         format!(
             "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
             tokens.display()
         ),
-    )
-    .map_err(|e| Error::Failed(format!("cannot write {}: {e}", conf.display())))?;
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    Ok(dir)
+    )?;
+    Ok(conf)
 }
 
 pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error> {

@@ -38,16 +38,7 @@ impl World {
             .unwrap();
         let sim = runtime.block_on(Simulator::start(options)).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir(&tokens).unwrap();
-        std::fs::write(
-            dir.path().join("softhsm2.conf"),
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
+        qseed::commands::demo::write_softhsm_config(dir.path()).unwrap();
         std::fs::write(dir.path().join("api.token"), format!("{API_TOKEN}\n")).unwrap();
         if let Some(pem) = sim.ca_pem() {
             std::fs::write(dir.path().join("ca.pem"), pem).unwrap();
@@ -62,6 +53,19 @@ impl World {
             sim,
             spied: std::cell::RefCell::new(PathBuf::from(SOFTHSM)),
         }
+    }
+
+    /// A world with one token "tok" and a configuration seeding it (`size` bytes every
+    /// `period`, logging in with [`PIN`] when `login`), through `dialect`.
+    pub fn one_target(dialect: &str, size: usize, period: &str, login: bool) -> Self {
+        let world = Self::new();
+        world.add_token("tok");
+        world.write_config(&format!(
+            "{}{}",
+            world.source(dialect),
+            world.target("tok", "tok", size, period, login)
+        ));
+        world
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -276,23 +280,29 @@ impl SpyLog {
     }
 }
 
-/// Checks that the seeds are exactly the simulator's bytes, each byte used once: sorted by
-/// where they sit in the served stream, they tile a prefix of it with no gap and no overlap.
-/// Returns the number of bytes the seeds cover.
-pub fn assert_seeds_tile_served(seeds: &[Vec<u8>], served: &[u8]) -> usize {
+/// Where each seed sits in the served stream, as (offset, length), sorted by offset. Panics
+/// for a seed that is not a run of served bytes.
+fn place_seeds(seeds: &[Vec<u8>], served: &[u8]) -> Vec<(usize, usize)> {
     let mut placed: Vec<(usize, usize)> = seeds
         .iter()
         .map(|seed| {
             let at = served
                 .windows(seed.len())
                 .position(|w| w == &seed[..])
-                .unwrap_or_else(|| panic!("a {}-byte seed is not from the simulator", seed.len()));
+                .unwrap_or_else(|| panic!("a {}-byte seed is not from a good answer", seed.len()));
             (at, seed.len())
         })
         .collect();
     placed.sort();
+    placed
+}
+
+/// Checks that the seeds are exactly the simulator's bytes, each byte used once: sorted by
+/// where they sit in the served stream, they tile a prefix of it with no gap and no overlap.
+/// Returns the number of bytes the seeds cover.
+pub fn assert_seeds_tile_served(seeds: &[Vec<u8>], served: &[u8]) -> usize {
     let mut end = 0;
-    for (at, len) in placed {
+    for (at, len) in place_seeds(seeds, served) {
         assert_eq!(at, end, "seeds overlap or leave a gap at served byte {end}");
         end = at + len;
     }
@@ -374,20 +384,10 @@ impl Drop for Service {
     }
 }
 
-/// Every seed is bytes the simulator served in a good answer, and no two seeds share a byte.
+/// Every seed is bytes the simulator served in a good answer, and no two seeds share a byte
+/// (gaps are allowed: bytes of failed calls are wiped, not used).
 pub fn assert_seeds_are_distinct_served_bytes(seeds: &[Vec<u8>], served: &[u8]) {
-    let mut placed: Vec<(usize, usize)> = seeds
-        .iter()
-        .map(|seed| {
-            let at = served
-                .windows(seed.len())
-                .position(|w| w == &seed[..])
-                .unwrap_or_else(|| panic!("a {}-byte seed is not from a good answer", seed.len()));
-            (at, seed.len())
-        })
-        .collect();
-    placed.sort();
-    for pair in placed.windows(2) {
+    for pair in place_seeds(seeds, served).windows(2) {
         assert!(pair[0].0 + pair[0].1 <= pair[1].0, "two seeds share bytes");
     }
 }
