@@ -406,17 +406,6 @@ impl<S: EntropySource> Pool<S> {
         }
     }
 
-    /// Forgets the backoff schedule, so the next need asks the source at once (after a reload,
-    /// when the operator may have fixed the token).
-    pub fn retry_now(&self) {
-        self.lock().backoff.succeeded();
-    }
-
-    /// Whether the source is in an outage right now.
-    pub fn source_failing(&self) -> bool {
-        self.lock().outage.is_some()
-    }
-
     /// Keeps the pool above its low-water mark in the background until `shutdown`. While the
     /// source fails it keeps trying on the backoff schedule, so the pool refills as soon as
     /// the source is back, before the next round needs it.

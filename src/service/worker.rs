@@ -55,16 +55,6 @@ impl Worker {
         }
     }
 
-    /// The target, unless a call still runs with it.
-    pub fn target(&self) -> Option<&Target> {
-        self.target.as_ref()
-    }
-
-    /// Whether a call that overran its timeout is still running.
-    pub fn is_hung(&self) -> bool {
-        self.running.is_some()
-    }
-
     /// Runs `f` on a blocking thread; waits at most `timeout`, or until `stop` is cancelled.
     pub async fn call<T: Send + 'static>(
         &mut self,

@@ -321,6 +321,14 @@ impl Collector for PoolCollector {
             let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
             counter.encode(metric)?;
         }
+        let locks = ConstCounter::new(crate::pool::lock_failures());
+        let metric = encoder.encode_descriptor(
+            "memory_lock_failures",
+            "Entropy buffers that could not be locked in RAM (raise RLIMIT_MEMLOCK)",
+            None,
+            locks.metric_type(),
+        )?;
+        locks.encode(metric)?;
         let gauge = ConstGauge::new(s.bytes_held as i64);
         let metric = encoder.encode_descriptor(
             "pool_bytes",
