@@ -70,11 +70,10 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
                 _ = reloads.recv() => {
                     systemd::reloading();
                     match reload(config_path, &modules).await {
-                        Ok(new) => {
+                        Ok((new, new_client)) => {
                             tracing::info!("SIGHUP: configuration reloaded from {}", config_path.display());
                             generation.cancel();
                             let _ = (&mut running).await;
-                            let new_client = make_client(&new)?;
                             announce(&new, &new_client);
                             if new.telemetry_listen != config.telemetry_listen {
                                 tracing::warn!("telemetry.listen changes take effect at the next start");
@@ -162,13 +161,13 @@ pub fn load(config_path: &Path) -> Result<Config, Error> {
 }
 
 /// A reload: the new file must pass every check a start does, modules included.
-async fn reload(config_path: &Path, modules: &Modules) -> Result<Config, Error> {
+async fn reload(config_path: &Path, modules: &Modules) -> Result<(Config, QryptClient), Error> {
     let config = load(config_path)?;
-    make_client(&config)?;
+    let client = make_client(&config)?;
     service::load_modules(&config.targets, modules)
         .await
         .map_err(|e| Error::Config(e.to_string()))?;
-    Ok(config)
+    Ok((config, client))
 }
 
 fn make_client(config: &Config) -> Result<QryptClient, Error> {

@@ -34,13 +34,15 @@ pub fn init(default_level: &str, format: LogFormat) {
     let _ = match format {
         // The audit record's fields repeat its message: text lines show the message only.
         LogFormat::Text => builder
-            .fmt_fields(tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
-                if field.name() == "message" {
-                    write!(w, "{value:?}")
-                } else {
-                    Ok(())
-                }
-            }))
+            .fmt_fields(tracing_subscriber::fmt::format::debug_fn(
+                |w, field, value| {
+                    if field.name() == "message" {
+                        write!(w, "{value:?}")
+                    } else {
+                        Ok(())
+                    }
+                },
+            ))
             .with_ansi(std::io::stderr().is_terminal())
             .with_target(false)
             .try_init(),
