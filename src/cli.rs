@@ -158,7 +158,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
-            eprintln!("qseed: error: {e}");
+            tell!("qseed: error: {e}");
             e.exit_code()
         }
     }

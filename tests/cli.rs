@@ -102,3 +102,62 @@ fn the_man_page_and_completions_follow_the_cli() {
     assert!(bash.contains("doctor") && bash.contains("--log-format"));
     assert!(dir.path().join("_qseed").exists() && dir.path().join("qseed.fish").exists());
 }
+
+#[test]
+fn the_simulator_command_serves_the_walk_through() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let mut sim = Command::new(env!("CARGO_BIN_EXE_qseed"))
+        .args([
+            "simulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--ca-out",
+            ca.to_str().unwrap(),
+        ])
+        .env("QRYPT_TOKEN", "walk-through")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(sim.stderr.take().unwrap()).lines();
+    let banner = lines.next().unwrap().unwrap();
+    assert!(
+        banner.contains("TEST AND DEMO TOOL") && banner.contains("NOT quantum"),
+        "{banner}"
+    );
+    let url = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find_map(|l| l.trim().strip_prefix("url:").map(|u| u.trim().to_string()))
+        .unwrap();
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    std::fs::write(dir.path().join("token"), "walk-through\n").unwrap();
+    std::fs::write(
+        dir.path().join("qseed.toml"),
+        format!("[source]\nurl = \"{url}\"\ntoken_file = \"token\"\nca_file = \"ca.pem\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qseed"))
+        .args(["--config", dir.path().join("qseed.toml").to_str().unwrap()])
+        .args(["fetch", "--bytes", "100"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), 100);
+    Command::new("kill")
+        .args(["-TERM", &sim.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sim.wait().unwrap().success());
+    let rest = rest.join().unwrap();
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("simulator stopped after 1 requests")),
+        "{rest:?}"
+    );
+}

@@ -103,3 +103,30 @@ fn sighup_with_a_broken_file_keeps_the_running_configuration() {
         "the running target was never restarted"
     );
 }
+
+#[test]
+fn a_closed_stderr_neither_stops_seeding_nor_the_shutdown() {
+    // As in `qseed run 2>&1 | head -1`: the reader of the log goes away.
+    let world = world(48, "1s");
+    let mut child = world
+        .qseed()
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    assert!(wait_until(Duration::from_secs(5), || world
+        .spy()
+        .seeds()
+        .len()
+        >= 2));
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(world.spy().count("C_Finalize"), 1);
+}

@@ -65,21 +65,22 @@ pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error>
     let real_token = std::env::var(TOKEN_ENV)
         .ok()
         .filter(|t| !t.trim().is_empty());
-    println!("qseed demo — in {}", dir.path().display());
+    say!("qseed demo — in {}", dir.path().display());
 
     let modules = Modules::new();
     let pin_file = dir.path().join("demo-a.pin");
     make_tokens(&modules, module, &pin_file).await?;
-    println!(
+    say!(
         "  made SoftHSM tokens {:?} and {:?} (throwaway, in the folder above)",
-        TOKENS[0].0, TOKENS[1].0
+        TOKENS[0].0,
+        TOKENS[1].0
     );
 
     let stop = CancellationToken::new();
     shutdown::on_signals(stop.clone());
     let (source_toml, simulator) = match real_token {
         Some(_) => {
-            println!(
+            say!(
                 "  entropy source: Qrypt's service at {} (QRYPT_TOKEN is set)",
                 config::DEFAULT_URL
             );
@@ -87,7 +88,7 @@ pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error>
         }
         None => {
             let sim = start_simulator(dir.path()).await?;
-            println!(
+            say!(
                 "  entropy source: the local API simulator at {} — SIMULATED entropy ({LABEL}): \
                  OS randomness, not quantum. Set QRYPT_TOKEN to use Qrypt's service.",
                 sim.url()
@@ -114,15 +115,15 @@ pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error>
         );
     }
     write_private(&config_path, &text)?;
-    println!("  configuration: {}\n", config_path.display());
+    say!("  configuration: {}\n", config_path.display());
     let config = config::load(&config_path)?;
     let client = QryptClient::new(&config.source).map_err(|e| Error::Config(e.to_string()))?;
 
     let outcome = serve_with(config, client, modules, Rounds::Limit(rounds), Some(stop)).await?;
 
-    println!("\nWhat went where:");
+    say!("\nWhat went where:");
     for t in &outcome.targets {
-        println!(
+        say!(
             "  {:<8} {} injections, {} bytes{}",
             t.name,
             t.injections,
@@ -133,14 +134,16 @@ pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error>
                 .unwrap_or_default()
         );
     }
-    println!(
+    say!(
         "  source   {} request(s), {} bytes downloaded, {} unused at the end (wiped)",
-        outcome.pool.requests, outcome.pool.bytes_downloaded, outcome.bytes_left_unused
+        outcome.pool.requests,
+        outcome.pool.bytes_downloaded,
+        outcome.bytes_left_unused
     );
     if simulator.is_some() {
-        println!("\nThe entropy was SIMULATED (the local simulator serves OS randomness).");
+        say!("\nThe entropy was SIMULATED (the local simulator serves OS randomness).");
     }
-    println!(
+    say!(
         "SoftHSM is a software token: seeding it reaches only the generator inside this qseed \
          process. In production, qseed seeds the generator inside your HSM."
     );
@@ -148,7 +151,7 @@ pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error>
     let path = dir.path().to_path_buf();
     dir.close()
         .map_err(|e| Error::Failed(format!("cannot remove {}: {e}", path.display())))?;
-    println!("Removed {}.", path.display());
+    say!("Removed {}.", path.display());
     if outcome.all_seeded_every_round() {
         Ok(())
     } else {

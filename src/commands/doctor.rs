@@ -22,17 +22,17 @@ struct Checklist {
 
 impl Checklist {
     fn ok(&mut self, what: &str) {
-        println!("[ ok ] {what}");
+        say!("[ ok ] {what}");
     }
 
     fn warn(&mut self, what: &str, fix: &str) {
         self.warnings += 1;
-        println!("[warn] {what}\n       fix: {fix}");
+        say!("[warn] {what}\n       fix: {fix}");
     }
 
     fn fail(&mut self, what: &str, why: &str) {
         self.failures += 1;
-        println!("[FAIL] {what}\n       {why}");
+        say!("[FAIL] {what}\n       {why}");
     }
 }
 
@@ -88,9 +88,9 @@ pub async fn doctor(config_path: &Path) -> Result<(), Error> {
     let finalize = modules.clone();
     let _ = tokio::task::spawn_blocking(move || finalize.finalize_all()).await;
 
-    println!();
+    say!();
     if list.failures == 0 {
-        println!(
+        say!(
             "All checks passed{}.",
             if list.warnings > 0 {
                 format!(" ({} warning(s) above)", list.warnings)

@@ -28,28 +28,26 @@ pub async fn simulator(
         std::fs::write(path, pem)
             .map_err(|e| Error::Failed(format!("cannot write {}: {e}", path.display())))?;
     }
-    eprintln!(
-        "qseed API simulator — TEST AND DEMO TOOL: it serves OS randomness, NOT quantum entropy"
-    );
-    eprintln!("  url:   {}", sim.url());
+    tell!("qseed API simulator — TEST AND DEMO TOOL: it serves OS randomness, NOT quantum entropy");
+    tell!("  url:   {}", sim.url());
     match (ca_out, sim.ca_pem()) {
         (Some(path), Some(_)) => {
-            eprintln!("  CA:    {} (set source.ca_file to it)", path.display())
+            tell!("  CA:    {} (set source.ca_file to it)", path.display())
         }
         (None, Some(_)) => {
-            eprintln!("  CA:    not written; pass --ca-out FILE to trust the server")
+            tell!("  CA:    not written; pass --ca-out FILE to trust the server")
         }
-        _ => eprintln!("  plain HTTP (set source.allow_http = true)"),
+        _ => tell!("  plain HTTP (set source.allow_http = true)"),
     }
     match token {
-        Some(_) => eprintln!("  token: the value of {TOKEN_ENV}"),
+        Some(_) => tell!("  token: the value of {TOKEN_ENV}"),
         None => {
-            eprintln!("  token: none required ({TOKEN_ENV} not set); use source.auth = \"none\"")
+            tell!("  token: none required ({TOKEN_ENV} not set); use source.auth = \"none\"")
         }
     }
     let stop = CancellationToken::new();
     shutdown::on_signals(stop.clone());
     stop.cancelled().await;
-    eprintln!("simulator stopped after {} requests", sim.requests());
+    tell!("simulator stopped after {} requests", sim.requests());
     Ok(())
 }

@@ -16,13 +16,18 @@ pub async fn slots(module_path: &Path) -> Result<(), Error> {
     .await
     .map_err(|e| Error::Failed(format!("PKCS#11 thread failed: {e}")))??;
 
-    println!(
+    say!(
         "{:<12} {:<7} {:<32} {:<16} {:<16} {:<4}",
-        "SLOT", "TOKEN", "LABEL", "SERIAL", "MODEL", "RNG"
+        "SLOT",
+        "TOKEN",
+        "LABEL",
+        "SERIAL",
+        "MODEL",
+        "RNG"
     );
     for slot in &listing {
         match &slot.token {
-            Some(t) => println!(
+            Some(t) => say!(
                 "{:<12} {:<7} {:<32} {:<16} {:<16} {:<4}",
                 slot.slot_id,
                 if t.initialized { "yes" } else { "uninit" },
@@ -31,14 +36,19 @@ pub async fn slots(module_path: &Path) -> Result<(), Error> {
                 t.model,
                 if t.has_rng { "yes" } else { "no" }
             ),
-            None => println!(
+            None => say!(
                 "{:<12} {:<7} {:<32} {:<16} {:<16} {:<4}",
-                slot.slot_id, "no", "-", "-", "-", "-"
+                slot.slot_id,
+                "no",
+                "-",
+                "-",
+                "-",
+                "-"
             ),
         }
     }
     if listing.is_empty() {
-        println!("(the module shows no slots)");
+        say!("(the module shows no slots)");
     }
     Ok(())
 }

@@ -7,9 +7,10 @@ use tokio_util::sync::CancellationToken;
 pub fn on_signals(token: CancellationToken) {
     tokio::spawn(async move {
         wait_for_signal().await;
+        // Stop first: nothing after this line may keep the process from ending.
+        token.cancel();
         crate::telemetry::systemd::stopping();
         tracing::info!("stopping: finishing in-flight calls, closing sessions");
-        token.cancel();
     });
 }
 

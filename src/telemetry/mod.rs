@@ -28,9 +28,12 @@ pub enum LogFormat {
 pub fn init(default_level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_env("QSEED_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("qseed={default_level},warn")));
+    // A closed stderr (`qseed run 2>&1 | head`) must not matter: by default the subscriber
+    // reports its own write errors with `eprintln!`, which panics on that same closed stderr.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = match format {
         // The audit record's fields repeat its message: text lines show the message only.
         LogFormat::Text => builder
