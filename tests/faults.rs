@@ -124,11 +124,7 @@ fn unhealthy_blocks_in_a_large_answer_are_dropped_and_the_rest_used() {
         let world = World::one_target("entropy", 48, "1s", false);
         world.set_fault(fault);
         let service = world.start_service();
-        assert!(wait_until(Duration::from_secs(5), || world
-            .spy()
-            .seeds()
-            .len()
-            >= 2));
+        assert!(world.wait_for_seeds(2, Duration::from_secs(5)));
         let log = service.log();
         let (status, _) = service.stop();
         assert!(status.success());
@@ -146,18 +142,10 @@ fn unhealthy_blocks_in_a_large_answer_are_dropped_and_the_rest_used() {
 fn buffered_bytes_keep_targets_served_while_the_source_is_down() {
     let world = World::one_target("quantum-entropy", 48, "1s", false);
     let mut service = world.start_service();
-    assert!(wait_until(Duration::from_secs(5), || world
-        .spy()
-        .seeds()
-        .len()
-        == 1));
+    assert!(world.wait_for_seeds(1, Duration::from_secs(5)));
     world.set_fault(Fault::Status(500));
     let before = world.spy().seeds().len();
-    assert!(wait_until(Duration::from_secs(6), || world
-        .spy()
-        .seeds()
-        .len()
-        >= before + 3));
+    assert!(world.wait_for_seeds(before + 3, Duration::from_secs(6)));
     assert!(service.alive());
     assert_eq!(
         world.sim.requests(),

@@ -30,11 +30,7 @@ fn a_lost_session_is_reopened_and_its_bytes_never_reused() {
     ] {
         let world = two_targets("30s");
         let service = world.start_service();
-        assert!(wait_until(Duration::from_secs(5), || world
-            .spy()
-            .seeds()
-            .len()
-            == 1));
+        assert!(world.wait_for_seeds(1, Duration::from_secs(5)));
         world.set_hsm_fault(fault);
         assert!(
             service.wait_for_log(code, Duration::from_secs(5)),
@@ -78,11 +74,7 @@ fn a_lost_session_is_reopened_and_its_bytes_never_reused() {
 fn a_module_that_lost_its_initialization_is_initialized_again() {
     let world = two_targets("30s");
     let service = world.start_service();
-    assert!(wait_until(Duration::from_secs(5), || world
-        .spy()
-        .seeds()
-        .len()
-        == 1));
+    assert!(world.wait_for_seeds(1, Duration::from_secs(5)));
     world.set_hsm_fault("not-initialized");
     assert!(service.wait_for_log("CKR_CRYPTOKI_NOT_INITIALIZED", Duration::from_secs(5)));
     world.set_hsm_fault("");
@@ -142,11 +134,7 @@ fn a_token_that_refuses_seeds_or_has_no_rng_stops_only_its_target() {
 fn a_hung_call_does_not_stop_other_targets_or_the_shutdown() {
     let world = two_targets("1s");
     let service = world.start_service();
-    assert!(wait_until(Duration::from_secs(5), || world
-        .spy()
-        .seeds()
-        .len()
-        == 1));
+    assert!(world.wait_for_seeds(1, Duration::from_secs(5)));
     world.set_hsm_fault("hang");
     assert!(
         service.wait_for_log(

@@ -15,11 +15,7 @@ fn world(size: usize, period: &str) -> World {
 fn sigterm_exits_0_promptly_with_c_finalize() {
     let world = world(48, "1s");
     let service = world.start_service();
-    assert!(wait_until(Duration::from_secs(5), || world
-        .spy()
-        .seeds()
-        .len()
-        == 2));
+    assert!(world.wait_for_seeds(2, Duration::from_secs(5)));
     let (status, took) = service.stop();
     assert!(status.success());
     // The bound; the exit itself takes a few milliseconds.
@@ -35,11 +31,7 @@ fn sigterm_exits_0_promptly_with_c_finalize() {
 fn sighup_applies_a_changed_size_and_period() {
     let world = world(48, "1s");
     let mut service = world.start_service();
-    assert!(wait_until(Duration::from_secs(5), || world
-        .spy()
-        .seeds()
-        .len()
-        >= 2));
+    assert!(world.wait_for_seeds(2, Duration::from_secs(5)));
     world.write_config(&format!(
         "{}{}",
         world.source("entropy"),
@@ -88,11 +80,7 @@ fn sighup_with_a_broken_file_keeps_the_running_configuration() {
     assert!(service.wait_for_log("the new configuration is refused", Duration::from_secs(5)));
     assert!(service.log().contains("size = 0 is out of range"));
     let before = world.spy().seeds().len();
-    assert!(wait_until(Duration::from_secs(4), || world
-        .spy()
-        .seeds()
-        .len()
-        >= before + 2));
+    assert!(world.wait_for_seeds(before + 2, Duration::from_secs(4)));
     assert!(service.alive());
     let (status, _) = service.stop();
     assert!(status.success());
@@ -116,11 +104,7 @@ fn a_closed_stderr_neither_stops_seeding_nor_the_shutdown() {
         .spawn()
         .unwrap();
     drop(child.stderr.take());
-    assert!(wait_until(Duration::from_secs(5), || world
-        .spy()
-        .seeds()
-        .len()
-        >= 2));
+    assert!(world.wait_for_seeds(2, Duration::from_secs(5)));
     assert!(child.try_wait().unwrap().is_none(), "still running");
     std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

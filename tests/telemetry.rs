@@ -47,11 +47,7 @@ fn metrics_match_the_spy_log_and_the_simulator() {
     let world = World::one_target("entropy", 48, "1s", false);
     let service = world.start_service();
     let base = endpoint(&service);
-    assert!(wait_until(Duration::from_secs(6), || world
-        .spy()
-        .seeds()
-        .len()
-        >= 3));
+    assert!(world.wait_for_seeds(3, Duration::from_secs(6)));
     // Between two rounds: the counters cannot move while they are read.
     std::thread::sleep(Duration::from_millis(300));
     let (status, text) = get(&format!("{base}/metrics"));

@@ -195,6 +195,11 @@ impl World {
         SpyLog::read(&self.path("spy.log"))
     }
 
+    /// Waits until the spy log shows at least `n` successful seeds.
+    pub fn wait_for_seeds(&self, n: usize, within: Duration) -> bool {
+        wait_until(within, || self.spy().seeds().len() >= n)
+    }
+
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.runtime.block_on(f)
     }
