@@ -114,6 +114,13 @@ fn fetch_writes_exactly_the_bytes_served() {
     assert_eq!(written.len(), 3000);
     assert_eq!(served.len(), 3072, "three whole blocks");
     assert_eq!(&written[..], &served[..3000]);
+    let shown = format!("{:?}", world.sim);
+    assert!(shown.contains("3072 bytes, redacted"), "{shown}");
+    assert!(!shown.contains(
+        &format!("{:?}", &served[..4])
+            .trim_end_matches(']')
+            .to_string()
+    ));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

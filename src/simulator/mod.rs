@@ -89,12 +89,27 @@ impl Default for Options {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Shared {
     fault: Fault,
     served: Vec<u8>,
     requests: u64,
     blocks_served: u64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The served bytes are what clients inject: never printed.
+        f.debug_struct("Shared")
+            .field("fault", &self.fault)
+            .field(
+                "served",
+                &format_args!("{} bytes, redacted", self.served.len()),
+            )
+            .field("requests", &self.requests)
+            .field("blocks_served", &self.blocks_served)
+            .finish()
+    }
 }
 
 #[derive(Clone)]
