@@ -107,6 +107,10 @@ async fn soak(dir: &Path, module: &Path, sizes: &[usize], length: Duration) {
         targets,
         pool.clone(),
         modules.clone(),
+        // The soak's targets log in with no PIN: the guard is never consulted.
+        qseed::target::PinGuard::new(&qseed::state::StateDir::Memory {
+            why: "soak benchmark".into(),
+        }),
         Rounds::Forever,
         stop.clone(),
         metrics,

@@ -68,10 +68,19 @@ pub enum Command {
 
     /// Check a configuration like a support engineer would: the file, the API token (one
     /// minimal request, its bytes used for the seed checks), every module, token, login (tried
-    /// once) and C_SeedRandom. Prints a checklist with a fix for each failure; exit 0 only when
-    /// everything passes.
-    #[command(after_help = "Example:\n  qseed --config /etc/qseed/qseed.toml doctor")]
-    Doctor,
+    /// once, never with a PIN the token refused before) and C_SeedRandom. Prints a checklist
+    /// with a fix for each failure; exit 0 only when everything passes.
+    #[command(after_help = "Examples:\n  \
+        qseed --config /etc/qseed/qseed.toml doctor\n  \
+        qseed doctor --retry-pin hsm-1     # present hsm-1's PIN once more, after fixing it\n  \
+        sudo systemctl start qseed-doctor  # as the packaged service runs (its user, its \
+        credentials); output: journalctl -u qseed-doctor -o cat")]
+    Doctor {
+        /// Lift the PIN guard of this target (a PIN the token refused is otherwise never
+        /// presented again) and try its login once.
+        #[arg(long, value_name = "TARGET")]
+        retry_pin: Option<String>,
+    },
 
     /// List a PKCS#11 module's slots and tokens, to fill in the configuration.
     #[command(after_help = "Example:\n  qseed slots --module /usr/lib/softhsm/libsofthsm2.so")]
@@ -181,7 +190,9 @@ fn run(cli: Cli) -> Result<(), Error> {
         match cli.command {
             Command::Run => commands::run::run(&cli.config).await,
             Command::Once => commands::run::once(&cli.config).await,
-            Command::Doctor => commands::doctor::doctor(&cli.config).await,
+            Command::Doctor { retry_pin } => {
+                commands::doctor::doctor(&cli.config, retry_pin.as_deref()).await
+            }
             Command::Slots { module } => commands::slots::slots(&module).await,
             Command::GenerateAssets { out } => commands::assets::generate(&out),
             Command::Fetch { bytes, output } => {

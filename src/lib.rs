@@ -47,5 +47,6 @@ pub mod pool;
 pub mod service;
 pub mod simulator;
 pub mod source;
+pub mod state;
 pub mod target;
 pub mod telemetry;

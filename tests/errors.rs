@@ -157,7 +157,10 @@ fn a_wrong_pin_is_tried_once_and_never_again() {
         log.contains("locked-out: target stopped: C_Login: CKR_PIN_INCORRECT"),
         "{log}"
     );
-    assert!(log.contains("will not try the PIN again"), "{log}");
+    assert!(
+        log.contains("will not present this PIN to this token again"),
+        "{log}"
+    );
     assert!(!log.contains("999999"), "the PIN is never printed: {log}");
     let spy = world.spy();
     assert_eq!(

@@ -49,7 +49,8 @@ fn a_lost_session_is_reopened_and_its_bytes_never_reused() {
         let (status, _) = service.stop();
         assert!(status.success(), "{log}");
         assert!(
-            log.contains("the session or device was lost; qseed opens a new session"),
+            log.contains("round failed, trying again in 1s: C_SeedRandom")
+                && log.contains("the session or device was lost; a new session is needed"),
             "{log}"
         );
         let spy = world.spy();

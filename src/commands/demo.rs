@@ -17,8 +17,9 @@ use crate::error::Error;
 use crate::service::{shutdown, Rounds};
 use crate::simulator::{Options, Simulator, LABEL};
 use crate::source::qrypt::QryptClient;
+use crate::state::StateDir;
 use crate::target::error::from_cryptoki;
-use crate::target::{token, HsmError, Modules};
+use crate::target::{token, HsmError, Modules, PinGuard};
 
 /// Where Debian and Ubuntu install SoftHSMv2's module.
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -119,7 +120,17 @@ pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error>
     let config = config::load(&config_path)?;
     let client = QryptClient::new(&config.source).map_err(|e| Error::Config(e.to_string()))?;
 
-    let outcome = serve_with(config, client, modules, Rounds::Limit(rounds), Some(stop)).await?;
+    // The throwaway tokens' PIN guard lives and goes with the demo's folder.
+    let guard = PinGuard::new(&StateDir::Folder(dir.path().to_path_buf()));
+    let outcome = serve_with(
+        config,
+        client,
+        modules,
+        guard,
+        Rounds::Limit(rounds),
+        Some(stop),
+    )
+    .await?;
 
     say!("\nWhat went where:");
     for t in &outcome.targets {

@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::pool::{EntropyBytes, Pool};
 use crate::source::qrypt::QryptClient;
 use crate::source::EntropySource;
-use crate::target::{token, HsmError, Modules, Target};
+use crate::target::{token, HsmError, Modules, PinGuard, Target};
 
 #[derive(Debug, Default)]
 struct Checklist {
@@ -36,7 +36,7 @@ impl Checklist {
     }
 }
 
-pub async fn doctor(config_path: &Path) -> Result<(), Error> {
+pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), Error> {
     let mut list = Checklist::default();
     let config = match config::load(config_path) {
         Ok(c) => {
@@ -57,7 +57,34 @@ pub async fn doctor(config_path: &Path) -> Result<(), Error> {
             ));
         }
     };
+    if let Some(name) = retry_pin {
+        if !config.targets.iter().any(|t| t.name == name) {
+            let names: Vec<&str> = config.targets.iter().map(|t| t.name.as_str()).collect();
+            return Err(Error::Config(format!(
+                "--retry-pin {name}: the configuration has no target of that name (targets: {})",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            )));
+        }
+    }
     check_permissions(&mut list, config_path, &config);
+    let guard = super::run::pin_guard(&config);
+    if config.targets.iter().any(|t| t.login.is_some()) {
+        match guard.describe() {
+            Ok(folder) => list.ok(&format!(
+                "PIN guard: refused PINs are recorded in {folder} (qseed runs as {})",
+                crate::target::quirks::running_user()
+            )),
+            Err(why) => list.warn(
+                &format!("PIN guard: {why}; a refused PIN is remembered by this process only"),
+                "set [service] state_dir to a folder qseed's user can write (the package's \
+                 service uses /var/lib/qseed)",
+            ),
+        }
+    }
     if config.targets.is_empty() {
         list.fail(
             "targets",
@@ -74,10 +101,13 @@ pub async fn doctor(config_path: &Path) -> Result<(), Error> {
         let first_use = checked.insert(path.clone());
         let seed = bytes.next();
         let modules = modules.clone();
-        let lines =
-            tokio::task::spawn_blocking(move || check_target(target, modules, seed, first_use))
-                .await
-                .unwrap_or_else(|e| vec![Line::Fail("PKCS#11 checks".into(), e.to_string())]);
+        let guard = guard.clone();
+        let retry = retry_pin == Some(target.name.as_str());
+        let lines = tokio::task::spawn_blocking(move || {
+            check_target(target, modules, guard, seed, first_use, retry)
+        })
+        .await
+        .unwrap_or_else(|e| vec![Line::Fail("PKCS#11 checks".into(), e.to_string())]);
         for line in lines {
             match line {
                 Line::Ok(what) => list.ok(&what),
@@ -178,8 +208,10 @@ enum Line {
 fn check_target(
     config: crate::config::TargetConfig,
     modules: Modules,
+    guard: PinGuard,
     seed: Option<EntropyBytes>,
     first_use: bool,
+    retry_pin: bool,
 ) -> Vec<Line> {
     let mut lines = Vec::new();
     let name = config.name.clone();
@@ -225,7 +257,22 @@ fn check_target(
         return lines;
     }
     let logs_in = config.login.is_some();
-    let mut target = Target::new(config, modules);
+    let mut target = Target::new(config, modules, guard);
+    if retry_pin {
+        match target.lift_pin_guard(&found) {
+            Ok(Some(file)) => lines.push(Line::Ok(format!(
+                "target {name}: PIN guard lifted ({} removed); presenting the PIN once",
+                file.display()
+            ))),
+            Ok(None) => lines.push(Line::Ok(format!(
+                "target {name}: PIN guard: no refused PIN on record; presenting the PIN once"
+            ))),
+            Err(e) => {
+                lines.push(Line::Fail(format!("target {name}: PIN guard"), e));
+                return lines;
+            }
+        }
+    }
     match target.connect() {
         Ok(_) if logs_in => lines.push(Line::Ok(format!("target {name}: login as user"))),
         Ok(_) => lines.push(Line::Ok(format!(

@@ -3,22 +3,29 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config};
 use crate::error::Error;
 use crate::pool::Pool;
-use crate::service::{self, shutdown, Outcome, Rounds, TargetOutcome};
+use crate::service::{self, shutdown, Outcome, Rounds, Service, TargetOutcome};
 use crate::source::qrypt::QryptClient;
 use crate::source::EntropySource;
-use crate::target::Modules;
+use crate::state::StateDir;
+use crate::target::{Modules, PinGuard};
 use crate::telemetry::{metrics::Metrics, server, systemd};
+
+/// At most one reload per this interval: a burst of SIGHUPs becomes one reload (or two, the
+/// second at the end of the interval), so signals cannot be used to hammer the HSMs.
+pub const RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The service: runs until SIGINT/SIGTERM. SIGHUP re-reads the configuration file; a new
 /// configuration that fails its checks is reported and the running one stays.
 pub async fn run(config_path: &Path) -> Result<(), Error> {
     let config = load(config_path)?;
     let client = make_client(&config)?;
+    let guard = pin_guard(&config);
     let modules = Modules::new();
     service::load_modules(&config.targets, &modules)
         .await
@@ -45,65 +52,85 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
         None => None,
     };
     systemd::spawn_watchdog(stop.clone());
-    {
-        let metrics = metrics.clone();
-        let count = config.targets.len();
-        tokio::spawn(async move {
-            metrics.first_round_done().await;
-            systemd::ready(&format!("seeding {count} target(s)"));
-        });
-    }
-    let mut targets = Some(config.targets);
-    let outcomes = loop {
-        let generation = stop.child_token();
-        let mut running = tokio::spawn(service::run(
-            targets.take().unwrap_or_default(),
-            pool.clone(),
-            modules.clone(),
-            Rounds::Forever,
-            generation.clone(),
-            metrics.clone(),
-        ));
-        let outcomes = loop {
-            tokio::select! {
-                finished = &mut running => break Some(finished),
-                _ = reloads.recv() => {
-                    systemd::reloading();
-                    match reload(config_path, &modules).await {
-                        Ok((new, new_client)) => {
-                            tracing::info!("SIGHUP: configuration reloaded from {}", config_path.display());
-                            generation.cancel();
-                            let _ = (&mut running).await;
-                            announce(&new, &new_client);
-                            if new.telemetry_listen != config.telemetry_listen {
-                                tracing::warn!("telemetry.listen changes take effect at the next start");
-                            }
-                            pool.reconfigure(new_client, new.pool);
-                            systemd::ready(&format!("seeding {} target(s)", new.targets.len()));
-                            targets = Some(new.targets);
-                            break None;
+    spawn_status_reports(metrics.clone());
+    let mut service = Service::start(
+        pool.clone(),
+        modules.clone(),
+        guard,
+        Rounds::Forever,
+        stop.clone(),
+        metrics.clone(),
+    );
+    service.apply(config.targets).await;
+    let mut reload_due: Option<Instant> = None;
+    let mut last_reload: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = service.next_finished() => {
+                if service.live() == 0 {
+                    break;
+                }
+            }
+            _ = reloads.recv() => {
+                if reload_due.is_none() {
+                    let now = Instant::now();
+                    let due = last_reload.map_or(now, |last| (last + RELOAD_INTERVAL).max(now));
+                    if due > now {
+                        tracing::info!(
+                            "SIGHUP: reloading in {} ms (at most one reload every {}s)",
+                            (due - now).as_millis(),
+                            RELOAD_INTERVAL.as_secs()
+                        );
+                    }
+                    reload_due = Some(due);
+                }
+            }
+            _ = tokio::time::sleep_until(reload_due.unwrap_or_else(Instant::now)), if reload_due.is_some() => {
+                reload_due = None;
+                last_reload = Some(Instant::now());
+                systemd::reloading();
+                match reload(config_path, &modules).await {
+                    Ok((new, new_client)) => {
+                        announce(&new, &new_client);
+                        if new.telemetry_listen != config.telemetry_listen {
+                            tracing::warn!("telemetry.listen changes take effect at the next start");
                         }
-                        Err(e) => {
-                            tracing::error!(
-                                "SIGHUP: the new configuration is refused, the running one stays: {e}"
-                            );
-                            systemd::ready("reload refused; running the previous configuration");
+                        if new.state_dir != config.state_dir {
+                            tracing::warn!("service.state_dir changes take effect at the next start");
                         }
+                        pool.reconfigure(new_client, new.pool);
+                        let applied = service.apply(new.targets).await;
+                        tracing::info!(
+                            "SIGHUP: configuration reloaded from {}: {} target(s) unchanged (not \
+                             re-seeded), {} restarted, {} added, {} removed",
+                            config_path.display(),
+                            applied.kept.len(),
+                            applied.restarted.len(),
+                            applied.started.len(),
+                            applied.removed.len()
+                        );
+                        systemd::ready(&metrics.status_line());
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            "SIGHUP: the new configuration is refused, the running one stays: {e}"
+                        );
+                        systemd::ready(&metrics.status_line());
                     }
                 }
             }
-        };
-        if let Some(finished) = outcomes {
-            break finished.unwrap_or_default();
         }
-    };
+    }
     stop.cancel();
+    let outcomes = service.finish().await;
     if let Some(endpoint) = endpoint {
         let _ = endpoint.await;
     }
     let outcome = service::teardown(outcomes, &pool, &modules).await;
     summarize(&outcome);
-    if !outcome.targets.is_empty() && outcome.targets.iter().all(|t| t.stopped.is_some()) {
+    let current: Vec<&TargetOutcome> = outcome.targets.iter().filter(|t| !t.superseded).collect();
+    if !current.is_empty() && current.iter().all(|t| t.stopped.is_some()) {
         return Err(Error::Target(
             "every target has stopped; fix the errors above and start qseed again".into(),
         ));
@@ -111,10 +138,42 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// READY=1 once every target ran its first round, then STATUS= whenever a target starts,
+/// stops or goes away, so `systemctl status qseed` says what is seeded and what is not.
+fn spawn_status_reports(metrics: Arc<Metrics>) {
+    tokio::spawn(async move {
+        let mut states = metrics.watch_states();
+        metrics.first_round_done().await;
+        states.mark_unchanged();
+        systemd::ready(&metrics.status_line());
+        while states.changed().await.is_ok() {
+            systemd::status(&metrics.status_line());
+        }
+    });
+}
+
+/// The PIN guard, keeping its records in the state folder (see [`crate::state`]).
+pub fn pin_guard(config: &Config) -> PinGuard {
+    let state = StateDir::resolve(config.state_dir.as_deref());
+    if let Some(dir) = state.folder() {
+        tracing::debug!("state folder: {}", dir.display());
+    }
+    PinGuard::new(&state)
+}
+
 pub async fn once(config_path: &Path) -> Result<(), Error> {
     let config = load(config_path)?;
     let client = make_client(&config)?;
-    let outcome = serve_with(config, client, Modules::new(), Rounds::Limit(1), None).await?;
+    let guard = pin_guard(&config);
+    let outcome = serve_with(
+        config,
+        client,
+        Modules::new(),
+        guard,
+        Rounds::Limit(1),
+        None,
+    )
+    .await?;
     if outcome.all_seeded_every_round() {
         return Ok(());
     }
@@ -190,6 +249,7 @@ pub async fn serve_with<S: EntropySource + 'static>(
     config: Config,
     source: S,
     modules: Modules,
+    guard: PinGuard,
     rounds: Rounds,
     stop: Option<CancellationToken>,
 ) -> Result<Outcome, Error> {
@@ -208,6 +268,7 @@ pub async fn serve_with<S: EntropySource + 'static>(
         config.targets,
         pool.clone(),
         modules.clone(),
+        guard,
         rounds,
         stop,
         metrics,

@@ -18,7 +18,7 @@ use url::Url;
 
 use crate::pool::{HealthConfig, PoolConfig};
 use crate::source::Dialect;
-use raw::{Auth, Login, RawConfig, RawPool, RawSource, RawTarget};
+use raw::{Auth, Login, RawConfig, RawPool, RawService, RawSource, RawTarget};
 
 /// Where the configuration lives unless `--config` or `QSEED_CONFIG_FILE` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/qseed/qseed.toml";
@@ -50,6 +50,9 @@ pub struct Config {
     pub pool: PoolConfig,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`qseed run`); `None`: off.
     pub telemetry_listen: Option<std::net::SocketAddr>,
+    /// `[service] state_dir` as written (made absolute); where the PIN guard keeps its records
+    /// when systemd's `$STATE_DIRECTORY` is not set. `None`: the default places.
+    pub state_dir: Option<PathBuf>,
     pub targets: Vec<TargetConfig>,
 }
 
@@ -66,13 +69,13 @@ pub struct SourceConfig {
 }
 
 /// One HSM token to seed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TargetConfig {
     pub name: String,
     pub module: PathBuf,
     pub token: TokenSelector,
-    /// The PIN to log in with, or `None` to seed without logging in.
-    pub login: Option<cryptoki::types::AuthPin>,
+    /// The PIN to log in with and where it came from, or `None` to seed without logging in.
+    pub login: Option<UserLogin>,
     pub size: usize,
     pub period: Duration,
     /// Delay of the first injection after start; later ones follow every `period` from there.
@@ -80,6 +83,50 @@ pub struct TargetConfig {
     pub offset: Duration,
     /// Longest wait for one PKCS#11 call before it is reported as hung.
     pub timeout: Duration,
+}
+
+/// A user login: the PIN, and the identity of its source for the PIN guard.
+#[derive(Debug, Clone)]
+pub struct UserLogin {
+    pub pin: cryptoki::types::AuthPin,
+    pub source: PinSource,
+}
+
+/// Where a PIN came from, in terms that change when the operator changes the PIN, and never
+/// derived from the PIN itself (PINs are short: any hash of one can be searched).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PinSource {
+    /// As the operator wrote it, for messages: `pin_file "/etc/qseed/hsm.pin"`.
+    pub described: String,
+    /// Changes when the PIN source is changed: a PIN file's inode and change times; for a
+    /// PIN that qseed cannot watch (inline, environment, systemd credential), the
+    /// configuration file's.
+    pub identity: String,
+    /// Whether `identity` follows the PIN's own file (a plain `pin_file`).
+    pub watches_file: bool,
+}
+
+impl TargetConfig {
+    /// Whether `other` would seed the same token in the same way (a reload keeps such a
+    /// target running). A changed PIN, or a changed PIN source, is a change.
+    pub fn same_settings(&self, other: &TargetConfig) -> bool {
+        use secrecy::ExposeSecret;
+        let same_login = match (&self.login, &other.login) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                a.source == b.source && a.pin.expose_secret() == b.pin.expose_secret()
+            }
+            _ => false,
+        };
+        same_login
+            && self.name == other.name
+            && self.module == other.module
+            && self.token == other.token
+            && self.size == other.size
+            && self.period == other.period
+            && self.offset == other.offset
+            && self.timeout == other.timeout
+    }
 }
 
 /// How a target's token is found among the module's slots.
@@ -123,13 +170,38 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         })
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    parse(&text, base).map_err(fail)
+    let origin = std::fs::metadata(path)
+        .map(|meta| file_identity(path, &meta))
+        .unwrap_or_else(|_| format!("config:{}", path.display()));
+    parse_from(&text, base, &origin).map_err(fail)
 }
 
 /// Parses and resolves configuration text; relative paths are taken from `base`.
 pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
+    parse_from(text, base, "config:unsaved")
+}
+
+/// [`parse`] for text read from a file whose identity (see [`file_identity`]) is `origin`.
+fn parse_from(text: &str, base: &Path, origin: &str) -> Result<Config, String> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
-    resolve(raw, base)
+    resolve(raw, base, origin)
+}
+
+/// What identifies a file's current content without reading it: where it is, its inode, and
+/// its modification and change times (any write changes the change time, which no tool can
+/// set back).
+pub fn file_identity(path: &Path, meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{}:dev={}:ino={}:mtime={}.{:09}:ctime={}.{:09}",
+        path.display(),
+        meta.dev(),
+        meta.ino(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    )
 }
 
 /// toml's own `Display` quotes the offending line, which may hold a PIN: give the position and
@@ -147,8 +219,10 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-fn resolve(raw: RawConfig, base: &Path) -> Result<Config, String> {
+fn resolve(raw: RawConfig, base: &Path, origin: &str) -> Result<Config, String> {
     let source = resolve_source(raw.source, base)?;
+    let RawService { state_dir } = raw.service;
+    let state_dir = state_dir.map(|dir| absolute(base, &dir));
     let pool = resolve_pool(raw.pool)?;
     let telemetry_listen = match raw.telemetry.listen.as_deref() {
         None => Some(std::net::SocketAddr::from((
@@ -167,7 +241,7 @@ fn resolve(raw: RawConfig, base: &Path) -> Result<Config, String> {
     let mut names = HashSet::new();
     let mut tokens = HashSet::new();
     for (index, raw_target) in raw.targets.into_iter().enumerate() {
-        let target = resolve_target(raw_target, index, base)?;
+        let target = resolve_target(raw_target, index, base, origin)?;
         if !names.insert(target.name.clone()) {
             return Err(format!(
                 "two targets are named {:?}; give each [[target]] its own name",
@@ -189,6 +263,7 @@ fn resolve(raw: RawConfig, base: &Path) -> Result<Config, String> {
         source,
         pool,
         telemetry_listen,
+        state_dir,
         targets,
     })
 }
@@ -291,7 +366,7 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
         (Auth::None, None) => None,
         (Auth::Bearer, Some(file)) => {
             let file = secret_path(base, &file, "source.token_file")?;
-            Some(read_secret_file(&file, "source.token_file")?)
+            Some(read_secret_file(&file, "source.token_file")?.0)
         }
         (Auth::Bearer, None) => match std::env::var(TOKEN_ENV).map(zeroize::Zeroizing::new) {
             Ok(t) if !t.trim().is_empty() => Some(SecretString::from(t.trim().to_string())),
@@ -317,7 +392,12 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
     })
 }
 
-fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetConfig, String> {
+fn resolve_target(
+    raw: RawTarget,
+    index: usize,
+    base: &Path,
+    origin: &str,
+) -> Result<TargetConfig, String> {
     let name = match raw.name {
         Some(n) if valid_name(&n) => n,
         Some(n) => {
@@ -366,7 +446,7 @@ fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetCon
         }
     };
 
-    let pin = resolve_pin(&raw.pin_file, &raw.pin_env, raw.pin, base).map_err(&at)?;
+    let pin = resolve_pin(&raw.pin_file, &raw.pin_env, raw.pin, base, origin).map_err(&at)?;
     let login = match (raw.login, pin) {
         (Some(Login::User), Some(pin)) => Some(pin),
         (Some(Login::User), None) => {
@@ -427,42 +507,110 @@ fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetCon
     })
 }
 
+/// The PIN and the identity of its source. A PIN file is watched itself; a PIN qseed cannot
+/// watch (inline, in the environment, or a systemd credential, which systemd copies afresh at
+/// every start) is identified by the configuration file that names it.
 fn resolve_pin(
     pin_file: &Option<PathBuf>,
     pin_env: &Option<String>,
     pin: Option<values::InlineSecret>,
     base: &Path,
-) -> Result<Option<SecretString>, String> {
-    match (pin_file, pin_env, pin) {
-        (None, None, None) => Ok(None),
+    origin: &str,
+) -> Result<Option<UserLogin>, String> {
+    let (pin, described, identity, watches_file) = match (pin_file, pin_env, pin) {
+        (None, None, None) => return Ok(None),
         (Some(file), None, None) => {
-            read_secret_file(&secret_path(base, file, "pin_file")?, "pin_file").map(Some)
+            let path = secret_path(base, file, "pin_file")?;
+            let (pin, identity) = read_secret_file(&path, "pin_file")?;
+            let described = format!("pin_file {:?}", file.display().to_string());
+            if is_credential(file) {
+                let identity = format!("{described} in {origin}");
+                (pin, described, identity, false)
+            } else {
+                (pin, described, identity, true)
+            }
         }
         (None, Some(var), None) => match std::env::var(var) {
-            Ok(v) if !v.is_empty() => Ok(Some(SecretString::from(v))),
-            _ => Err(format!(
-                "pin_env = {var:?} but that environment variable is not set or empty"
-            )),
+            Ok(v) if !v.is_empty() => {
+                let described = format!("pin_env {var:?}");
+                let identity = format!("{described} in {origin}");
+                (SecretString::from(v), described, identity, false)
+            }
+            _ => {
+                return Err(format!(
+                    "pin_env = {var:?} but that environment variable is not set or empty"
+                ))
+            }
         },
-        (None, None, Some(inline)) => Ok(Some(inline.0)),
-        _ => Err("more than one of pin_file, pin_env and pin is set; keep one".into()),
-    }
+        (None, None, Some(inline)) => (
+            inline.0,
+            "pin (inline)".to_string(),
+            format!("inline pin in {origin}"),
+            false,
+        ),
+        _ => return Err("more than one of pin_file, pin_env and pin is set; keep one".into()),
+    };
+    Ok(Some(UserLogin {
+        pin,
+        source: PinSource {
+            described,
+            identity,
+            watches_file,
+        },
+    }))
 }
 
-/// Reads a one-line secret file. A trailing newline is not part of the secret.
-fn read_secret_file(path: &Path, key: &str) -> Result<SecretString, String> {
-    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-        format!(
-            "{key} = {:?} cannot be read: {e}",
-            path.display().to_string()
-        )
-    })?);
+/// Secret files hold one line; anything larger is not a token or a PIN file.
+const SECRET_FILE_LIMIT: u64 = 64 * 1024;
+
+/// Reads a one-line secret file, and the file's identity (see [`file_identity`]). A trailing
+/// newline is not part of the secret.
+fn read_secret_file(path: &Path, key: &str) -> Result<(SecretString, String), String> {
+    use std::io::Read;
+    let shown = path.display().to_string();
+    let cannot = |e: std::io::Error| format!("{key} = {shown:?} cannot be read: {e}");
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    file.take(SECRET_FILE_LIMIT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > SECRET_FILE_LIMIT {
+        return Err(format!(
+            "{key} = {shown:?} is larger than {} KiB; it should hold one line",
+            SECRET_FILE_LIMIT / 1024
+        ));
+    }
+    let text =
+        std::str::from_utf8(&bytes).map_err(|_| format!("{key} = {shown:?} is not UTF-8 text"))?;
     let secret = text.trim_end_matches(['\n', '\r']);
     if secret.is_empty() {
-        return Err(format!("{key} = {:?} is empty", path.display().to_string()));
+        return Err(if credentials_dir().is_some_and(|d| path.starts_with(d)) {
+            format!(
+                "{key} = {shown:?} is empty: systemd passed an empty credential, which happens \
+                 when the file named in the unit's LoadCredential= line is missing (the unit's \
+                 SetCredential= default is empty). Create that file, or remove {key} from the \
+                 configuration"
+            )
+        } else {
+            format!("{key} = {shown:?} is empty")
+        });
     }
     warn_if_readable_by_others(path, key);
-    Ok(SecretString::from(secret.to_string()))
+    Ok((
+        SecretString::from(secret.to_string()),
+        file_identity(path, &meta),
+    ))
+}
+
+fn is_credential(path: &Path) -> bool {
+    path.to_str().is_some_and(|p| p.starts_with("credential:"))
+}
+
+fn credentials_dir() -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
 }
 
 #[cfg(unix)]
@@ -534,8 +682,8 @@ fn secret_path(base: &Path, path: &Path, key: &str) -> Result<PathBuf, String> {
              LoadCredential=NAME:PATH"
         ));
     }
-    match std::env::var_os("CREDENTIALS_DIRECTORY") {
-        Some(dir) => Ok(Path::new(&dir).join(name)),
+    match credentials_dir() {
+        Some(dir) => Ok(dir.join(name)),
         None => Err(format!(
             "{key} = \"credential:{name}\" but CREDENTIALS_DIRECTORY is not set: run qseed from \
              a systemd unit with LoadCredential={name}:/path/to/file, or give a file path"

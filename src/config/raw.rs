@@ -18,6 +18,8 @@ pub struct RawConfig {
     pub pool: RawPool,
     #[serde(default)]
     pub telemetry: RawTelemetry,
+    #[serde(default)]
+    pub service: RawService,
     #[serde(default, rename = "target")]
     pub targets: Vec<RawTarget>,
 }
@@ -26,6 +28,12 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawTelemetry {
     pub listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]

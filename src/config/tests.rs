@@ -56,7 +56,7 @@ fn full_example_resolves() {
     assert_eq!(config.source.timeout, Duration::from_secs(30));
     let t = &config.targets[0];
     assert_eq!(t.token, TokenSelector::Label("qseed-test".into()));
-    assert_eq!(t.login.as_ref().unwrap().expose_secret(), "1234");
+    assert_eq!(t.login.as_ref().unwrap().pin.expose_secret(), "1234");
     assert_eq!(t.size, 64);
     assert_eq!(t.period, Duration::from_secs(5400));
     assert_eq!(t.offset, Duration::from_millis(250));

@@ -9,18 +9,19 @@
 pub mod shutdown;
 pub mod worker;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TargetConfig;
 use crate::pool::{DemandId, EntropyBytes, Pool, StatsSnapshot};
 use crate::source::{EntropySource, SourceError};
-use crate::target::{HsmError, Modules, Target, TokenIdentity};
+use crate::target::{HsmError, Modules, PinGuard, Target, TokenIdentity};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::AUDIT;
 use worker::{CallError, Worker};
@@ -51,6 +52,8 @@ pub struct TargetOutcome {
     pub last_error: Option<String>,
     /// A PKCS#11 call was still running when the loop ended (its module is not finalized).
     pub hung_module: Option<PathBuf>,
+    /// The loop was ended by a reload that changed or removed its target.
+    pub superseded: bool,
 }
 
 /// What a whole service run did.
@@ -85,44 +88,221 @@ pub async fn load_modules(targets: &[TargetConfig], modules: &Modules) -> Result
     .map_err(|e| HsmError::Unexpected(format!("module loading thread failed: {e}")))?
 }
 
-/// Runs the targets until `rounds` are done or `stop` is cancelled; sessions are closed at
-/// the end, but modules and pool stay for [`teardown`] (a reload reuses them).
+/// Runs `targets` until `rounds` are done or `stop` is cancelled; sessions are closed at the
+/// end, but modules and pool stay for [`teardown`].
 pub async fn run<S: EntropySource + 'static>(
     targets: Vec<TargetConfig>,
     pool: Arc<Pool<S>>,
     modules: Modules,
+    guard: PinGuard,
     rounds: Rounds,
     stop: CancellationToken,
     metrics: Arc<Metrics>,
 ) -> Vec<TargetOutcome> {
-    metrics.reset_targets();
-    let refill_stop = stop.child_token();
-    let refiller = tokio::spawn({
-        let pool = pool.clone();
-        let stop = refill_stop.clone();
-        async move { pool.refill_in_background(stop).await }
-    });
-    let mut tasks = Vec::with_capacity(targets.len());
-    for config in targets {
-        let target = Target::new(config, modules.clone());
-        tasks.push(tokio::spawn(target_loop(
-            target,
-            pool.clone(),
+    let mut service = Service::start(pool, modules, guard, rounds, stop, metrics);
+    service.apply(targets).await;
+    service.finish().await
+}
+
+/// The running target loops, changed in place by reloads.
+///
+/// Each target's loop is keyed by its name. [`Service::apply`] compares a new set of targets
+/// with the running one: a target whose settings did not change keeps its loop, its session
+/// and its schedule (a reload never re-seeds it ahead of its period, nor logs in again);
+/// changed and removed targets are stopped, and their loops awaited, before changed and new
+/// ones start, so no token is ever seeded from two loops at once.
+#[derive(Debug)]
+pub struct Service<S: EntropySource + 'static> {
+    pool: Arc<Pool<S>>,
+    modules: Modules,
+    guard: PinGuard,
+    metrics: Arc<Metrics>,
+    rounds: Rounds,
+    /// Cancelled at shutdown; every loop watches a child of it.
+    stop: CancellationToken,
+    refill_stop: CancellationToken,
+    refiller: Option<tokio::task::JoinHandle<()>>,
+    running: HashMap<String, Running>,
+    next_id: u64,
+    /// Loops report here when they end, with the id they were started with.
+    finished_tx: mpsc::UnboundedSender<(u64, TargetOutcome)>,
+    finished_rx: mpsc::UnboundedReceiver<(u64, TargetOutcome)>,
+    /// Every loop that has ended, this run (reloads included), in the order they ended.
+    ended: Vec<TargetOutcome>,
+}
+
+#[derive(Debug)]
+struct Running {
+    id: u64,
+    config: TargetConfig,
+    cancel: CancellationToken,
+}
+
+/// What [`Service::apply`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub kept: Vec<String>,
+    pub restarted: Vec<String>,
+    pub started: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl<S: EntropySource + 'static> Service<S> {
+    /// A service with no target yet; the pool's background refill starts now.
+    pub fn start(
+        pool: Arc<Pool<S>>,
+        modules: Modules,
+        guard: PinGuard,
+        rounds: Rounds,
+        stop: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let refill_stop = stop.child_token();
+        let refiller = tokio::spawn({
+            let pool = pool.clone();
+            let stop = refill_stop.clone();
+            async move { pool.refill_in_background(stop).await }
+        });
+        let (finished_tx, finished_rx) = mpsc::unbounded_channel();
+        Self {
+            pool,
+            modules,
+            guard,
+            metrics,
             rounds,
-            stop.clone(),
-            metrics.clone(),
-        )));
-    }
-    let mut outcomes = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        match task.await {
-            Ok(t) => outcomes.push(t),
-            Err(e) => tracing::error!("a target loop ended abnormally: {e}"),
+            stop,
+            refill_stop,
+            refiller: Some(refiller),
+            running: HashMap::new(),
+            next_id: 0,
+            finished_tx,
+            finished_rx,
+            ended: Vec::new(),
         }
     }
-    refill_stop.cancel();
-    let _ = refiller.await;
-    outcomes
+
+    /// Makes `targets` the running set (see [`Service`]).
+    pub async fn apply(&mut self, targets: Vec<TargetConfig>) -> Applied {
+        let mut applied = Applied::default();
+        let wanted: HashSet<String> = targets.iter().map(|t| t.name.clone()).collect();
+        // Stop what goes away or changes, and wait for those loops to end.
+        let mut stopping = HashSet::new();
+        for (name, running) in &self.running {
+            let unchanged = targets
+                .iter()
+                .any(|t| &t.name == name && t.same_settings(&running.config));
+            if !unchanged {
+                running.cancel.cancel();
+                stopping.insert(running.id);
+                if wanted.contains(name) {
+                    applied.restarted.push(name.clone());
+                } else {
+                    applied.removed.push(name.clone());
+                    self.metrics.forget_target(name);
+                }
+            }
+        }
+        while !stopping.is_empty() {
+            let Some((id, mut outcome)) = self.finished_rx.recv().await else {
+                break;
+            };
+            stopping.remove(&id);
+            outcome.superseded = true;
+            self.settle(id, outcome);
+        }
+        for config in targets {
+            if self.running.contains_key(&config.name) {
+                applied.kept.push(config.name.clone());
+                continue;
+            }
+            if !applied.restarted.contains(&config.name) {
+                applied.started.push(config.name.clone());
+            }
+            self.spawn(config);
+        }
+        applied
+    }
+
+    /// Loops still running.
+    pub fn live(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Waits for the next loop to end on its own (its rounds are done, or it stopped for
+    /// good); pending forever while none is running.
+    pub async fn next_finished(&mut self) -> TargetOutcome {
+        if self.running.is_empty() {
+            return std::future::pending().await;
+        }
+        loop {
+            let Some((id, outcome)) = self.finished_rx.recv().await else {
+                return std::future::pending().await;
+            };
+            let settled = outcome.clone();
+            if self.settle(id, outcome) {
+                return settled;
+            }
+        }
+    }
+
+    /// Waits for every loop to end (cancel the service's `stop` first for an open-ended run),
+    /// stops the refill, and returns every loop's outcome.
+    pub async fn finish(mut self) -> Vec<TargetOutcome> {
+        while !self.running.is_empty() {
+            let Some((id, outcome)) = self.finished_rx.recv().await else {
+                break;
+            };
+            self.settle(id, outcome);
+        }
+        self.refill_stop.cancel();
+        if let Some(refiller) = self.refiller.take() {
+            let _ = refiller.await;
+        }
+        self.ended
+    }
+
+    fn spawn(&mut self, config: TargetConfig) {
+        self.next_id += 1;
+        let id = self.next_id;
+        let cancel = self.stop.child_token();
+        let target = Target::new(config.clone(), self.modules.clone(), self.guard.clone());
+        let loop_task = target_loop(
+            target,
+            self.pool.clone(),
+            self.rounds,
+            cancel.clone(),
+            self.metrics.clone(),
+        );
+        let finished = self.finished_tx.clone();
+        let name = config.name.clone();
+        tokio::spawn(async move {
+            // A loop that panicked still reports, so that nobody waits for it forever.
+            let outcome = tokio::spawn(loop_task).await.unwrap_or_else(|e| {
+                tracing::error!("{name}: the target loop ended abnormally: {e}");
+                TargetOutcome {
+                    name,
+                    stopped: Some("its loop failed".into()),
+                    ..TargetOutcome::default()
+                }
+            });
+            let _ = finished.send((id, outcome));
+        });
+        self.running
+            .insert(config.name.clone(), Running { id, config, cancel });
+    }
+
+    /// Files a finished loop's outcome; `true` if it was a running loop.
+    fn settle(&mut self, id: u64, outcome: TargetOutcome) -> bool {
+        let current = self
+            .running
+            .get(&outcome.name)
+            .is_some_and(|running| running.id == id);
+        if current {
+            self.running.remove(&outcome.name);
+        }
+        self.ended.push(outcome);
+        current
+    }
 }
 
 /// Finalizes the modules (except those with a call still hanging: `C_Finalize` must not run
@@ -232,7 +412,7 @@ async fn target_loop<S: EntropySource + 'static>(
                 outcome.last_error = Some(e.to_string());
                 outcome.stopped = Some(e.to_string());
                 metrics.failed(&name, "hsm_error");
-                metrics.target_stopped(&name, e.reason());
+                metrics.target_stopped(&name, e.reason(), &e.to_string());
                 tracing::error!("{name}: target stopped: {e}");
                 break;
             }
@@ -240,7 +420,7 @@ async fn target_loop<S: EntropySource + 'static>(
                 outcome.failures += 1;
                 outcome.stopped = Some("its PKCS#11 thread failed".into());
                 metrics.failed(&name, "hsm_error");
-                metrics.target_stopped(&name, "thread_failed");
+                metrics.target_stopped(&name, "thread_failed", "its PKCS#11 thread failed");
                 tracing::error!("{name}: target stopped: its PKCS#11 thread failed");
                 break;
             }

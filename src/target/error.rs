@@ -43,8 +43,8 @@ pub enum HsmError {
     },
     #[error(
         "the token says the next wrong user PIN locks it (CKF_USER_PIN_FINAL_TRY); qseed will not \
-         risk a login. Check the PIN, reset the counter with a successful login by hand, then \
-         restart qseed"
+         risk a login. Check the PIN, reset the counter with a successful login by hand (e.g. \
+         pkcs11-tool --login --test), then start qseed again"
     )]
     PinFinalTry,
     #[error(
@@ -56,8 +56,16 @@ pub enum HsmError {
          remove this target"
     )]
     NoRng,
-    #[error("a login failed earlier with a PIN error; qseed never tries a PIN twice")]
-    LoginRefused,
+    /// The PIN guard refuses a login; the message says why and how to lift it.
+    #[error("{0}")]
+    PinGuarded(String),
+    #[error(
+        "another qseed process is logging in to this token right now; qseed presents a PIN from \
+         one process at a time"
+    )]
+    LoginBusy,
+    #[error("C_Initialize: {code}: {diagnosis}")]
+    InitializeRefused { code: String, diagnosis: String },
 }
 
 impl HsmError {
@@ -69,10 +77,12 @@ impl HsmError {
             | HsmError::PinFinalTry
             | HsmError::PinLocked
             | HsmError::NoRng
-            | HsmError::LoginRefused
+            | HsmError::PinGuarded(_)
             | HsmError::MissingFunction => true,
             HsmError::TokenNotFound { .. }
             | HsmError::Ambiguous { .. }
+            | HsmError::LoginBusy
+            | HsmError::InitializeRefused { .. }
             | HsmError::Unexpected(_) => false,
             HsmError::Call { rv, .. } => is_permanent_rv(*rv),
         }
@@ -100,7 +110,7 @@ impl HsmError {
     pub fn is_pin_error(&self) -> bool {
         matches!(
             self,
-            HsmError::PinFinalTry | HsmError::PinLocked | HsmError::LoginRefused
+            HsmError::PinFinalTry | HsmError::PinLocked | HsmError::PinGuarded(_)
         ) || matches!(self, HsmError::Call { rv, .. } if is_pin_rv(*rv))
     }
 
@@ -190,8 +200,8 @@ pub fn rv_name(rv: RvError) -> String {
 fn advice(rv: RvError) -> &'static str {
     match rv {
         RvError::PinIncorrect => {
-            "the PIN is wrong. qseed stops this target and will not try the PIN again (HSMs lock \
-             users after a few wrong PINs); correct the PIN source and restart"
+            "the PIN is wrong. qseed will not present this PIN to this token again, in this or \
+             any later run (HSMs lock users after a few wrong PINs); correct the PIN source"
         }
         RvError::PinLocked => "the user PIN is locked; an HSM administrator must unlock it",
         RvError::PinExpired => "the PIN has expired; set a new one with the vendor's tools",
@@ -220,11 +230,9 @@ fn advice(rv: RvError) -> &'static str {
         | RvError::SessionClosed
         | RvError::DeviceRemoved
         | RvError::TokenNotPresent
-        | RvError::DeviceError => {
-            "the session or device was lost; qseed opens a new session at the next period"
-        }
+        | RvError::DeviceError => "the session or device was lost; a new session is needed",
         RvError::CryptokiNotInitialized => {
-            "the module lost its initialization; qseed tries again at the next period"
+            "the module lost its initialization and must be initialized again"
         }
         RvError::SlotIdInvalid => {
             "the slot does not exist; `qseed slots --module ...` lists the slots"
@@ -234,7 +242,7 @@ fn advice(rv: RvError) -> &'static str {
             "the token has no free session; close other applications' sessions or raise the limit"
         }
         RvError::UserTypeInvalid => "the token does not know the user type CKU_USER",
-        _ => "the module reported a failure; qseed tries again at the next period",
+        _ => "the module reported a failure",
     }
 }
 

@@ -6,6 +6,8 @@
 
 pub mod error;
 pub mod module;
+pub mod pin_guard;
+pub mod quirks;
 pub mod token;
 
 use cryptoki::error::{Error as CkError, RvError};
@@ -13,6 +15,7 @@ use cryptoki::session::{Session, UserType};
 
 pub use error::HsmError;
 pub use module::Modules;
+pub use pin_guard::PinGuard;
 pub use token::TokenIdentity;
 
 use crate::config::TargetConfig;
@@ -23,9 +26,9 @@ use crate::pool::EntropyBytes;
 pub struct Target {
     config: TargetConfig,
     modules: Modules,
+    /// Decides whether a PIN may be presented; shared by the process, kept across processes.
+    guard: PinGuard,
     open: Option<OpenSession>,
-    /// Set by the first PIN error; from then on this target never calls `C_Login` again.
-    pin_failed: bool,
 }
 
 #[derive(Debug)]
@@ -35,12 +38,12 @@ struct OpenSession {
 }
 
 impl Target {
-    pub fn new(config: TargetConfig, modules: Modules) -> Self {
+    pub fn new(config: TargetConfig, modules: Modules, guard: PinGuard) -> Self {
         Self {
             config,
             modules,
+            guard,
             open: None,
-            pin_failed: false,
         }
     }
 
@@ -63,24 +66,31 @@ impl Target {
         let session = module
             .open_ro_session(token.slot)
             .map_err(error::from_cryptoki)?;
-        if let Some(pin) = &self.config.login {
-            if self.pin_failed {
-                return Err(HsmError::LoginRefused);
+        if let Some(login) = &self.config.login {
+            let (name, module) = (&self.config.name, &self.config.module);
+            let flagged = if token.user_pin_locked {
+                Some((HsmError::PinLocked, "CKF_USER_PIN_LOCKED"))
+            } else if token.user_pin_final_try {
+                Some((HsmError::PinFinalTry, "CKF_USER_PIN_FINAL_TRY"))
+            } else {
+                None
+            };
+            if let Some((e, flag)) = flagged {
+                self.guard
+                    .record_flag(name, module, &token, &login.source, flag);
+                return Err(e);
             }
-            if token.user_pin_locked {
-                self.pin_failed = true;
-                return Err(HsmError::PinLocked);
-            }
-            if token.user_pin_final_try {
-                self.pin_failed = true;
-                return Err(HsmError::PinFinalTry);
-            }
-            match session.login(UserType::User, Some(pin)) {
-                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            let attempt = self.guard.begin(name, module, &token, &login.source)?;
+            match session.login(UserType::User, Some(&login.pin)) {
+                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
+                    attempt.accepted()
+                }
                 Err(e) => {
                     let e = error::from_cryptoki(e);
                     if e.is_pin_error() {
-                        self.pin_failed = true;
+                        attempt.refused(&short_reason(&e));
+                    } else {
+                        attempt.inconclusive();
                     }
                     return Err(e);
                 }
@@ -129,8 +139,24 @@ impl Target {
         }
     }
 
+    /// The PIN guard's record for this target's token is lifted (`doctor --retry-pin`).
+    pub fn lift_pin_guard(
+        &self,
+        token: &TokenIdentity,
+    ) -> Result<Option<std::path::PathBuf>, String> {
+        self.guard.lift(&self.config.module, token)
+    }
+
     fn drop_session(&mut self) {
         // The handle is already dead; closing it would only fail again.
         self.open = None;
+    }
+}
+
+/// `C_Login: CKR_PIN_INCORRECT`: the call and code of a PIN error, for the guard's record.
+fn short_reason(e: &HsmError) -> String {
+    match e {
+        HsmError::Call { call, code, .. } => format!("{call}: {code}"),
+        other => other.reason().to_string(),
     }
 }

@@ -90,6 +90,12 @@ pub fn load(path: &Path) -> Result<Pkcs11, HsmError> {
     // qseed calls the module from several threads: let it use the OS's locks.
     match module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(module),
+        // The module says only that it failed; the usual cause on a new host is a user that
+        // may not read the client's files.
+        Err(CkError::Pkcs11(rv, _)) => Err(HsmError::InitializeRefused {
+            code: super::error::rv_name(rv),
+            diagnosis: super::quirks::diagnose_initialize(path),
+        }),
         Err(e) => Err(from_cryptoki(e)),
     }
 }

@@ -45,6 +45,7 @@ struct TargetStatus {
     started: Instant,
     last_ok: Option<Instant>,
     stopped: Option<String>,
+    stop_message: Option<String>,
     rounds: u64,
 }
 
@@ -62,6 +63,10 @@ pub struct Metrics {
     request_seconds: Histogram,
     targets: Mutex<HashMap<String, TargetStatus>>,
     round_done: tokio::sync::Notify,
+    /// Bumped whenever a target starts, stops or goes away: watchers refresh systemd's STATUS=.
+    states: tokio::sync::watch::Sender<u64>,
+    /// The reason label each stopped target's state metric carries, to remove it again.
+    stopped_reasons: Mutex<HashMap<String, String>>,
 }
 
 impl Metrics {
@@ -117,13 +122,46 @@ impl Metrics {
             request_seconds,
             targets: Mutex::new(HashMap::new()),
             round_done: tokio::sync::Notify::new(),
+            states: tokio::sync::watch::Sender::new(0),
+            stopped_reasons: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Forgets all targets (a reload registers the new set).
-    pub fn reset_targets(&self) {
-        self.targets_lock().clear();
-        self.target_state.clear();
+    /// Forgets a target a reload removed.
+    pub fn forget_target(&self, target: &str) {
+        self.targets_lock().remove(target);
+        self.clear_state(target);
+        self.changed();
+    }
+
+    /// A receiver that sees every change of a target's state.
+    pub fn watch_states(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.states.subscribe()
+    }
+
+    /// One line for systemd's STATUS=: `seeding 3 of 4 targets; hsm-2 stopped: pin`.
+    pub fn status_line(&self) -> String {
+        let targets = self.targets_lock();
+        let mut stopped: Vec<String> = targets
+            .iter()
+            .filter_map(|(name, t)| t.stopped.as_ref().map(|r| format!("{name} stopped: {r}")))
+            .collect();
+        stopped.sort();
+        let active = targets.len() - stopped.len();
+        let mut line = format!(
+            "seeding {active} of {} target{}",
+            targets.len(),
+            if targets.len() == 1 { "" } else { "s" }
+        );
+        if !stopped.is_empty() {
+            line.push_str("; ");
+            line.push_str(&stopped.join(", "));
+        }
+        line
+    }
+
+    fn changed(&self) {
+        self.states.send_modify(|n| *n += 1);
     }
 
     pub fn target_started(&self, target: &str, period: Duration) {
@@ -134,10 +172,12 @@ impl Metrics {
                 started: Instant::now(),
                 last_ok: None,
                 stopped: None,
+                stop_message: None,
                 rounds: 0,
             },
         );
         self.set_state(target, "active", "");
+        self.changed();
     }
 
     pub fn injected(&self, target: &str, bytes: u64) {
@@ -165,11 +205,15 @@ impl Metrics {
         self.count(target, kind);
     }
 
-    pub fn target_stopped(&self, target: &str, reason: &str) {
+    /// A target stopped for good: `reason` is the short label (`pin`), `message` the
+    /// operator's explanation, shown by `/readyz`.
+    pub fn target_stopped(&self, target: &str, reason: &str, message: &str) {
         if let Some(t) = self.targets_lock().get_mut(target) {
             t.stopped = Some(reason.to_string());
+            t.stop_message = Some(message.to_string());
         }
         self.set_state(target, "stopped", reason);
+        self.changed();
     }
 
     /// Waits until every registered target has finished its first round (seeded or not).
@@ -186,14 +230,19 @@ impl Metrics {
         }
     }
 
-    /// Ready when every active target was seeded within twice its period (a target still in
-    /// its first two periods counts as ready); otherwise the reasons.
+    /// Ready when no configured target has stopped and every one was seeded within twice its
+    /// period (a target still in its first two periods counts as ready); otherwise the
+    /// reasons.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let targets = self.targets_lock();
         let mut problems = Vec::new();
         let mut active = 0;
         for (name, t) in targets.iter() {
-            if t.stopped.is_some() {
+            if let Some(reason) = &t.stopped {
+                problems.push(format!(
+                    "{name}: stopped ({reason}): {}",
+                    t.stop_message.as_deref().unwrap_or("")
+                ));
                 continue;
             }
             active += 1;
@@ -205,7 +254,7 @@ impl Metrics {
                 });
             }
         }
-        if active == 0 {
+        if active == 0 && problems.is_empty() {
             problems.push("no active target".into());
         }
         if problems.is_empty() {
@@ -238,15 +287,14 @@ impl Metrics {
             .inc();
     }
 
+    /// Sets the target's one state series, removing the one it had.
     fn set_state(&self, target: &str, state: &str, reason: &str) {
-        for s in ["active", "stopped"] {
-            if s != state {
-                self.target_state.remove(&StateLabels {
-                    target: target.into(),
-                    state: s.into(),
-                    reason: String::new(),
-                });
-            }
+        self.clear_state(target);
+        if state == "stopped" {
+            self.stopped_reasons
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(target.to_string(), reason.to_string());
         }
         self.target_state
             .get_or_create(&StateLabels {
@@ -255,6 +303,22 @@ impl Metrics {
                 reason: reason.into(),
             })
             .set(1);
+    }
+
+    fn clear_state(&self, target: &str) {
+        let stopped_reason = self
+            .stopped_reasons
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(target)
+            .unwrap_or_default();
+        for (state, reason) in [("active", String::new()), ("stopped", stopped_reason)] {
+            self.target_state.remove(&StateLabels {
+                target: target.into(),
+                state: state.into(),
+                reason,
+            });
+        }
     }
 
     fn targets_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TargetStatus>> {
@@ -371,10 +435,27 @@ mod tests {
         );
         assert!(text.contains(r#"qseed_target_state{target="a",state="active",reason=""} 1"#));
         assert!(metrics.readiness().is_ok());
-        metrics.target_stopped("a", "pin");
+        metrics.target_started("b", Duration::from_secs(10));
+        assert_eq!(metrics.status_line(), "seeding 2 of 2 targets");
+        metrics.target_stopped("a", "pin", "C_Login: CKR_PIN_INCORRECT");
         let text = metrics.render();
         assert!(text.contains(r#"qseed_target_state{target="a",state="stopped",reason="pin"} 1"#));
-        assert!(!text.contains(r#"state="active""#), "{text}");
+        assert!(!text.contains(r#"target="a",state="active""#), "{text}");
+        // One stopped target is enough to be unready, with the reason.
+        assert_eq!(
+            metrics.readiness(),
+            Err(vec![
+                "a: stopped (pin): C_Login: CKR_PIN_INCORRECT".to_string()
+            ])
+        );
+        assert_eq!(
+            metrics.status_line(),
+            "seeding 1 of 2 targets; a stopped: pin"
+        );
+        metrics.forget_target("a");
+        assert!(metrics.readiness().is_ok());
+        assert!(!metrics.render().contains(r#"target="a",state"#));
+        metrics.forget_target("b");
         assert_eq!(
             metrics.readiness(),
             Err(vec!["no active target".to_string()])

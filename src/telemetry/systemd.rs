@@ -16,6 +16,11 @@ pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// A new STATUS= line (what `systemctl status` shows).
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status)]);
+}
+
 pub fn reloading() {
     send(&[NotifyState::Reloading]);
 }

@@ -148,6 +148,9 @@ impl World {
             .env("QSEED_FAULT_REAL_MODULE", SOFTHSM)
             .env("PKCS11SPY_OUTPUT", self.path("spy.log"))
             .env("QSEED_CONFIG_FILE", self.path("qseed.toml"))
+            // The PIN guard's records stay in this world (never in /var/lib/qseed).
+            .env("STATE_DIRECTORY", self.path("state"))
+            .env_remove("CREDENTIALS_DIRECTORY")
             .env_remove("QRYPT_TOKEN")
             .env_remove("QSEED_LOG")
             .stdin(Stdio::null());

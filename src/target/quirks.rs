@@ -1,0 +1,304 @@
+//! What qseed knows about vendors' PKCS#11 modules, in one table: the files and groups their
+//! clients need. Used to explain a `C_Initialize` that fails because qseed's user may not
+//! reach them (the module itself only says `CKR_GENERAL_ERROR`).
+//!
+//! Facts for modules we cannot run here (Luna, nShield, Utimaco, CloudHSM, YubiHSM) come from
+//! their vendors' installation guides; each is only used to word advice, never to decide
+//! what qseed does.
+
+use std::path::{Path, PathBuf};
+
+/// One vendor module.
+#[derive(Debug)]
+pub struct ModuleProfile {
+    pub vendor: &'static str,
+    /// File names of the module (the path's last component).
+    pub file_names: &'static [&'static str],
+    /// The group whose members may use the module's client or token store.
+    pub group: Option<&'static str>,
+    /// The environment variable naming the client's configuration file, and its default.
+    pub config_env: Option<&'static str>,
+    pub config_default: Option<&'static str>,
+    /// Folders the client reads or writes at start, when its configuration says nothing.
+    pub folders: &'static [&'static str],
+}
+
+/// Known modules. The last component of a module's path picks the row.
+pub const PROFILES: &[ModuleProfile] = &[
+    ModuleProfile {
+        vendor: "SoftHSM",
+        file_names: &["libsofthsm2.so"],
+        group: Some("softhsm"),
+        config_env: Some("SOFTHSM2_CONF"),
+        config_default: Some("/etc/softhsm/softhsm2.conf"),
+        folders: &["/var/lib/softhsm/tokens"],
+    },
+    ModuleProfile {
+        vendor: "openCryptoki",
+        file_names: &["libopencryptoki.so", "libopencryptoki.so.0"],
+        group: Some("pkcs11"),
+        config_env: None,
+        config_default: Some("/etc/opencryptoki/opencryptoki.conf"),
+        folders: &["/var/lib/opencryptoki", "/run/opencryptoki"],
+    },
+    ModuleProfile {
+        vendor: "tpm2-pkcs11",
+        file_names: &["libtpm2_pkcs11.so", "libtpm2_pkcs11.so.0"],
+        group: Some("tss"),
+        config_env: None,
+        config_default: None,
+        folders: &[],
+    },
+    ModuleProfile {
+        vendor: "Thales Luna",
+        file_names: &["libCryptoki2_64.so", "libCryptoki2.so"],
+        group: Some("hsmusers"),
+        config_env: Some("ChrystokiConfigurationPath"),
+        config_default: Some("/etc/Chrystoki.conf"),
+        folders: &[],
+    },
+    ModuleProfile {
+        vendor: "Entrust nShield",
+        file_names: &["libcknfast.so"],
+        group: Some("nfast"),
+        config_env: None,
+        config_default: None,
+        folders: &["/opt/nfast/kmdata/local"],
+    },
+    ModuleProfile {
+        vendor: "Utimaco CryptoServer",
+        file_names: &["libcs_pkcs11_R3.so", "libcs_pkcs11_R2.so"],
+        group: None,
+        config_env: Some("CS_PKCS11_R3_CFG"),
+        config_default: Some("/etc/utimaco/cs_pkcs11_R3.cfg"),
+        folders: &[],
+    },
+    ModuleProfile {
+        vendor: "AWS CloudHSM",
+        file_names: &["libcloudhsm_pkcs11.so"],
+        group: None,
+        config_env: None,
+        config_default: Some("/opt/cloudhsm/etc/cloudhsm-pkcs11.cfg"),
+        folders: &[],
+    },
+    ModuleProfile {
+        vendor: "YubiHSM 2",
+        file_names: &["yubihsm_pkcs11.so"],
+        group: None,
+        config_env: Some("YUBIHSM_PKCS11_CONF"),
+        config_default: None,
+        folders: &[],
+    },
+];
+
+/// The row for `module`, if qseed knows it.
+pub fn profile(module: &Path) -> Option<&'static ModuleProfile> {
+    let name = module.file_name()?.to_str()?;
+    PROFILES.iter().find(|p| p.file_names.contains(&name))
+}
+
+/// Who qseed runs as, for messages: `user qseed (uid 998)`.
+pub fn running_user() -> String {
+    let uid = nix::unistd::Uid::current();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(user)) => format!("user {} (uid {uid})", user.name),
+        _ => format!("uid {uid}"),
+    }
+}
+
+fn user_name() -> String {
+    nix::unistd::User::from_uid(nix::unistd::Uid::current())
+        .ok()
+        .flatten()
+        .map_or_else(|| "$(id -un)".to_string(), |u| u.name)
+}
+
+/// Explains a failed `C_Initialize` of `module`: the first file or folder the module needs
+/// that qseed's user may not use, and how to grant it; otherwise what is known.
+pub fn diagnose_initialize(module: &Path) -> String {
+    let who = running_user();
+    let Some(profile) = profile(module) else {
+        return format!(
+            "the module failed to start. qseed runs as {who}: check that this user may read the \
+             HSM client's configuration and state (vendor clients often want their users in a \
+             group), and see the module's own log"
+        );
+    };
+    let needed = needed_paths(profile);
+    for (path, wants_write) in &needed {
+        if let Some(refusal) = refused(path, *wants_write) {
+            let grant = match profile.group {
+                Some(group) if group_exists(group) => format!(
+                    "{} wants its users in group {group}: for the service, run `systemctl edit \
+                     qseed` and add `[Service]` `SupplementaryGroups={group}`; by hand, `usermod \
+                     -aG {group} {}` (then log in again)",
+                    profile.vendor,
+                    user_name()
+                ),
+                _ => format!(
+                    "give this user access to it (for the service: `systemctl edit qseed`, \
+                     then SupplementaryGroups= or ReadWritePaths= as {} needs)",
+                    profile.vendor
+                ),
+            };
+            return format!(
+                "{} could not start: qseed runs as {who}, which {refusal}. Fix: {grant}",
+                profile.vendor
+            );
+        }
+    }
+    format!(
+        "{} could not start (qseed runs as {who}; the files it needs that qseed knows of are \
+         readable: {}); see the module's own log",
+        profile.vendor,
+        if needed.is_empty() {
+            "none known".to_string()
+        } else {
+            needed
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    )
+}
+
+/// The configuration file the module reads, then its folders (SoftHSM's token folder comes
+/// from its configuration); `true` where the module also writes.
+fn needed_paths(profile: &ModuleProfile) -> Vec<(PathBuf, bool)> {
+    let mut paths = Vec::new();
+    let config = profile
+        .config_env
+        .and_then(std::env::var_os)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| profile.config_default.map(PathBuf::from));
+    let mut folders: Vec<PathBuf> = profile.folders.iter().map(PathBuf::from).collect();
+    if let Some(config) = config {
+        if profile.vendor == "SoftHSM" {
+            if let Some(dir) = softhsm_token_dir(&config) {
+                folders = vec![dir];
+            }
+        }
+        paths.push((config, false));
+    }
+    paths.extend(folders.into_iter().map(|f| (f, true)));
+    paths
+}
+
+/// `directories.tokendir` of a SoftHSM configuration file (read bounded; `None` when it
+/// cannot be read, which [`refused`] then reports).
+fn softhsm_token_dir(config: &Path) -> Option<PathBuf> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(config)
+        .ok()?
+        .take(64 * 1024)
+        .read_to_string(&mut text)
+        .ok()?;
+    text.lines()
+        .filter_map(|line| line.split_once('='))
+        .find(|(key, _)| key.trim() == "directories.tokendir")
+        .map(|(_, value)| PathBuf::from(value.trim()))
+}
+
+/// Why this process may not use `path` (read it, enter and, with `write`, change it as a
+/// folder), or `None` when it may (or when it does not exist: that is the module's business).
+fn refused(path: &Path, write: bool) -> Option<String> {
+    use rustix::fs::Access;
+    // The first parent that stops us is the one to name.
+    let mut prefix = PathBuf::new();
+    for part in path.components() {
+        prefix.push(part);
+        if prefix == path {
+            break;
+        }
+        if prefix.is_dir() && rustix::fs::access(&prefix, Access::EXEC_OK).is_err() {
+            return Some(format!("may not enter {}", describe(&prefix)));
+        }
+    }
+    let meta = std::fs::metadata(path).ok()?;
+    let mut wanted = Access::READ_OK;
+    if meta.is_dir() {
+        wanted |= Access::EXEC_OK;
+        if write {
+            wanted |= Access::WRITE_OK;
+        }
+    }
+    match rustix::fs::access(path, wanted) {
+        Ok(()) => None,
+        Err(_) => Some(format!(
+            "may not {} {}",
+            if meta.is_dir() && write {
+                "read and write"
+            } else {
+                "read"
+            },
+            describe(path)
+        )),
+    }
+}
+
+/// `/var/lib/softhsm/tokens (root:softhsm, mode 2770)`.
+fn describe(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return path.display().to_string();
+    };
+    let owner = nix::unistd::User::from_uid(meta.uid().into())
+        .ok()
+        .flatten()
+        .map_or_else(|| meta.uid().to_string(), |u| u.name);
+    let group = nix::unistd::Group::from_gid(meta.gid().into())
+        .ok()
+        .flatten()
+        .map_or_else(|| meta.gid().to_string(), |g| g.name);
+    format!(
+        "{} ({owner}:{group}, mode {:o})",
+        path.display(),
+        meta.mode() & 0o7777
+    )
+}
+
+fn group_exists(name: &str) -> bool {
+    matches!(nix::unistd::Group::from_name(name), Ok(Some(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_are_known_by_file_name() {
+        let softhsm = profile(Path::new("/usr/lib/softhsm/libsofthsm2.so")).unwrap();
+        assert_eq!(softhsm.group, Some("softhsm"));
+        let luna = profile(Path::new("/usr/safenet/lunaclient/lib/libCryptoki2_64.so")).unwrap();
+        assert_eq!(luna.vendor, "Thales Luna");
+        assert!(profile(Path::new("/opt/vendor/libunknown.so")).is_none());
+    }
+
+    #[test]
+    fn softhsm_token_folder_comes_from_its_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            "# comment\ndirectories.tokendir = /srv/tokens/\nobjectstore.backend = file\n",
+        )
+        .unwrap();
+        assert_eq!(
+            softhsm_token_dir(&conf),
+            Some(PathBuf::from("/srv/tokens/"))
+        );
+    }
+
+    #[test]
+    fn an_unknown_module_gets_general_advice_naming_the_user() {
+        let text = diagnose_initialize(Path::new("/opt/x/libx.so"));
+        assert!(text.contains("qseed runs as"), "{text}");
+        assert!(
+            text.contains(&nix::unistd::Uid::current().to_string()),
+            "{text}"
+        );
+    }
+}
