@@ -114,3 +114,35 @@ fn a_closed_stderr_neither_stops_seeding_nor_the_shutdown() {
     assert!(status.success(), "{status:?}");
     assert_eq!(world.spy().count("C_Finalize"), 1);
 }
+
+#[test]
+fn a_burst_of_sighups_is_coalesced_and_does_not_reseed_unchanged_targets() {
+    let world = world(48, "1s");
+    let mut service = world.start_service();
+    assert!(world.wait_for_seeds(1, Duration::from_secs(5)));
+    let start = std::time::Instant::now();
+    let seeds_before = world.spy().seeds().len();
+    for _ in 0..200 {
+        service.signal("HUP");
+    }
+    // The burst ends within one reload interval: at most two reloads come of it.
+    std::thread::sleep(Duration::from_secs(4));
+    let log = service.log();
+    let reloads = log.matches("configuration reloaded").count();
+    assert!((1..=2).contains(&reloads), "{reloads} reloads: {log}");
+    assert!(
+        log.contains("1 target(s) unchanged (not re-seeded)"),
+        "{log}"
+    );
+    assert!(service.alive());
+    let (status, _) = service.stop();
+    assert!(status.success(), "{log}");
+    // Seeding kept its period: no extra rounds for the reloads, no new login.
+    let elapsed = start.elapsed().as_secs_f64();
+    let seeded = world.spy().seeds().len() - seeds_before;
+    assert!(
+        (seeded as f64) <= elapsed.ceil() + 1.0,
+        "{seeded} seeds in {elapsed:.1}s at a 1s period"
+    );
+    assert_eq!(world.spy().count("C_Login"), 1, "the session was kept");
+}

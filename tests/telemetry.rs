@@ -8,31 +8,6 @@ use std::time::Duration;
 use common::*;
 use qseed::simulator::Fault;
 
-fn endpoint(service: &Service) -> String {
-    assert!(service.wait_for_log("telemetry on http://", Duration::from_secs(5)));
-    let log = service.log();
-    let start = log.find("telemetry on http://").unwrap() + "telemetry on ".len();
-    let url = &log[start..];
-    url[..url.find("/metrics").unwrap()].to_string()
-}
-
-/// A plain blocking HTTP GET (the endpoint is loopback HTTP): status and body.
-fn get(url: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_at(rest.find('/').unwrap());
-    let mut stream = std::net::TcpStream::connect(host).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    let status = text[9..12].parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 fn metric(text: &str, line_start: &str) -> u64 {
     text.lines()
         .find_map(|l| {
@@ -46,11 +21,11 @@ fn metric(text: &str, line_start: &str) -> u64 {
 fn metrics_match_the_spy_log_and_the_simulator() {
     let world = World::one_target("entropy", 48, "1s", false);
     let service = world.start_service();
-    let base = endpoint(&service);
+    let base = service.endpoint();
     assert!(world.wait_for_seeds(3, Duration::from_secs(6)));
     // Between two rounds: the counters cannot move while they are read.
     std::thread::sleep(Duration::from_millis(300));
-    let (status, text) = get(&format!("{base}/metrics"));
+    let (status, text) = http_get(&format!("{base}/metrics"));
     let seeds = world.spy().seeds().len() as u64;
     assert_eq!(status, 200);
     assert_eq!(
@@ -80,8 +55,11 @@ fn metrics_match_the_spy_log_and_the_simulator() {
     );
     assert!(text.contains("qseed_pool_bytes "));
     assert!(!text.contains(API_TOKEN));
-    assert_eq!(get(&format!("{base}/healthz")), (200, "ok\n".to_string()));
-    assert_eq!(get(&format!("{base}/readyz")).0, 200);
+    assert_eq!(
+        http_get(&format!("{base}/healthz")),
+        (200, "ok\n".to_string())
+    );
+    assert_eq!(http_get(&format!("{base}/readyz")).0, 200);
     let (status, _) = service.stop();
     assert!(status.success());
 }
@@ -91,14 +69,18 @@ fn readyz_turns_unready_when_the_source_is_broken_past_two_periods() {
     let world = World::one_target("quantum-entropy", 48, "1s", false);
     world.set_fault(Fault::Status(500));
     let service = world.start_service();
-    let base = endpoint(&service);
+    let base = service.endpoint();
     assert!(wait_until(Duration::from_secs(5), || {
-        get(&format!("{base}/readyz")).0 == 503
+        http_get(&format!("{base}/readyz")).0 == 503
     }));
-    let (_, body) = get(&format!("{base}/readyz"));
+    let (_, body) = http_get(&format!("{base}/readyz"));
     assert!(body.contains("tok: not seeded since start"), "{body}");
-    assert_eq!(get(&format!("{base}/healthz")).0, 200, "alive all the same");
-    let (_, text) = get(&format!("{base}/metrics"));
+    assert_eq!(
+        http_get(&format!("{base}/healthz")).0,
+        200,
+        "alive all the same"
+    );
+    let (_, text) = http_get(&format!("{base}/metrics"));
     assert!(metric(&text, r#"qseed_source_requests_total{status="500"} "#) >= 1);
     assert!(
         metric(
@@ -108,7 +90,7 @@ fn readyz_turns_unready_when_the_source_is_broken_past_two_periods() {
     );
     world.set_fault(Fault::None);
     assert!(wait_until(Duration::from_secs(5), || {
-        get(&format!("{base}/readyz")).0 == 200
+        http_get(&format!("{base}/readyz")).0 == 200
     }));
     let (status, _) = service.stop();
     assert!(status.success());

@@ -103,10 +103,12 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
                         let applied = service.apply(new.targets).await;
                         tracing::info!(
                             "SIGHUP: configuration reloaded from {}: {} target(s) unchanged (not \
-                             re-seeded), {} restarted, {} added, {} removed",
+                             re-seeded), {} changed and restarted, {} stopped before and tried \
+                             again, {} added, {} removed",
                             config_path.display(),
                             applied.kept.len(),
                             applied.restarted.len(),
+                            applied.retried.len(),
                             applied.started.len(),
                             applied.removed.len()
                         );

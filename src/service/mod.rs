@@ -129,6 +129,8 @@ pub struct Service<S: EntropySource + 'static> {
     finished_rx: mpsc::UnboundedReceiver<(u64, TargetOutcome)>,
     /// Every loop that has ended, this run (reloads included), in the order they ended.
     ended: Vec<TargetOutcome>,
+    /// Targets whose loop ended on its own (stopped for good, or its rounds done).
+    ended_names: HashSet<String>,
 }
 
 #[derive(Debug)]
@@ -144,6 +146,9 @@ pub struct Applied {
     pub kept: Vec<String>,
     pub restarted: Vec<String>,
     pub started: Vec<String>,
+    /// Targets that had stopped for good and are tried again (a PIN still goes through the
+    /// PIN guard, so a refused PIN is not presented again).
+    pub retried: Vec<String>,
     pub removed: Vec<String>,
 }
 
@@ -178,6 +183,7 @@ impl<S: EntropySource + 'static> Service<S> {
             finished_tx,
             finished_rx,
             ended: Vec::new(),
+            ended_names: HashSet::new(),
         }
     }
 
@@ -187,6 +193,7 @@ impl<S: EntropySource + 'static> Service<S> {
         let wanted: HashSet<String> = targets.iter().map(|t| t.name.clone()).collect();
         // Stop what goes away or changes, and wait for those loops to end.
         let mut stopping = HashSet::new();
+        self.ended_names.retain(|name| wanted.contains(name));
         for (name, running) in &self.running {
             let unchanged = targets
                 .iter()
@@ -215,7 +222,9 @@ impl<S: EntropySource + 'static> Service<S> {
                 applied.kept.push(config.name.clone());
                 continue;
             }
-            if !applied.restarted.contains(&config.name) {
+            if self.ended_names.remove(&config.name) {
+                applied.retried.push(config.name.clone());
+            } else if !applied.restarted.contains(&config.name) {
                 applied.started.push(config.name.clone());
             }
             self.spawn(config);
@@ -299,6 +308,7 @@ impl<S: EntropySource + 'static> Service<S> {
             .is_some_and(|running| running.id == id);
         if current {
             self.running.remove(&outcome.name);
+            self.ended_names.insert(outcome.name.clone());
         }
         self.ended.push(outcome);
         current

@@ -127,29 +127,35 @@ pub fn diagnose_initialize(module: &Path) -> String {
     let needed = needed_paths(profile);
     for (path, wants_write) in &needed {
         if let Some(refusal) = refused(path, *wants_write) {
-            let grant = match profile.group {
-                Some(group) if group_exists(group) => format!(
-                    "{} wants its users in group {group}: for the service, run `systemctl edit \
-                     qseed` and add `[Service]` `SupplementaryGroups={group}`; by hand, `usermod \
-                     -aG {group} {}` (then log in again)",
-                    profile.vendor,
-                    user_name()
+            let user = user_name();
+            let grant = match &refusal.group {
+                // The path is open to a group: joining it is the fix.
+                Some(group) => format!(
+                    "add {user} to group {group}: for the service, run `systemctl edit qseed` \
+                     and add `[Service]` `SupplementaryGroups={group}`; by hand, `usermod -aG \
+                     {group} {user}` (then log in again)"
                 ),
-                _ => format!(
-                    "give this user access to it (for the service: `systemctl edit qseed`, \
-                     then SupplementaryGroups= or ReadWritePaths= as {} needs)",
-                    profile.vendor
-                ),
+                None => {
+                    let group = profile.group.unwrap_or("GROUP");
+                    format!(
+                        "{} is open to no group {user} could join: open it to one (e.g. `chgrp \
+                         -R {group} {shown} && chmod -R g+rwX {shown}`), then add {user} to it \
+                         (for the service: `systemctl edit qseed`, `[Service]` \
+                         `SupplementaryGroups={group}`)",
+                        refusal.path.display(),
+                        shown = refusal.path.display()
+                    )
+                }
             };
             return format!(
-                "{} could not start: qseed runs as {who}, which {refusal}. Fix: {grant}",
-                profile.vendor
+                "{} could not start: qseed runs as {who}, which {}. Fix: {grant}",
+                profile.vendor, refusal.text
             );
         }
     }
     format!(
         "{} could not start (qseed runs as {who}; the files it needs that qseed knows of are \
-         readable: {}); see the module's own log",
+         usable: {}); see the module's own log",
         profile.vendor,
         if needed.is_empty() {
             "none known".to_string()
@@ -202,10 +208,33 @@ fn softhsm_token_dir(config: &Path) -> Option<PathBuf> {
         .map(|(_, value)| PathBuf::from(value.trim()))
 }
 
+/// A file or folder this process may not use.
+#[derive(Debug)]
+struct Refusal {
+    path: PathBuf,
+    /// `may not enter /x (root:root, mode 700)`.
+    text: String,
+    /// The path's group, when its group bits grant what was refused: joining it would do.
+    group: Option<String>,
+}
+
 /// Why this process may not use `path` (read it, enter and, with `write`, change it as a
 /// folder), or `None` when it may (or when it does not exist: that is the module's business).
-fn refused(path: &Path, write: bool) -> Option<String> {
+fn refused(path: &Path, write: bool) -> Option<Refusal> {
     use rustix::fs::Access;
+    use std::os::unix::fs::MetadataExt;
+    let refusal = |at: &Path, verb: &str, group_bits: u32| {
+        let meta = std::fs::metadata(at).ok();
+        let group = meta
+            .filter(|m| m.mode() & group_bits == group_bits)
+            .and_then(|m| nix::unistd::Group::from_gid(m.gid().into()).ok().flatten())
+            .map(|g| g.name);
+        Refusal {
+            path: at.to_path_buf(),
+            text: format!("may not {verb} {}", describe(at)),
+            group,
+        }
+    };
     // The first parent that stops us is the one to name.
     let mut prefix = PathBuf::new();
     for part in path.components() {
@@ -214,28 +243,22 @@ fn refused(path: &Path, write: bool) -> Option<String> {
             break;
         }
         if prefix.is_dir() && rustix::fs::access(&prefix, Access::EXEC_OK).is_err() {
-            return Some(format!("may not enter {}", describe(&prefix)));
+            return Some(refusal(&prefix, "enter", 0o010));
         }
     }
     let meta = std::fs::metadata(path).ok()?;
-    let mut wanted = Access::READ_OK;
-    if meta.is_dir() {
-        wanted |= Access::EXEC_OK;
-        if write {
-            wanted |= Access::WRITE_OK;
-        }
-    }
+    let (wanted, verb, bits) = match (meta.is_dir(), write) {
+        (true, true) => (
+            Access::READ_OK | Access::WRITE_OK | Access::EXEC_OK,
+            "read and write",
+            0o070,
+        ),
+        (true, false) => (Access::READ_OK | Access::EXEC_OK, "read", 0o050),
+        (false, _) => (Access::READ_OK, "read", 0o040),
+    };
     match rustix::fs::access(path, wanted) {
         Ok(()) => None,
-        Err(_) => Some(format!(
-            "may not {} {}",
-            if meta.is_dir() && write {
-                "read and write"
-            } else {
-                "read"
-            },
-            describe(path)
-        )),
+        Err(_) => Some(refusal(path, verb, bits)),
     }
 }
 
@@ -258,10 +281,6 @@ fn describe(path: &Path) -> String {
         path.display(),
         meta.mode() & 0o7777
     )
-}
-
-fn group_exists(name: &str) -> bool {
-    matches!(nix::unistd::Group::from_name(name), Ok(Some(_)))
 }
 
 #[cfg(test)]

@@ -263,28 +263,43 @@ impl SpyLog {
             .iter()
             .filter(|c| c.name == "C_SeedRandom")
             .filter(|c| c.lines.iter().any(|l| l.starts_with("Returned:  0 CKR_OK")))
-            .map(|c| {
-                let declared: usize = c
-                    .lines
-                    .iter()
-                    .find(|l| l.starts_with("[in] pSeed[ulSeedLen]"))
-                    .and_then(|l| l.rsplit('/').next())
-                    .map(|n| n.trim().parse().unwrap())
-                    .expect("seed length line");
-                let mut bytes = Vec::with_capacity(declared);
-                for l in &c.lines {
-                    // "    00000010  BD CD ...  ascii": hex in columns 14..62.
-                    if l.len() > 14 && l.starts_with("    ") && l.as_bytes()[12] == b' ' {
-                        let hex = &l[14..l.len().min(62)];
-                        for tok in hex.split_whitespace() {
-                            bytes.push(u8::from_str_radix(tok, 16).expect("hex byte"));
-                        }
-                    }
-                }
-                assert_eq!(bytes.len(), declared, "spy dump of a seed is complete");
-                bytes
-            })
+            .map(|c| c.dump("[in] pSeed[ulSeedLen]"))
             .collect()
+    }
+
+    /// How many `C_Login` calls presented `pin` (the spy dumps the PIN: test tokens only).
+    pub fn logins_with(&self, pin: &str) -> usize {
+        self.calls
+            .iter()
+            .filter(|c| c.name == "C_Login")
+            .filter(|c| c.dump("[in] pPin[ulPinLen]") == pin.as_bytes())
+            .count()
+    }
+}
+
+impl SpyCall {
+    /// The bytes of the call's hex dump whose header line starts with `header`
+    /// ("[in] pSeed[ulSeedLen] 0x... / 48", then lines of "    00000010  BD CD ...  ascii").
+    fn dump(&self, header: &str) -> Vec<u8> {
+        let declared: usize = self
+            .lines
+            .iter()
+            .find(|l| l.starts_with(header))
+            .and_then(|l| l.rsplit('/').next())
+            .map(|n| n.trim().parse().unwrap())
+            .unwrap_or_else(|| panic!("no {header} line in {:?}", self.lines));
+        let mut bytes = Vec::with_capacity(declared);
+        for l in &self.lines {
+            // Hex in columns 14..62.
+            if l.len() > 14 && l.starts_with("    ") && l.as_bytes()[12] == b' ' {
+                let hex = &l[14..l.len().min(62)];
+                for tok in hex.split_whitespace() {
+                    bytes.push(u8::from_str_radix(tok, 16).expect("hex byte"));
+                }
+            }
+        }
+        assert_eq!(bytes.len(), declared, "the spy's dump is complete");
+        bytes
     }
 }
 
@@ -356,6 +371,15 @@ impl World {
 }
 
 impl Service {
+    /// The telemetry endpoint's base URL, from the service's log.
+    pub fn endpoint(&self) -> String {
+        assert!(self.wait_for_log("telemetry on http://", Duration::from_secs(5)));
+        let log = self.log();
+        let start = log.find("telemetry on http://").unwrap() + "telemetry on ".len();
+        let url = &log[start..];
+        url[..url.find("/metrics").unwrap()].to_string()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -435,4 +459,21 @@ impl SpyLog {
             })
             .count()
     }
+}
+
+/// A plain blocking HTTP GET (the telemetry endpoint is loopback HTTP): status and body.
+pub fn http_get(url: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }

@@ -1,0 +1,95 @@
+//! qseed run by an unprivileged user (`setpriv` to `nobody`, as a service user would be)
+//! against a SoftHSM token folder that user may not use: the error names the user, the folder
+//! and the fix, instead of a bare CKR_GENERAL_ERROR.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::*;
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `qseed ARGS` as user and group `nobody` with no supplementary group, from a copy of the
+/// binary the user may execute.
+fn as_nobody(world: &World, args: &[&str]) -> std::process::Output {
+    let binary = world.path("qseed");
+    if !binary.exists() {
+        std::fs::copy(env!("CARGO_BIN_EXE_qseed"), &binary).unwrap();
+        chmod(&binary, 0o755);
+    }
+    Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(&binary)
+        .args(args)
+        .env("SOFTHSM2_CONF", world.path("softhsm2.conf"))
+        .env("STATE_DIRECTORY", world.path("state"))
+        .env("QSEED_CONFIG_FILE", world.path("qseed.toml"))
+        .env_remove("QRYPT_TOKEN")
+        .output()
+        .expect("setpriv runs (util-linux)")
+}
+
+#[test]
+fn a_token_folder_the_user_may_not_use_is_named_with_the_fix() {
+    if !rustix::process::geteuid().is_root() {
+        // setpriv needs root to change users; CI runs as root.
+        eprintln!("skipped: needs root to run qseed as another user");
+        return;
+    }
+    let world = World::new();
+    world.add_token("tok");
+    // The world is readable (the configuration, SoftHSM's configuration), but its token
+    // folder is root's alone, as on a host where qseed's user is not in group softhsm.
+    chmod(world.dir.path(), 0o755);
+    chmod(&world.path("softhsm2.conf"), 0o644);
+    let tokens = world.path("tokens");
+    assert!(tokens.is_dir(), "the SoftHSM configuration's token folder");
+    chmod(&tokens, 0o700);
+    std::fs::create_dir(world.path("state")).unwrap();
+    std::process::Command::new("chown")
+        .args(["nobody", &world.path("state").display().to_string()])
+        .status()
+        .unwrap();
+
+    let out = as_nobody(&world, &["slots", "--module", SOFTHSM]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    for part in [
+        "C_Initialize: CKR_GENERAL_ERROR",
+        "qseed runs as user nobody",
+        &format!("may not read and write {}", tokens.display()),
+        "(root:root, mode 700)",
+        "SupplementaryGroups=softhsm",
+    ] {
+        assert!(text.contains(part), "{part:?} in {text}");
+    }
+    assert!(!text.contains("next period"), "{text}");
+
+    // Opened to group softhsm, the fix is to join it.
+    Command::new("chgrp")
+        .args(["softhsm", &tokens.display().to_string()])
+        .status()
+        .unwrap();
+    chmod(&tokens, 0o2770);
+    world.write_config(&format!(
+        "{}{}",
+        world.source("entropy"),
+        world
+            .target("tok", "tok", 48, "10s", false)
+            .replace(SPY, SOFTHSM)
+    ));
+    chmod(&world.path("qseed.toml"), 0o644);
+    chmod(&world.path("api.token"), 0o644);
+    chmod(&world.path("ca.pem"), 0o644);
+    let out = as_nobody(&world, &["once"]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("add nobody to group softhsm") && text.contains("usermod -aG softhsm nobody"),
+        "{text}"
+    );
+}
