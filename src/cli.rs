@@ -14,8 +14,16 @@ Exit codes:
   1  another run-time failure
   2  a configuration or command-line error; nothing was attempted
   3  `once`: a target was not seeded because no entropy could be had from the source
-  4  `once`: a target failed on the HSM side; `run`: every target has stopped
-Signals (`run`): SIGINT/SIGTERM stop cleanly; SIGHUP reloads the configuration file.
+  4  `once`: a target failed on the HSM side; `run`: every target has stopped (the packaged
+     unit does not restart on it: fix the cause, then start it)
+Signals (`run`): SIGINT/SIGTERM stop cleanly; SIGHUP reloads the configuration file (a
+burst counts once; at most one reload every 2 s; unchanged targets keep their schedule).
+
+Files:
+  /etc/qseed/qseed.toml     the configuration (QSEED_CONFIG_FILE, --config)
+  /var/lib/qseed/pin-guard  PINs a token refused, by token and PIN source (never the PIN);
+                            $STATE_DIRECTORY or [service] state_dir, else ~/.local/state/qseed
+                            for users who may not write /var/lib/qseed
 
 Examples:
   qseed demo                                   # try it: throwaway SoftHSM token + local simulator
@@ -121,7 +129,7 @@ pub enum Command {
     /// folder (for packagers).
     #[command(hide = true)]
     GenerateAssets {
-        /// Folder to write qseed.1 and the completions into.
+        /// Folder to write qseed.8 and the completions into.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },

@@ -116,3 +116,66 @@ fn secrets_come_from_systemd_credentials() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_missing_credential_file_is_named_not_fatal_to_the_unit() {
+    // With `LoadCredential=hsm.pin:/etc/qseed/hsm.pin` and `SetCredential=hsm.pin:\n`, a
+    // missing file reaches qseed as a credential holding one empty line.
+    let world = World::one_target("entropy", 48, "10s", true);
+    let credentials = world.path("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::write(credentials.join("hsm.pin"), "\n").unwrap();
+    let config = std::fs::read_to_string(world.path("qseed.toml"))
+        .unwrap()
+        .replace(
+            "pin_file = \"user.pin\"",
+            "pin_file = \"credential:hsm.pin\"",
+        );
+    world.write_config(&config);
+    let out = world
+        .qseed()
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .arg("once")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains("systemd passed an empty credential") && text.contains("LoadCredential="),
+        "{text}"
+    );
+    assert_eq!(
+        world.spy().count("C_Login"),
+        0,
+        "no empty PIN was presented"
+    );
+}
+
+#[test]
+fn status_names_a_stopped_target() {
+    let world = World::new();
+    world.add_token("good");
+    world.add_token("bad");
+    std::fs::write(world.path("bad.pin"), "999999").unwrap();
+    private(&world.path("bad.pin"));
+    world.write_config(&format!(
+        "{}{}{}",
+        world.source("entropy"),
+        world.target_at("good", "good", 48, "10s", false, "0s"),
+        world
+            .target_at("bad", "bad", 48, "10s", true, "300ms")
+            .replace("user.pin", "bad.pin"),
+    ));
+    let socket_path = world.path("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    let service = world.start_service_with(&[("NOTIFY_SOCKET", socket_path.to_str().unwrap())]);
+    let messages = receive_until(&socket, "READY=1", Duration::from_secs(5));
+    let ready = messages.last().cloned().unwrap_or_default();
+    assert!(
+        ready.contains("READY=1")
+            && ready.contains("STATUS=seeding 1 of 2 targets; bad stopped: pin"),
+        "{messages:?}"
+    );
+    let (status, _) = service.stop();
+    assert!(status.success());
+}

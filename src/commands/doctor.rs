@@ -75,7 +75,7 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
     if config.targets.iter().any(|t| t.login.is_some()) {
         match guard.describe() {
             Ok(folder) => list.ok(&format!(
-                "PIN guard: refused PINs are recorded in {folder} (qseed runs as {})",
+                "PIN guard: refused PINs are recorded in {folder}; qseed runs as {}",
                 crate::target::quirks::running_user()
             )),
             Err(why) => list.warn(

@@ -376,13 +376,13 @@ impl LoginAttempt {
 
 fn blocked(record: &Record, target: &str, source: &PinSource, path: Option<&Path>) -> HsmError {
     let file = path
-        .map(|p| format!(" (record: {})", p.display()))
+        .map(|p| format!(", or delete {}", p.display()))
         .unwrap_or_default();
     let change = if source.watches_file {
         "correct the PIN file (qseed notices the change)"
     } else {
         "correct the PIN, then change the configuration file (qseed cannot watch an inline, \
-         environment or credential PIN)"
+         environment or credential PIN; `touch` will do)"
     };
     HsmError::PinGuarded(match record.outcome {
         Outcome::Failed => format!(

@@ -97,6 +97,9 @@ pub fn profile(module: &Path) -> Option<&'static ModuleProfile> {
     PROFILES.iter().find(|p| p.file_names.contains(&name))
 }
 
+/// The packaged service's drop-in for HSM access, shared with `qseed-doctor.service`.
+const SERVICE_DROP_IN: &str = "/etc/systemd/system/qseed.service.d/hsm-access.conf";
+
 /// Who qseed runs as, for messages: `user qseed (uid 998)`.
 pub fn running_user() -> String {
     let uid = nix::unistd::Uid::current();
@@ -131,17 +134,17 @@ pub fn diagnose_initialize(module: &Path) -> String {
             let grant = match &refusal.group {
                 // The path is open to a group: joining it is the fix.
                 Some(group) => format!(
-                    "add {user} to group {group}: for the service, run `systemctl edit qseed` \
-                     and add `[Service]` `SupplementaryGroups={group}`; by hand, `usermod -aG \
-                     {group} {user}` (then log in again)"
+                    "add {user} to group {group}: for the systemd service, \
+                     `SupplementaryGroups={group}` in {SERVICE_DROP_IN}, then `systemctl \
+                     daemon-reload`; by hand, `usermod -aG {group} {user}` (then log in again)"
                 ),
                 None => {
                     let group = profile.group.unwrap_or("GROUP");
                     format!(
                         "{} is open to no group {user} could join: open it to one (e.g. `chgrp \
                          -R {group} {shown} && chmod -R g+rwX {shown}`), then add {user} to it \
-                         (for the service: `systemctl edit qseed`, `[Service]` \
-                         `SupplementaryGroups={group}`)",
+                         (for the systemd service: `SupplementaryGroups={group}` in \
+                         {SERVICE_DROP_IN})",
                         refusal.path.display(),
                         shown = refusal.path.display()
                     )
