@@ -284,3 +284,32 @@ fn blocks_failing_the_health_tests_are_never_injected() {
     assert_eq!(served.len(), 2 * 1024);
     assert_eq!(&seeds[0][..], &served[..1500]);
 }
+
+#[test]
+fn one_shot_commands_promise_no_retry() {
+    // `once` and `doctor` end after their try: no "next period" or "next try" in what they say.
+    let world = World::new();
+    world.add_token("a");
+    world.add_token("b");
+    world.write_config(&format!(
+        "{}{}{}",
+        world.source("entropy"),
+        world.target("a", "a", 48, "10s", false),
+        world.target("b", "b", 48, "10s", false),
+    ));
+    world.set_fault(Fault::Status(500));
+    let promises = ["next period", "next try", "trying again", "tries again"];
+    let out = world.run(&["once"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(text.contains("HTTP 500"), "{text}");
+    for promise in promises {
+        assert!(!text.contains(promise), "{promise:?} in {text}");
+    }
+    let out = world.run(&["doctor"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for promise in promises {
+        assert!(!text.contains(promise), "{promise:?} in {text}");
+    }
+}

@@ -16,6 +16,14 @@ fn chmod(path: &std::path::Path, mode: u32) {
 /// `qseed ARGS` as user and group `nobody` with no supplementary group, from a copy of the
 /// binary the user may execute.
 fn as_nobody(world: &World, args: &[&str]) -> std::process::Output {
+    as_nobody_with(world, args, &[("STATE_DIRECTORY", world.path("state"))])
+}
+
+fn as_nobody_with(
+    world: &World,
+    args: &[&str],
+    env: &[(&str, std::path::PathBuf)],
+) -> std::process::Output {
     let binary = world.path("qseed");
     if !binary.exists() {
         std::fs::copy(env!("CARGO_BIN_EXE_qseed"), &binary).unwrap();
@@ -26,8 +34,11 @@ fn as_nobody(world: &World, args: &[&str]) -> std::process::Output {
         .arg(&binary)
         .args(args)
         .env("SOFTHSM2_CONF", world.path("softhsm2.conf"))
-        .env("STATE_DIRECTORY", world.path("state"))
         .env("QSEED_CONFIG_FILE", world.path("qseed.toml"))
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("XDG_STATE_HOME")
+        .env_remove("HOME")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
         .env_remove("QRYPT_TOKEN")
         .output()
         .expect("setpriv runs (util-linux)")
@@ -90,6 +101,50 @@ fn a_token_folder_the_user_may_not_use_is_named_with_the_fix() {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
         text.contains("add nobody to group softhsm") && text.contains("usermod -aG softhsm nobody"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_user_without_the_system_state_folder_keeps_state_in_its_own() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to run qseed as another user");
+        return;
+    }
+    let world = World::one_target("entropy", 48, "10s", true);
+    chmod(world.dir.path(), 0o755);
+    for file in [
+        "qseed.toml",
+        "api.token",
+        "ca.pem",
+        "user.pin",
+        "softhsm2.conf",
+    ] {
+        chmod(&world.path(file), 0o644);
+    }
+    let home = world.path("home");
+    std::fs::create_dir(&home).unwrap();
+    Command::new("chown")
+        .args(["nobody", &home.display().to_string()])
+        .status()
+        .unwrap();
+    // No $STATE_DIRECTORY, no [service] state_dir, and /var/lib/qseed not nobody's: the XDG
+    // default under $HOME.
+    let out = as_nobody_with(&world, &["doctor"], &[("HOME", home.clone())]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "PIN guard: refused PINs are recorded in {}/.local/state/qseed/pin-guard; qseed \
+             runs as user nobody",
+            home.display()
+        )),
+        "{text}"
+    );
+    // Nowhere to write: said once, and the guard lasts for the process.
+    let out = as_nobody_with(&world, &["doctor"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("[warn] PIN guard:") && text.contains("remembered by this process only"),
         "{text}"
     );
 }

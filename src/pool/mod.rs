@@ -353,7 +353,15 @@ impl<S: EntropySource> Pool<S> {
         let cap = shortest_period(&state.demand) / 2;
         let wait = state.backoff.failed(error, cap, now);
         let held = state.buffer.available();
-        let wait_text = crate::config::short_duration(Duration::from_secs(wait.as_secs().max(1)));
+        // A bounded run (`once`, `doctor`) will not try again: say only what happened.
+        let next_try = if state.demand.values().any(|d| d.rounds_left.is_none()) {
+            format!(
+                "; next try in {}",
+                crate::config::short_duration(Duration::from_secs(wait.as_secs().max(1)))
+            )
+        } else {
+            String::new()
+        };
         match &mut state.outage {
             None => {
                 state.outage = Some(Outage {
@@ -364,20 +372,16 @@ impl<S: EntropySource> Pool<S> {
                 });
                 tracing::warn!(
                     "entropy source failing: {error}. Targets are served from the {held} bytes \
-                     buffered; next try in {wait_text}"
+                     buffered{next_try}"
                 );
             }
             Some(outage) => {
                 outage.failed_requests += 1;
                 if outage.kind != error.kind() {
                     outage.kind = error.kind();
-                    tracing::warn!(
-                        "entropy source still failing, now: {error}; next try in {wait_text}"
-                    );
+                    tracing::warn!("entropy source still failing, now: {error}{next_try}");
                 } else {
-                    tracing::debug!(
-                        "entropy source still failing: {error}; next try in {wait_text}"
-                    );
+                    tracing::debug!("entropy source still failing: {error}{next_try}");
                 }
             }
         }

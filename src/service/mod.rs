@@ -190,6 +190,10 @@ impl<S: EntropySource + 'static> Service<S> {
     /// Makes `targets` the running set (see [`Service`]).
     pub async fn apply(&mut self, targets: Vec<TargetConfig>) -> Applied {
         let mut applied = Applied::default();
+        // Loops that ended since last asked are not running: a reload tries them again.
+        while let Ok((id, outcome)) = self.finished_rx.try_recv() {
+            self.settle(id, outcome);
+        }
         let wanted: HashSet<String> = targets.iter().map(|t| t.name.clone()).collect();
         // Stop what goes away or changes, and wait for those loops to end.
         let mut stopping = HashSet::new();

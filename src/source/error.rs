@@ -47,7 +47,11 @@ pub enum SourceError {
         "the health tests refused all {blocks} block(s) of the answer, so none was used: {first}"
     )]
     Unhealthy { blocks: usize, first: String },
-    #[error("the entropy source is failing ({reason}); next try in {}s", .retry_in.as_secs_f32().ceil())]
+    #[error(
+        "no request sent: the entropy source failed moments ago ({reason}) and is backing off \
+         for {}s",
+        .retry_in.as_secs_f32().ceil()
+    )]
     Waiting { retry_in: Duration, reason: String },
     #[error("the source delivered fewer bytes than the {needed} needed")]
     ShortDelivery { needed: usize },
