@@ -25,7 +25,12 @@ Files:
                             $STATE_DIRECTORY or [service] state_dir, else ~/.local/state/qseed
                             for users who may not write /var/lib/qseed
 
+Configuration: --config, QSEED_CONFIG_FILE, else /etc/qseed/qseed.toml, else Qrypt's qseed's
+/etc/qseed/qseed_config.yml. QSEED_<TABLE>_<KEY> environment variables override the keys of
+[source], [pool], [telemetry] and [service] (e.g. QSEED_SOURCE_URL, QSEED_TELEMETRY_LISTEN).
+
 Examples:
+  qseed                                        # the service (`qseed run`)
   qseed demo                                   # try it: throwaway SoftHSM token + local simulator
   qseed slots --module /usr/lib/softhsm/libsofthsm2.so
   qseed --config /etc/qseed/qseed.toml once    # one round over all targets, for cron or timers
@@ -36,15 +41,10 @@ Examples:
 #[derive(Debug, Parser)]
 #[command(name = "qseed", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
-    /// Configuration file (TOML).
-    #[arg(
-        long,
-        global = true,
-        env = "QSEED_CONFIG_FILE",
-        default_value = crate::config::DEFAULT_PATH,
-        value_name = "PATH"
-    )]
-    pub config: PathBuf,
+    /// Configuration file: qseed's TOML, or Qrypt's qseed's YAML (told apart by content).
+    /// [default: /etc/qseed/qseed.toml, else /etc/qseed/qseed_config.yml]
+    #[arg(long, global = true, env = "QSEED_CONFIG_FILE", value_name = "PATH")]
+    pub config: Option<PathBuf>,
 
     /// More detail in the log (debug level).
     #[arg(short, long, global = true, conflicts_with = "quiet")]
@@ -58,8 +58,9 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
     pub log_format: crate::telemetry::LogFormat,
 
+    /// What to do; without one, `run` (as Qrypt's qseed and other daemons start).
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,6 +135,21 @@ pub enum Command {
         out: PathBuf,
     },
 
+    /// Turn Qrypt's qseed YAML configuration into qseed's TOML: printed with a comment per
+    /// choice, or written with --write DIR, where the inline token and PIN move into files of
+    /// their own (0600). Secrets are never printed.
+    #[command(after_help = "Examples:\n  \
+        qseed migrate /etc/qseed/qseed_config.yml\n  \
+        sudo qseed migrate /etc/qseed/qseed_config.yml --write /etc/qseed")]
+    Migrate {
+        /// The YAML file [default: --config, else /etc/qseed/qseed_config.yml].
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Write DIR/qseed.toml, DIR/qrypt.token and DIR/hsm.pin (never overwriting a file).
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
+    },
+
     /// Serve the local entropy API simulator (TEST AND DEMO TOOL: OS randomness, not
     /// quantum entropy) until SIGINT/SIGTERM.
     #[command(after_help = "Example:\n  \
@@ -187,24 +203,33 @@ fn run(cli: Cli) -> Result<(), Error> {
     // The demo points SoftHSM at a throwaway token folder through the environment, which is
     // only sound before any other thread exists, so it is prepared before the runtime starts.
     let demo_dir = match &cli.command {
-        Command::Demo { .. } => Some(commands::demo::prepare_environment()?),
+        Some(Command::Demo { .. }) => Some(commands::demo::prepare_environment()?),
         _ => None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Failed(format!("cannot start the async runtime: {e}")))?;
+    let explicit = cli.config.as_deref();
+    let config = crate::config::locate(explicit);
     let result = runtime.block_on(async move {
-        match cli.command {
-            Command::Run => commands::run::run(&cli.config).await,
-            Command::Once => commands::run::once(&cli.config).await,
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => commands::run::run(&config).await,
+            Command::Once => commands::run::once(&config).await,
             Command::Doctor { retry_pin } => {
-                commands::doctor::doctor(&cli.config, retry_pin.as_deref()).await
+                commands::doctor::doctor(&config, retry_pin.as_deref()).await
             }
             Command::Slots { module } => commands::slots::slots(&module).await,
             Command::GenerateAssets { out } => commands::assets::generate(&out),
             Command::Fetch { bytes, output } => {
-                commands::fetch::fetch(&cli.config, bytes, output.as_deref()).await
+                commands::fetch::fetch(&config, explicit.is_some(), bytes, output.as_deref()).await
+            }
+            Command::Migrate { file, write } => {
+                let file = file.unwrap_or_else(|| match explicit {
+                    Some(path) => path.to_path_buf(),
+                    None => PathBuf::from(crate::config::legacy::DEFAULT_PATH),
+                });
+                commands::migrate::migrate(&file, write.as_deref()).await
             }
             Command::Demo { rounds, module } => {
                 let dir = demo_dir.ok_or_else(|| Error::Failed("demo folder missing".into()))?;

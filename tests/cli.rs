@@ -65,7 +65,7 @@ fn the_shipped_example_configuration_parses() {
 }
 
 #[test]
-fn fetch_without_a_config_file_needs_a_token() {
+fn fetch_with_a_named_config_file_that_is_missing_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = qseed(&[
         "--config",
@@ -79,8 +79,8 @@ fn fetch_without_a_config_file_needs_a_token() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("no API token") && err.contains("QRYPT_TOKEN"),
-        "{err}"
+        err.contains("absent.toml") && err.contains("the file does not exist"),
+        "never a silent fall-back to the cloud: {err}"
     );
 }
 

@@ -71,6 +71,30 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
         }
     }
     check_permissions(&mut list, config_path, &config);
+    for o in &config.overrides {
+        list.ok(&format!(
+            "environment: {} sets {} = {:?}",
+            o.variable, o.key, o.value
+        ));
+    }
+    if config.legacy {
+        list.warn(
+            &format!(
+                "configuration {} is Qrypt's qseed YAML, with the API token{} inline",
+                config_path.display(),
+                if config.targets.iter().any(|t| t.login.is_some()) {
+                    " and the HSM PIN"
+                } else {
+                    ""
+                }
+            ),
+            &format!(
+                "run `qseed migrate {} --write DIR`: qseed's TOML, the secrets in files of their \
+                 own (0600)",
+                config_path.display()
+            ),
+        );
+    }
     let guard = super::run::pin_guard(&config);
     if config.targets.iter().any(|t| t.login.is_some()) {
         match guard.describe() {
@@ -149,7 +173,9 @@ fn check_permissions(list: &mut Checklist, path: &Path, config: &Config) {
             &format!("permissions of {shown} ({mode:04o})"),
             &format!("anyone can change it; run: chmod o-w {shown}"),
         );
-    } else if mode & 0o004 != 0 && config.targets.iter().any(|t| t.login.is_some()) {
+    } else if mode & 0o004 != 0
+        && (config.legacy || config.targets.iter().any(|t| t.login.is_some()))
+    {
         list.warn(
             &format!("permissions of {shown} ({mode:04o}): readable by every user"),
             &format!("it names the HSM's PIN source (or holds a PIN); run: chmod o-rwx {shown}"),

@@ -12,8 +12,13 @@ use crate::source::{EntropySource, BLOCK_LEN, MAX_BLOCKS_PER_REQUEST};
 /// Above this size a progress bar is shown (when stderr is a terminal).
 const PROGRESS_FROM: u64 = 256 * 1024;
 
-pub async fn fetch(config_path: &Path, bytes: u64, output: Option<&Path>) -> Result<(), Error> {
-    let (source, pool_config) = source_config(config_path)?;
+pub async fn fetch(
+    config_path: &Path,
+    explicit: bool,
+    bytes: u64,
+    output: Option<&Path>,
+) -> Result<(), Error> {
+    let (source, pool_config) = source_config(config_path, explicit)?;
     let client = QryptClient::new(&source).map_err(|e| Error::Config(e.to_string()))?;
     let mut sink = open_output(output)?;
     let progress = (bytes >= PROGRESS_FROM && std::io::stderr().is_terminal()).then(|| {
@@ -71,9 +76,10 @@ pub async fn fetch(config_path: &Path, bytes: u64, output: Option<&Path>) -> Res
 }
 
 /// The file's `[source]` and `[pool]` when the file exists; else the cloud defaults with
-/// `QRYPT_TOKEN`.
-fn source_config(config_path: &Path) -> Result<(SourceConfig, PoolConfig), Error> {
-    if config_path.exists() {
+/// `QRYPT_TOKEN`. A file named with --config or QSEED_CONFIG_FILE must exist: a typo must not
+/// fall back to the cloud.
+fn source_config(config_path: &Path, explicit: bool) -> Result<(SourceConfig, PoolConfig), Error> {
+    if config_path.exists() || explicit {
         let config = config::load(config_path)?;
         return Ok((config.source, config.pool));
     }

@@ -5,6 +5,8 @@
 //! token and PINs read into secret types. Errors name the file, the key, the value (never a
 //! secret's) and what is allowed.
 
+pub mod env;
+pub mod legacy;
 pub mod raw;
 pub mod values;
 
@@ -54,6 +56,10 @@ pub struct Config {
     /// when systemd's `$STATE_DIRECTORY` is not set. `None`: the default places.
     pub state_dir: Option<PathBuf>,
     pub targets: Vec<TargetConfig>,
+    /// Keys set by `QSEED_<TABLE>_<KEY>` environment variables.
+    pub overrides: Vec<env::Override>,
+    /// Read from Qrypt's qseed's YAML format.
+    pub legacy: bool,
 }
 
 /// How to reach the entropy API.
@@ -155,7 +161,24 @@ pub struct ConfigError {
     pub message: String,
 }
 
-/// Reads, parses and resolves the configuration file at `path`.
+/// Where the configuration is: `explicit` (`--config`, `QSEED_CONFIG_FILE`) if given; else
+/// [`DEFAULT_PATH`], or Qrypt's qseed's [`legacy::DEFAULT_PATH`] when only that exists.
+pub fn locate(explicit: Option<&Path>) -> PathBuf {
+    if let Some(path) = explicit {
+        return path.to_path_buf();
+    }
+    let default = Path::new(DEFAULT_PATH);
+    let legacy = Path::new(legacy::DEFAULT_PATH);
+    if !default.exists() && legacy.exists() {
+        legacy.to_path_buf()
+    } else {
+        default.to_path_buf()
+    }
+}
+
+/// Reads, parses and resolves the configuration file at `path` (qseed's TOML, or Qrypt's
+/// qseed's YAML, told apart by content), with `QSEED_<TABLE>_<KEY>` overrides from the
+/// environment.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let fail = |message: String| ConfigError {
         path: path.to_path_buf(),
@@ -169,22 +192,64 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             _ => format!("cannot read the file: {e}"),
         })
     })?;
+    let text = zeroize::Zeroizing::new(text);
     let base = path.parent().unwrap_or(Path::new("."));
     let origin = std::fs::metadata(path)
         .map(|meta| file_identity(path, &meta))
         .unwrap_or_else(|_| format!("config:{}", path.display()));
-    parse_from(&text, base, &origin).map_err(fail)
+    let config = parse_from(&text, base, &origin, environment()).map_err(fail)?;
+    if config.legacy {
+        tracing::warn!(
+            "{} is Qrypt's qseed's YAML format and holds the API token{} inline: anyone who \
+             can read the file has them. `qseed migrate {} --write DIR` moves them into files \
+             of their own",
+            path.display(),
+            if config.targets.iter().any(|t| t.login.is_some()) {
+                " and the HSM PIN"
+            } else {
+                ""
+            },
+            path.display()
+        );
+    }
+    Ok(config)
 }
 
-/// Parses and resolves configuration text; relative paths are taken from `base`.
+/// Parses and resolves configuration text; relative paths are taken from `base`. Environment
+/// overrides apply, as for [`load`].
 pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
-    parse_from(text, base, "config:unsaved")
+    parse_from(text, base, "config:unsaved", environment())
 }
 
-/// [`parse`] for text read from a file whose identity (see [`file_identity`]) is `origin`.
-fn parse_from(text: &str, base: &Path, origin: &str) -> Result<Config, String> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
-    resolve(raw, base, origin)
+/// The process's `QSEED_*` variables (a variable that is not Unicode cannot be a key's value).
+fn environment() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with("QSEED_"))
+        .collect()
+}
+
+/// [`parse`] for text read from a file whose identity (see [`file_identity`]) is `origin`,
+/// with the environment `vars`.
+pub fn parse_from(
+    text: &str,
+    base: &Path,
+    origin: &str,
+    vars: Vec<(String, String)>,
+) -> Result<Config, String> {
+    let legacy = legacy::looks_like_yaml(text);
+    let mut raw: RawConfig = if legacy {
+        legacy::parse(text)
+            .map_err(|e| format!("{e} (read as Qrypt's qseed YAML configuration)"))?
+            .into_raw()
+    } else {
+        toml::from_str(text).map_err(|e| toml_error(text, &e))?
+    };
+    let overrides = env::apply(&mut raw, vars)?;
+    let mut config = resolve(raw, base, origin).map_err(|e| env::rename(e, &overrides))?;
+    config.overrides = overrides;
+    config.legacy = legacy;
+    Ok(config)
 }
 
 /// What identifies a file's current content without reading it: where it is, its inode, and
@@ -265,6 +330,8 @@ fn resolve(raw: RawConfig, base: &Path, origin: &str) -> Result<Config, String> 
         telemetry_listen,
         state_dir,
         targets,
+        overrides: Vec::new(),
+        legacy: false,
     })
 }
 
@@ -368,6 +435,7 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
             let file = secret_path(base, &file, "source.token_file")?;
             Some(read_secret_file(&file, "source.token_file")?.0)
         }
+        (Auth::Bearer, None) if raw.inline_token.is_some() => raw.inline_token.map(|t| t.0),
         (Auth::Bearer, None) => match std::env::var(TOKEN_ENV).map(zeroize::Zeroizing::new) {
             Ok(t) if !t.trim().is_empty() => Some(SecretString::from(t.trim().to_string())),
             _ => {

@@ -56,7 +56,27 @@ pub struct RawSource {
     pub ca_file: Option<PathBuf>,
     pub timeout: Option<DurationValue>,
     pub allow_http: Option<bool>,
+    /// Only from Qrypt's old YAML file (`qrypt_token`), never from TOML.
+    #[serde(skip)]
+    pub inline_token: Option<InlineSecret>,
 }
+
+/// `self.k = other.k` for every key `other` sets: an override from the environment.
+macro_rules! merge {
+    ($kind:ty: $($key:ident),+) => {
+        impl $kind {
+            pub fn merge(&mut self, other: $kind) {
+                $(if other.$key.is_some() {
+                    self.$key = other.$key;
+                })+
+            }
+        }
+    };
+}
+merge!(RawSource: url, dialect, auth, token_file, ca_file, timeout, allow_http);
+merge!(RawPool: max_bytes, max_age, horizon, min_entropy, false_alarm);
+merge!(RawTelemetry: listen);
+merge!(RawService: state_dir);
 
 /// How requests authenticate: Qrypt's cloud needs a bearer token; an appliance may need none.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,243 @@
+//! `qseed migrate [FILE] [--write DIR]`: Qrypt's qseed YAML configuration as qseed's TOML.
+//!
+//! Printed, the TOML names `qrypt.token` and `hsm.pin` files for the secrets and says how to
+//! fill them; with `--write DIR` it writes those files (0600) beside `qseed.toml`. The token and
+//! the PIN are never printed. Where the module loads, the token now in the configured slot is
+//! named in comments, with its serial suggested in place of the slot id.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use secrecy::ExposeSecret;
+
+use crate::config::legacy::{self, LegacyConfig};
+use crate::config::{DEFAULT_PERIOD, DEFAULT_SIZE, DEFAULT_URL};
+use crate::error::Error;
+use crate::target::{module, token};
+
+const TOKEN_FILE: &str = "qrypt.token";
+const PIN_FILE: &str = "hsm.pin";
+
+pub async fn migrate(file: &Path, write: Option<&Path>) -> Result<(), Error> {
+    let shown = file.display();
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(file)
+            .map_err(|e| Error::Config(format!("cannot read {shown}: {e}")))?,
+    );
+    if !legacy::looks_like_yaml(&text) {
+        return Err(Error::Config(format!(
+            "{shown} is not Qrypt's qseed YAML configuration (`key: value` lines); if it is \
+             qseed's TOML already, there is nothing to migrate"
+        )));
+    }
+    let old = legacy::parse(&text).map_err(|e| Error::Config(format!("{shown}: {e}")))?;
+    let module = old.module.clone();
+    let slot = old.slot_id;
+    let found = tokio::task::spawn_blocking(move || describe_slot(&module, slot))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    let toml = render(&old, file, &found, write.is_some());
+    // What we print must read back as the configuration it claims to be.
+    if let Err(e) = toml::from_str::<toml::Table>(&toml) {
+        return Err(Error::Failed(format!(
+            "the migrated configuration does not parse ({e}); please report this"
+        )));
+    }
+    match write {
+        None => {
+            say!("{toml}");
+            Ok(())
+        }
+        Some(dir) => write_all(dir, &toml, &old),
+    }
+}
+
+/// The token in `slot` of `module`, as (label, serial), if the module can tell.
+fn describe_slot(module: &Path, slot: u64) -> Result<Option<(String, String)>, String> {
+    let pkcs11 = module::load(module).map_err(|e| e.to_string())?;
+    let listing = token::list(&pkcs11).map_err(|e| e.to_string());
+    let _ = pkcs11.finalize();
+    Ok(listing?
+        .into_iter()
+        .find(|s| s.slot_id == slot)
+        .and_then(|s| s.token)
+        .map(|t| (t.label, t.serial)))
+}
+
+fn render(
+    old: &LegacyConfig,
+    file: &Path,
+    found: &Result<Option<(String, String)>, String>,
+    writing: bool,
+) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "# qseed configuration, migrated by qseed {} from {} (Qrypt's qseed).\n\
+         # Same meaning: one target, Qrypt's cloud with POST /api/v1/entropy{}.",
+        env!("CARGO_PKG_VERSION"),
+        file.display(),
+        if old.pin.is_some() {
+            ", a user login"
+        } else {
+            ""
+        }
+    );
+    if !writing {
+        let _ = writeln!(
+            t,
+            "# The token and PIN are not printed. Put qrypt_token's value in {TOKEN_FILE}{} \
+             (one line, chmod 0600),\n# or run `qseed migrate {} --write DIR`, which does it.",
+            if old.pin.is_some() {
+                format!(" and cryptoki_user_pin's in {PIN_FILE}")
+            } else {
+                String::new()
+            },
+            file.display()
+        );
+    }
+    let _ = writeln!(
+        t,
+        "\n[source]\n# Qrypt's qseed always used Qrypt's cloud (East US).\nurl = \"{DEFAULT_URL}\"\n\
+         # Qrypt's qseed sends POST /api/v1/entropy.\ndialect = \"entropy\"\n\
+         # qrypt_token, moved out of the configuration into a file of its own:\n\
+         token_file = \"{TOKEN_FILE}\"\n"
+    );
+    let _ = writeln!(
+        t,
+        "[[target]]\nname = \"{}\"\n# cryptoki_lib\nmodule = {}",
+        legacy::TARGET_NAME,
+        toml_string(&old.module.display().to_string())
+    );
+    match found {
+        Ok(Some((label, serial))) => {
+            let _ = writeln!(
+                t,
+                "# cryptoki_slot_id {}: the token there now is {} (serial {}).\n\
+                 # Slot ids can change when tokens come and go (SoftHSM's do); a serial does \
+                 not.\n# To follow the token instead of the slot, replace slot_id with:\n\
+                 # serial = {}",
+                old.slot_id,
+                toml_string(label),
+                toml_string(serial),
+                toml_string(serial)
+            );
+        }
+        Ok(None) => {
+            let _ = writeln!(
+                t,
+                "# cryptoki_slot_id {}: the module shows no token in that slot now \
+                 (`qseed slots --module ...` lists them).",
+                old.slot_id
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(
+                t,
+                "# cryptoki_slot_id {}: the module could not be asked which token is there \
+                 ({}).",
+                old.slot_id,
+                e.replace('\n', " ")
+            );
+        }
+    }
+    let _ = writeln!(t, "slot_id = {}", old.slot_id);
+    if old.pin.is_some() {
+        let _ = writeln!(
+            t,
+            "# cryptoki_user_pin, moved into a file of its own:\nlogin = \"user\"\n\
+             pin_file = \"{PIN_FILE}\""
+        );
+    } else {
+        let _ = writeln!(
+            t,
+            "# No cryptoki_user_pin: seeding without a login.\nlogin = \"none\""
+        );
+    }
+    let size = old.size.unwrap_or(DEFAULT_SIZE as u64);
+    let period = old.period.unwrap_or(DEFAULT_PERIOD.as_secs());
+    let _ = writeln!(
+        t,
+        "# size: bytes per injection{}\nsize = {size}\n# period: seconds between injections{}\n\
+         period = \"{period}s\"",
+        if old.size.is_none() {
+            " (not set: Qrypt's default)"
+        } else {
+            ""
+        },
+        if old.period.is_none() {
+            " (not set: Qrypt's default)"
+        } else {
+            ""
+        }
+    );
+    t
+}
+
+/// A TOML basic string.
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
+}
+
+fn write_all(dir: &Path, toml: &str, old: &LegacyConfig) -> Result<(), Error> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Failed(format!("cannot create {}: {e}", dir.display())))?;
+    let mut written: Vec<PathBuf> = Vec::new();
+    let mut files: Vec<(&str, &[u8], u32)> = vec![
+        ("qseed.toml", toml.as_bytes(), 0o640),
+        (TOKEN_FILE, old.token.0.expose_secret().as_bytes(), 0o600),
+    ];
+    if let Some(pin) = &old.pin {
+        files.push((PIN_FILE, pin.0.expose_secret().as_bytes(), 0o600));
+    }
+    // Nothing is overwritten: refuse before writing anything.
+    for (name, _, _) in &files {
+        let path = dir.join(name);
+        if path.exists() || path.is_symlink() {
+            return Err(Error::Failed(format!(
+                "{} exists; qseed migrate does not overwrite files. Choose another --write \
+                 folder, or move it away",
+                path.display()
+            )));
+        }
+    }
+    for (name, content, mode) in files {
+        let path = dir.join(name);
+        let result = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(content)?;
+                if name != "qseed.toml" {
+                    f.write_all(b"\n")?;
+                }
+                f.sync_all()
+            });
+        if let Err(e) = result {
+            for done in &written {
+                let _ = std::fs::remove_file(done);
+            }
+            return Err(Error::Failed(format!(
+                "cannot write {}: {e}",
+                path.display()
+            )));
+        }
+        written.push(path);
+    }
+    say!(
+        "wrote {} (0640), {} (0600){}. Check it with: qseed --config {} doctor",
+        dir.join("qseed.toml").display(),
+        dir.join(TOKEN_FILE).display(),
+        if old.pin.is_some() {
+            format!(" and {} (0600)", dir.join(PIN_FILE).display())
+        } else {
+            String::new()
+        },
+        dir.join("qseed.toml").display()
+    );
+    Ok(())
+}
