@@ -35,7 +35,7 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
     let mut reloads = shutdown::reloads();
     announce(&config, &client);
     let pool = Arc::new(Pool::new(client, config.pool));
-    let metrics = metrics_for(&pool);
+    let metrics = metrics_for(&pool, &modules);
     let endpoint = match config.telemetry_listen {
         Some(addr) => {
             let listener = server::bind(addr).await.map_err(|e| {
@@ -265,7 +265,7 @@ pub async fn serve_with<S: EntropySource + 'static>(
     });
     announce(&config, &source);
     let pool = Arc::new(Pool::new(source, config.pool));
-    let metrics = metrics_for(&pool);
+    let metrics = metrics_for(&pool, &modules);
     let targets = service::run(
         config.targets,
         pool.clone(),
@@ -282,11 +282,14 @@ pub async fn serve_with<S: EntropySource + 'static>(
 }
 
 /// Metrics that watch `pool` (held weakly: the pool's observer is these metrics).
-fn metrics_for<S: EntropySource + 'static>(pool: &Arc<Pool<S>>) -> Arc<Metrics> {
+fn metrics_for<S: EntropySource + 'static>(pool: &Arc<Pool<S>>, modules: &Modules) -> Arc<Metrics> {
     let weak = Arc::downgrade(pool);
-    let metrics = Metrics::new(Some(Arc::new(move || {
-        weak.upgrade().map(|p| p.stats()).unwrap_or_default()
-    })));
+    let metrics = Metrics::watching(
+        Some(Arc::new(move || {
+            weak.upgrade().map(|p| p.stats()).unwrap_or_default()
+        })),
+        Some(modules.clone()),
+    );
     pool.set_observer(metrics.clone());
     metrics
 }

@@ -66,6 +66,11 @@ pub enum HsmError {
     LoginBusy,
     #[error("C_Initialize: {code}: {diagnosis}")]
     InitializeRefused { code: String, diagnosis: String },
+    #[error(
+        "module {path} is down: its device or connection was lost and re-initializing it has not \
+         worked yet ({reason})"
+    )]
+    ModuleDown { path: String, reason: String },
 }
 
 impl HsmError {
@@ -83,6 +88,7 @@ impl HsmError {
             | HsmError::Ambiguous { .. }
             | HsmError::LoginBusy
             | HsmError::InitializeRefused { .. }
+            | HsmError::ModuleDown { .. }
             | HsmError::Unexpected(_) => false,
             HsmError::Call { rv, .. } => is_permanent_rv(*rv),
         }

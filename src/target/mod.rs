@@ -35,6 +35,9 @@ pub struct Target {
 struct OpenSession {
     session: Session,
     token: TokenIdentity,
+    /// The module generation the session belongs to (see [`module`]): after a
+    /// re-initialization its handle is dead, and may even name another target's new session.
+    generation: u64,
 }
 
 impl Target {
@@ -52,18 +55,34 @@ impl Target {
     }
 
     /// Finds the token, opens a session and logs in if configured; a no-op while a session
-    /// is open.
+    /// of the module's current generation is open.
     pub fn connect(&mut self) -> Result<TokenIdentity, HsmError> {
+        let module = self.modules.module(&self.config.module)?;
+        let call = module.enter()?;
+        let generation = call.generation;
+        let result = self.connect_in(&call);
+        drop(call);
+        match result {
+            Ok(token) => Ok(token),
+            Err(e) => {
+                module.failed(&e, generation, self.config.period);
+                Err(e)
+            }
+        }
+    }
+
+    fn connect_in(&mut self, call: &module::ModuleCall) -> Result<TokenIdentity, HsmError> {
+        self.forget_stale(call.generation);
         if let Some(open) = &self.open {
             return Ok(open.token.clone());
         }
-        let module = self.modules.get(&self.config.module)?;
+        let pkcs11 = &call.pkcs11;
         let path = self.config.module.display().to_string();
-        let token = token::find(&module, &path, &self.config.token)?;
+        let token = token::find(pkcs11, &path, &self.config.token)?;
         if !token.has_rng {
             return Err(HsmError::NoRng);
         }
-        let session = module
+        let session = pkcs11
             .open_ro_session(token.slot)
             .map_err(error::from_cryptoki)?;
         if let Some(login) = &self.config.login {
@@ -99,6 +118,7 @@ impl Target {
         self.open = Some(OpenSession {
             session,
             token: token.clone(),
+            generation: call.generation,
         });
         Ok(token)
     }
@@ -106,25 +126,29 @@ impl Target {
     /// Mixes `seed` into the token's generator with `C_SeedRandom`.
     pub fn seed(&mut self, seed: &EntropyBytes) -> Result<TokenIdentity, HsmError> {
         let token = self.connect()?;
+        let module = self.modules.module(&self.config.module)?;
+        let call = module.enter()?;
+        let generation = call.generation;
+        self.forget_stale(generation);
         let Some(open) = &self.open else {
-            return Err(HsmError::Unexpected("no session after connect".into()));
+            // The module was re-initialized between connecting and seeding.
+            return Err(HsmError::Unexpected(
+                "the module was re-initialized; the session is gone".into(),
+            ));
         };
-        match open.session.seed_random(seed.expose()) {
-            Ok(()) => Ok(token),
+        let result = open.session.seed_random(seed.expose());
+        drop(call);
+        match result {
+            Ok(()) => {
+                module.succeeded(generation);
+                Ok(token)
+            }
             Err(e) => {
                 let e = error::from_cryptoki(e);
                 if e.loses_session() {
                     self.drop_session();
                 }
-                if matches!(
-                    e,
-                    HsmError::Call {
-                        rv: RvError::CryptokiNotInitialized,
-                        ..
-                    }
-                ) {
-                    self.modules.reset(&self.config.module);
-                }
+                module.failed(&e, generation, self.config.period);
                 Err(e)
             }
         }
@@ -132,9 +156,34 @@ impl Target {
 
     /// Closes the session (which also logs out if it was the last one on the token).
     pub fn close(&mut self) {
+        let Ok(module) = self.modules.module(&self.config.module) else {
+            self.forget_stale(u64::MAX);
+            return;
+        };
+        let Ok(call) = module.enter() else {
+            // The module is down: its sessions died with it.
+            self.forget_stale(u64::MAX);
+            return;
+        };
+        self.forget_stale(call.generation);
         if let Some(open) = self.open.take() {
             if let Err(e) = open.session.close() {
                 tracing::debug!(target = %self.config.name, "C_CloseSession: {}", error::from_cryptoki(e));
+            }
+        }
+        drop(call);
+    }
+
+    /// Forgets a session of an older module generation without `C_CloseSession`: its handle
+    /// may now name another session of the re-initialized module.
+    fn forget_stale(&mut self, generation: u64) {
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.generation != generation)
+        {
+            if let Some(stale) = self.open.take() {
+                std::mem::forget(stale.session);
             }
         }
     }

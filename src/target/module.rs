@@ -1,19 +1,92 @@
 //! Loaded PKCS#11 modules: each library loaded and `C_Initialize`d once per process, shared by
-//! every target that uses it, and `C_Finalize`d once at the end.
+//! every target that uses it, and `C_Finalize`d once at the end — or re-initialized when its
+//! device is lost.
+//!
+//! Every call into a module passes its *gate* ([`Module::enter`]), which counts the calls
+//! inside. A re-initialization (`C_Finalize` + `C_Initialize`, the only cure real clients know
+//! for a lost device: tpm2-pkcs11 after a TPM restart, p11-kit's client after its server's child
+//! died) closes the gate, waits until no call is inside, and bumps the module's *generation*:
+//! sessions of an older generation are dead, and their targets open new ones and log in again.
+//! Nothing ever calls `C_Finalize` while another thread is inside the module.
+//!
+//! Recovery is on a written schedule: the first re-initialization right away, later attempts
+//! after 1 s, 2 s, 4 s, ... capped at the period of the target that asks (so seeding resumes
+//! within about one period of the device being back). One log line when a recovery starts,
+//! one when it heals.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 
 use super::error::{from_cryptoki, HsmError};
 
+/// How long a re-initialization waits for calls still inside the module before it gives up
+/// (and tries again later): a hung call must not hold the others.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
+/// Consecutive `CKR_GENERAL_ERROR`s after which a module counts as lost (one can be anything).
+const GENERAL_ERRORS_TO_RESET: u32 = 2;
+
 /// The process's loaded modules, by path. Cloning shares the same set.
 #[derive(Debug, Clone, Default)]
 pub struct Modules {
-    loaded: Arc<Mutex<HashMap<PathBuf, Pkcs11>>>,
+    loaded: Arc<Mutex<HashMap<PathBuf, Arc<Module>>>>,
+}
+
+/// One loaded module and its gate.
+#[derive(Debug)]
+pub struct Module {
+    path: PathBuf,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Debug)]
+struct State {
+    /// `None` after a re-initialization failed: the module is down until the next attempt.
+    pkcs11: Option<Pkcs11>,
+    generation: u64,
+    in_flight: usize,
+    resetting: bool,
+    general_errors: u32,
+    recovery: Option<Recovery>,
+    resets: u64,
+}
+
+#[derive(Debug)]
+struct Recovery {
+    since: Instant,
+    attempts: u32,
+    next_attempt: Instant,
+    last_error: String,
+}
+
+/// A call inside a module: holds the gate open until dropped.
+#[derive(Debug)]
+pub struct ModuleCall {
+    module: Arc<Module>,
+    pub pkcs11: Pkcs11,
+    pub generation: u64,
+}
+
+impl Drop for ModuleCall {
+    fn drop(&mut self) {
+        let mut state = self.module.lock();
+        state.in_flight -= 1;
+        drop(state);
+        self.module.changed.notify_all();
+    }
+}
+
+/// A module's counters, for metrics.
+#[derive(Debug, Clone)]
+pub struct ModuleStats {
+    pub path: String,
+    pub resets: u64,
+    pub down: bool,
 }
 
 impl Modules {
@@ -22,27 +95,50 @@ impl Modules {
     }
 
     /// The module at `path`, loaded and initialized on first use.
-    pub fn get(&self, path: &Path) -> Result<Pkcs11, HsmError> {
+    pub fn module(&self, path: &Path) -> Result<Arc<Module>, HsmError> {
         let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(module) = loaded.get(path) {
             return Ok(module.clone());
         }
-        let module = load(path)?;
+        let pkcs11 = load(path)?;
+        let module = Arc::new(Module {
+            path: path.to_path_buf(),
+            state: Mutex::new(State {
+                pkcs11: Some(pkcs11),
+                generation: 1,
+                in_flight: 0,
+                resetting: false,
+                general_errors: 0,
+                recovery: None,
+                resets: 0,
+            }),
+            changed: Condvar::new(),
+        });
         loaded.insert(path.to_path_buf(), module.clone());
         Ok(module)
     }
 
-    /// Forgets a module whose state is suspect so that the next [`Modules::get`] loads and
-    /// initializes it afresh. Sessions still open on it become invalid.
-    pub fn reset(&self, path: &Path) {
-        let module = self
-            .loaded
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(path);
-        if let Some(module) = module {
-            let _ = module.finalize();
-        }
+    /// The module's context, for one-off checks (`doctor`, the demo) that make no session.
+    pub fn get(&self, path: &Path) -> Result<Pkcs11, HsmError> {
+        Ok(self.module(path)?.enter()?.pkcs11.clone())
+    }
+
+    /// Counters of every module, for metrics.
+    pub fn stats(&self) -> Vec<ModuleStats> {
+        let loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut stats: Vec<ModuleStats> = loaded
+            .values()
+            .map(|m| {
+                let state = m.lock();
+                ModuleStats {
+                    path: m.path.display().to_string(),
+                    resets: state.resets,
+                    down: state.pkcs11.is_none() || state.recovery.is_some(),
+                }
+            })
+            .collect();
+        stats.sort_by(|a, b| a.path.cmp(&b.path));
+        stats
     }
 
     /// `C_Finalize` on every module. Call only once no session is in use.
@@ -50,7 +146,8 @@ impl Modules {
         self.finalize_all_except(&std::collections::HashSet::new());
     }
 
-    /// `C_Finalize` on every module but those in `busy` (a thread may still be inside them).
+    /// `C_Finalize` on every module but those in `busy`, and those with a call still inside
+    /// (a thread may be stuck there: finalizing under it is undefined behaviour).
     pub fn finalize_all_except(&self, busy: &std::collections::HashSet<PathBuf>) {
         let modules: Vec<_> = self
             .loaded
@@ -58,17 +155,260 @@ impl Modules {
             .unwrap_or_else(PoisonError::into_inner)
             .drain()
             .filter(|(path, _)| !busy.contains(path))
+            .map(|(_, module)| module)
             .collect();
-        for (path, module) in modules {
-            if let Err(e) = module.finalize() {
-                tracing::warn!(
-                    "C_Finalize on {} failed: {}",
-                    path.display(),
-                    from_cryptoki(e)
+        for module in modules {
+            let taken = {
+                let mut state = module.lock();
+                if state.in_flight > 0 {
+                    tracing::warn!(
+                        "not finalizing {}: a call into it has not returned",
+                        module.path.display()
+                    );
+                    None
+                } else {
+                    state.pkcs11.take()
+                }
+            };
+            if let Some(pkcs11) = taken {
+                if let Err(e) = pkcs11.finalize() {
+                    tracing::warn!(
+                        "C_Finalize on {} failed: {}",
+                        module.path.display(),
+                        from_cryptoki(e)
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Module {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the gate for one call (or a few, like finding a token and logging in). Waits while
+    /// the module is being re-initialized; a module that is down is tried again when its next
+    /// attempt is due, otherwise the call fails at once.
+    pub fn enter(self: &Arc<Self>) -> Result<ModuleCall, HsmError> {
+        let mut state = self.lock();
+        while state.resetting {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if state.pkcs11.is_none() {
+            let due = state
+                .recovery
+                .as_ref()
+                .is_none_or(|r| Instant::now() >= r.next_attempt);
+            if !due {
+                return Err(self.down(&state));
+            }
+            drop(state);
+            self.reinitialize(None, Duration::from_secs(60));
+            state = self.lock();
+            while state.resetting {
+                state = self
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        let Some(pkcs11) = state.pkcs11.clone() else {
+            return Err(self.down(&state));
+        };
+        state.in_flight += 1;
+        Ok(ModuleCall {
+            module: self.clone(),
+            pkcs11,
+            generation: state.generation,
+        })
+    }
+
+    /// A call of `generation` succeeded: the module works (a recovery, if any, is over).
+    pub fn succeeded(&self, generation: u64) {
+        let mut state = self.lock();
+        state.general_errors = 0;
+        if state.generation == generation {
+            if let Some(recovery) = state.recovery.take() {
+                tracing::info!(
+                    "{}: working again after {} ({} re-initialization(s)); its targets logged in \
+                     again",
+                    self.path.display(),
+                    crate::config::short_duration(Duration::from_secs(
+                        recovery.since.elapsed().as_secs().max(1)
+                    )),
+                    recovery.attempts
                 );
             }
         }
     }
+
+    /// A call of `generation` failed with `error`. A lost device (or repeated general errors)
+    /// re-initializes the module, for every target that uses it; `period` caps the wait
+    /// between attempts. Call with no [`ModuleCall`] of this thread open.
+    pub fn failed(&self, error: &HsmError, generation: u64, period: Duration) {
+        let device_lost = {
+            let mut state = self.lock();
+            if state.generation != generation {
+                // Already re-initialized since that call began.
+                return;
+            }
+            match error {
+                HsmError::Call { rv, .. } if is_device_loss(*rv) => true,
+                HsmError::Call {
+                    rv: RvError::GeneralError,
+                    ..
+                } => {
+                    state.general_errors += 1;
+                    state.general_errors >= GENERAL_ERRORS_TO_RESET
+                }
+                _ => false,
+            }
+        };
+        if device_lost {
+            self.reinitialize(Some((error, generation)), period);
+        }
+    }
+
+    /// `C_Finalize` + `C_Initialize`, once no call is inside. `cause` is the failure that
+    /// asked for it and the generation it was seen in (`None`: a due retry of a module that is
+    /// down).
+    fn reinitialize(&self, cause: Option<(&HsmError, u64)>, period: Duration) {
+        let mut state = self.lock();
+        while state.resetting {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if let Some((_, seen)) = cause {
+            if state.generation != seen {
+                return;
+            }
+        }
+        let now = Instant::now();
+        if let Some(r) = &state.recovery {
+            if now < r.next_attempt {
+                return;
+            }
+        }
+        state.resetting = true;
+        let deadline = now + DRAIN_WAIT;
+        while state.in_flight > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        if state.in_flight > 0 {
+            tracing::warn!(
+                "{}: not re-initializing it yet: a call inside it has not returned",
+                self.path.display()
+            );
+            self.schedule_next(&mut state, now, period, "a call inside it has not returned");
+            state.resetting = false;
+            drop(state);
+            self.changed.notify_all();
+            return;
+        }
+        if state.recovery.is_none() {
+            let why = cause.map_or_else(|| "it is down".to_string(), |(e, _)| e.to_string());
+            tracing::warn!(
+                "{}: the device or its connection is lost ({why}); re-initializing the module \
+                 (C_Finalize + C_Initialize) for every target that uses it",
+                self.path.display()
+            );
+            state.recovery = Some(Recovery {
+                since: now,
+                attempts: 0,
+                next_attempt: now,
+                last_error: why,
+            });
+        }
+        let old = state.pkcs11.take();
+        drop(state);
+        if let Some(old) = old {
+            // Sessions of the old generation die with it; their targets forget them.
+            let _ = old.finalize();
+        }
+        let fresh = load(&self.path);
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        state.resets += 1;
+        state.generation += 1;
+        state.general_errors = 0;
+        let recovery = state.recovery.get_or_insert(Recovery {
+            since: now,
+            attempts: 0,
+            next_attempt: now,
+            last_error: String::new(),
+        });
+        recovery.attempts += 1;
+        recovery.next_attempt = Instant::now() + backoff(recovery.attempts, period);
+        match fresh {
+            Ok(pkcs11) => state.pkcs11 = Some(pkcs11),
+            Err(e) => {
+                tracing::debug!("{}: re-initialization failed: {e}", self.path.display());
+                recovery.last_error = e.to_string();
+            }
+        }
+        state.resetting = false;
+        drop(guard);
+        self.changed.notify_all();
+    }
+
+    fn schedule_next(&self, state: &mut State, now: Instant, period: Duration, why: &str) {
+        let recovery = state.recovery.get_or_insert(Recovery {
+            since: now,
+            attempts: 0,
+            next_attempt: now,
+            last_error: String::new(),
+        });
+        recovery.last_error = why.to_string();
+        recovery.next_attempt = now + backoff(recovery.attempts.max(1), period);
+    }
+
+    fn down(&self, state: &State) -> HsmError {
+        HsmError::ModuleDown {
+            path: self.path.display().to_string(),
+            reason: state
+                .recovery
+                .as_ref()
+                .map(|r| r.last_error.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// 1 s, 2 s, 4 s, ... after the `attempts`-th attempt, at most `period` (at least 1 s).
+fn backoff(attempts: u32, period: Duration) -> Duration {
+    Duration::from_secs(1u64 << attempts.saturating_sub(1).min(16))
+        .min(period.max(Duration::from_secs(1)))
+}
+
+/// Return codes after which only a re-initialization helps (seen on real clients: a TPM
+/// restarted under tpm2-pkcs11, p11-kit's remote child killed).
+fn is_device_loss(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::DeviceError
+            | RvError::DeviceRemoved
+            | RvError::TokenNotPresent
+            | RvError::CryptokiNotInitialized
+    )
 }
 
 /// Loads the library and initializes it for a threaded caller.

@@ -72,9 +72,17 @@ pub struct Metrics {
 impl Metrics {
     /// `pool` gives the pool's counters (bytes downloaded, held, refused, ...) at each scrape.
     pub fn new(pool: Option<PoolStats>) -> Arc<Self> {
+        Self::watching(pool, None)
+    }
+
+    /// [`Metrics::new`], also reporting the PKCS#11 modules' re-initializations.
+    pub fn watching(pool: Option<PoolStats>, modules: Option<crate::target::Modules>) -> Arc<Self> {
         let mut registry = Registry::with_prefix("qseed");
         if let Some(stats) = pool {
             registry.register_collector(Box::new(PoolCollector(stats)));
+        }
+        if let Some(modules) = modules {
+            registry.register_collector(Box::new(ModuleCollector(modules)));
         }
         let injections = Family::<InjectionLabels, Counter>::default();
         registry.register(
@@ -334,6 +342,47 @@ impl RequestObserver for Metrics {
             })
             .inc();
         self.request_seconds.observe(seconds);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModuleLabels {
+    module: String,
+}
+
+/// `qseed_module_resets_total{module}` and `qseed_module_down{module}`.
+#[derive(Debug)]
+struct ModuleCollector(crate::target::Modules);
+
+impl Collector for ModuleCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.0.stats();
+        let mut resets = encoder.encode_descriptor(
+            "module_resets",
+            "Re-initializations (C_Finalize + C_Initialize) of a PKCS#11 module after its device \
+             or connection was lost",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for s in &stats {
+            let labels = ModuleLabels {
+                module: s.path.clone(),
+            };
+            ConstCounter::new(s.resets).encode(resets.encode_family(&labels)?)?;
+        }
+        let mut down = encoder.encode_descriptor(
+            "module_down",
+            "1 while a PKCS#11 module is being recovered after its device or connection was lost",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for s in &stats {
+            let labels = ModuleLabels {
+                module: s.path.clone(),
+            };
+            ConstGauge::new(i64::from(s.down)).encode(down.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 

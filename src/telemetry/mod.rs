@@ -26,8 +26,10 @@ pub enum LogFormat {
 
 /// Installs the stderr logger. `default_level` applies where `QSEED_LOG` is not set.
 pub fn init(default_level: &str, format: LogFormat) {
+    // cryptoki logs only when dropping a session fails to close it, which qseed does on
+    // purpose for sessions it knows are dead: noise for an operator.
     let filter = EnvFilter::try_from_env("QSEED_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(format!("qseed={default_level},warn")));
+        .unwrap_or_else(|_| EnvFilter::new(format!("qseed={default_level},cryptoki=off,warn")));
     // A closed stderr (`qseed run 2>&1 | head`) must not matter: by default the subscriber
     // reports its own write errors with `eprintln!`, which panics on that same closed stderr.
     let builder = tracing_subscriber::fmt()

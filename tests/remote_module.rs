@@ -1,0 +1,118 @@
+//! A PKCS#11 module in another process that dies and comes back: p11-kit's client in qseed,
+//! p11-kit's server with pkcs11-spy and SoftHSM behind it (so the spy log is written in the
+//! server's process: the bytes crossed the process boundary). Killing the server's
+//! `p11-kit-remote` child makes every call fail (`CKR_DEVICE_ERROR`) until the client module is
+//! finalized and initialized again; qseed must do that by itself and go on seeding.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const CLIENT: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `p11-kit server` for token `label` of this world's SoftHSM, through the spy.
+fn server(world: &World, label: &str) -> (Server, String) {
+    let socket = world.path("p11-kit.sock");
+    let child = Command::new("p11-kit")
+        .args(["server", "--foreground", "--name"])
+        .arg(&socket)
+        .args(["--provider", SPY, &format!("pkcs11:token={label}")])
+        .env("SOFTHSM2_CONF", world.path("softhsm2.conf"))
+        .env("PKCS11SPY", SOFTHSM)
+        .env("PKCS11SPY_OUTPUT", world.path("spy.log"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("p11-kit runs (apt-get install p11-kit p11-kit-modules)");
+    assert!(wait_until(Duration::from_secs(5), || socket.exists()));
+    (Server(child), format!("unix:path={}", socket.display()))
+}
+
+/// The server's per-connection `p11-kit-remote` children.
+fn remote_children(server: &Server) -> Vec<String> {
+    let out = Command::new("pgrep")
+        .args(["-P", &server.0.id().to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+fn metric(text: &str, start: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(start).map(|v| v.trim().parse().unwrap()))
+}
+
+#[test]
+fn seeding_resumes_after_the_module_process_dies() {
+    if !std::path::Path::new(CLIENT).exists() {
+        panic!("{CLIENT} is missing: apt-get install p11-kit-modules (scripts/test does)");
+    }
+    let world = World::new();
+    world.add_token("rt");
+    let (server, address) = server(&world, "rt");
+    world.write_config(&format!(
+        "{}{}",
+        world.source("entropy"),
+        world
+            .target("remote", "rt", 48, "1s", true)
+            .replace(SPY, CLIENT)
+    ));
+    let service = world.start_service_with(&[("P11_KIT_SERVER_ADDRESS", &address)]);
+    let base = service.endpoint();
+    assert!(
+        world.wait_for_seeds(2, Duration::from_secs(6)),
+        "{}",
+        service.log()
+    );
+
+    // The module's process dies.
+    let children = remote_children(&server);
+    assert!(!children.is_empty(), "p11-kit-remote is running");
+    let killed = std::time::Instant::now();
+    for pid in &children {
+        Command::new("kill").args(["-KILL", pid]).status().unwrap();
+    }
+    let before = world.spy().seeds().len();
+    assert!(
+        wait_until(Duration::from_secs(8), || world.spy().seeds().len()
+            >= before + 2),
+        "{}",
+        service.log()
+    );
+    let resumed = killed.elapsed();
+    let log = service.log();
+    assert!(
+        log.contains("the device or its connection is lost") && log.contains("working again"),
+        "{log}"
+    );
+    let (_, metrics) = http_get(&format!("{base}/metrics"));
+    let resets = metric(
+        &metrics,
+        &format!("qseed_module_resets_total{{module=\"{CLIENT}\"}} "),
+    );
+    assert!(resets.is_some_and(|n| n >= 1.0), "{metrics}");
+    let (status, _) = service.stop();
+    assert!(status.success(), "{log}");
+
+    // Every seed crossed to the server's process, each one served bytes, none twice; a new
+    // session logged in again after the re-initialization.
+    let spy = world.spy();
+    assert_seeds_are_distinct_served_bytes(&spy.seeds(), &world.sim.served());
+    assert_eq!(spy.logins_with(PIN), 2, "one login before, one after");
+    eprintln!("seeding resumed {resumed:?} after the module's process was killed (period 1s)");
+}
