@@ -103,11 +103,11 @@ fn false_rejects() {
     let mut tests = HealthTests::new(config);
     let (rct, apt) = tests.cutoffs();
     let mut rejected = 0usize;
-    let mut buffer = qseed::pool::EntropyBytes::zeroed(256 * BLOCK_LEN);
+    let mut buffer = qseed::secret::EntropyBytes::zeroed(256 * BLOCK_LEN);
     let start = Instant::now();
     for _ in 0..BLOCKS / 256 {
         getrandom::fill(buffer.expose_mut()).unwrap();
-        let mut copy = qseed::pool::EntropyBytes::zeroed(buffer.len());
+        let mut copy = qseed::secret::EntropyBytes::zeroed(buffer.len());
         copy.expose_mut().copy_from_slice(buffer.expose());
         let (_, failures) = health::screen(&mut tests, copy, BLOCK_LEN);
         rejected += failures.len();

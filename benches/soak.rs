@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qseed::config::{parse, TargetConfig, TokenSelector};
+use qseed::hsm::Modules;
 use qseed::pool::{Pool, PoolConfig};
 use qseed::service::{self, Rounds};
 use qseed::simulator::{Fault, Options, Simulator};
 use qseed::source::qrypt::QryptClient;
-use qseed::target::Modules;
 use tokio_util::sync::CancellationToken;
 
 const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -108,7 +108,7 @@ async fn soak(dir: &Path, module: &Path, sizes: &[usize], length: Duration) {
         pool.clone(),
         modules.clone(),
         // The soak's targets log in with no PIN: the guard is never consulted.
-        qseed::target::PinGuard::new(&qseed::state::StateDir::Memory {
+        qseed::hsm::PinGuard::new(&qseed::state::StateDir::Memory {
             why: "soak benchmark".into(),
         }),
         Rounds::Forever,

@@ -199,7 +199,7 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), Error> {
     // Before any secret is read: no core dumps, no ptrace by other processes.
-    crate::pool::memory::protect_process();
+    crate::secret::memory::protect_process();
     // The demo points SoftHSM at a throwaway token folder through the environment, which is
     // only sound before any other thread exists, so it is prepared before the runtime starts.
     let demo_dir = match &cli.command {

@@ -10,7 +10,8 @@
 //!
 //! - [`source`]: the Qrypt entropy API client (both dialects) and the strict answer parser.
 //! - [`pool`]: the local buffer; hands every downloaded byte out once, wipes what it drops.
-//! - [`target`]: PKCS#11 modules, finding tokens, sessions, login and seeding.
+//! - [`hsm`]: PKCS#11 modules (their gates and recovery), finding tokens, sessions, the PIN
+//!   guard, login and seeding; the table of known vendor modules.
 //! - [`service`]: the period loops, rounds, shutdown.
 //! - [`config`]: the TOML file, checked in two stages (shape, then resolved secrets and paths).
 //! - [`simulator`]: a local stand-in for the entropy API, for tests and the demo only.
@@ -43,10 +44,12 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod hsm;
 pub mod pool;
+pub mod secret;
 pub mod service;
 pub mod simulator;
 pub mod source;
 pub mod state;
-pub mod target;
 pub mod telemetry;
+pub mod units;

@@ -14,12 +14,12 @@ use tokio_util::sync::CancellationToken;
 use crate::commands::run::serve_with;
 use crate::config::{self, TokenSelector, TOKEN_ENV};
 use crate::error::Error;
+use crate::hsm::error::from_cryptoki;
+use crate::hsm::{token, HsmError, Modules, PinGuard};
 use crate::service::{shutdown, Rounds};
 use crate::simulator::{Options, Simulator, LABEL};
 use crate::source::qrypt::QryptClient;
 use crate::state::StateDir;
-use crate::target::error::from_cryptoki;
-use crate::target::{token, HsmError, Modules, PinGuard};
 
 /// Where Debian and Ubuntu install SoftHSMv2's module.
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use crate::config::{self, Config};
 use crate::error::Error;
+use crate::hsm::{token, HsmError, Modules, PinGuard, Target};
 use crate::pool::{EntropyBytes, Pool};
 use crate::source::qrypt::QryptClient;
 use crate::source::EntropySource;
-use crate::target::{token, HsmError, Modules, PinGuard, Target};
 
 #[derive(Debug, Default)]
 struct Checklist {
@@ -100,7 +100,7 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
         match guard.describe() {
             Ok(folder) => list.ok(&format!(
                 "PIN guard: refused PINs are recorded in {folder}; qseed runs as {}",
-                crate::target::quirks::running_user()
+                crate::hsm::quirks::running_user()
             )),
             Err(why) => list.warn(
                 &format!("PIN guard: {why}; a refused PIN is remembered by this process only"),

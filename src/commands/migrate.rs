@@ -15,7 +15,7 @@ use secrecy::ExposeSecret;
 use crate::config::legacy::{self, LegacyConfig};
 use crate::config::{DEFAULT_PERIOD, DEFAULT_SIZE, DEFAULT_URL};
 use crate::error::Error;
-use crate::target::{module, token};
+use crate::hsm::{module, token};
 
 const TOKEN_FILE: &str = "qrypt.token";
 const PIN_FILE: &str = "hsm.pin";

@@ -8,12 +8,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config};
 use crate::error::Error;
+use crate::hsm::{Modules, PinGuard};
 use crate::pool::Pool;
 use crate::service::{self, shutdown, Outcome, Rounds, Service, TargetOutcome};
 use crate::source::qrypt::QryptClient;
 use crate::source::EntropySource;
 use crate::state::StateDir;
-use crate::target::{Modules, PinGuard};
 use crate::telemetry::{metrics::Metrics, server, systemd};
 
 /// At most one reload per this interval: a burst of SIGHUPs becomes one reload (or two, the

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::error::Error;
-use crate::target::{module, token};
+use crate::hsm::{module, token};
 
 pub async fn slots(module_path: &Path) -> Result<(), Error> {
     let path = module_path.to_path_buf();

@@ -19,7 +19,8 @@ use secrecy::SecretString;
 use url::Url;
 
 use crate::pool::{HealthConfig, PoolConfig};
-use crate::source::Dialect;
+pub use crate::source::SourceConfig;
+pub use crate::units::short_duration;
 use raw::{Auth, Login, RawConfig, RawPool, RawService, RawSource, RawTarget};
 
 /// Where the configuration lives unless `--config` or `QSEED_CONFIG_FILE` says otherwise.
@@ -60,18 +61,6 @@ pub struct Config {
     pub overrides: Vec<env::Override>,
     /// Read from Qrypt's qseed's YAML format.
     pub legacy: bool,
-}
-
-/// How to reach the entropy API.
-#[derive(Debug, Clone)]
-pub struct SourceConfig {
-    pub url: Url,
-    pub dialect: Dialect,
-    /// `None` only with `auth = "none"`. `SecretString` prints as redacted.
-    pub token: Option<SecretString>,
-    pub ca_file: Option<PathBuf>,
-    pub timeout: Duration,
-    pub allow_http: bool,
 }
 
 /// One HSM token to seed.
@@ -713,20 +702,6 @@ fn in_range(
             short_duration(*range.end())
         ))
     }
-}
-
-/// `365d`, `10m`, `1s`: the largest whole unit, as an operator would write it.
-pub fn short_duration(d: Duration) -> String {
-    let secs = d.as_secs();
-    if d.subsec_nanos() != 0 || secs == 0 {
-        return humantime::format_duration(d).to_string();
-    }
-    for (unit, len) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
-        if secs % len == 0 {
-            return format!("{}{unit}", secs / len);
-        }
-    }
-    format!("{secs}s")
 }
 
 fn valid_name(name: &str) -> bool {

@@ -3,6 +3,7 @@ use std::path::Path;
 use secrecy::ExposeSecret;
 
 use super::*;
+use crate::source::Dialect;
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 

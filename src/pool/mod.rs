@@ -13,9 +13,7 @@
 //! network; a stop throws away at most about one request's worth.
 
 mod buffer;
-mod bytes;
 pub mod health;
-pub mod memory;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +23,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::secret::EntropyBytes;
 pub use buffer::Buffer;
-pub use bytes::{lock_failures, EntropyBytes};
 pub use health::{HealthConfig, HealthFailure, HealthTests};
 
 use crate::source::backoff::{self, Backoff};
@@ -357,7 +355,7 @@ impl<S: EntropySource> Pool<S> {
         let next_try = if state.demand.values().any(|d| d.rounds_left.is_none()) {
             format!(
                 "; next try in {}",
-                crate::config::short_duration(Duration::from_secs(wait.as_secs().max(1)))
+                crate::units::short_duration(Duration::from_secs(wait.as_secs().max(1)))
             )
         } else {
             String::new()
@@ -393,7 +391,7 @@ impl<S: EntropySource> Pool<S> {
         if let Some(outage) = state.outage.take() {
             tracing::info!(
                 "entropy source back after {}: {} failed request(s), {} round(s) skipped",
-                crate::config::short_duration(Duration::from_secs(
+                crate::units::short_duration(Duration::from_secs(
                     outage.since.elapsed().as_secs().max(1)
                 )),
                 outage.failed_requests,
@@ -467,7 +465,7 @@ impl<S: EntropySource> Pool<S> {
                 .fetch_add(expired as u64, Ordering::Relaxed);
             tracing::info!(
                 "wiped {expired} unused bytes older than pool.max_age ({})",
-                crate::config::short_duration(max_age)
+                crate::units::short_duration(max_age)
             );
         }
     }

@@ -19,9 +19,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TargetConfig;
+use crate::hsm::{HsmError, Modules, PinGuard, Target, TokenIdentity};
 use crate::pool::{DemandId, EntropyBytes, Pool, StatsSnapshot};
 use crate::source::{EntropySource, SourceError};
-use crate::target::{HsmError, Modules, PinGuard, Target, TokenIdentity};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::AUDIT;
 use worker::{CallError, Worker};

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::target::{HsmError, Target};
+use crate::hsm::{HsmError, Target};
 
 /// Why a call gave no answer.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use zeroize::Zeroize;
 
 use super::Dialect;
-use crate::pool::EntropyBytes;
+use crate::secret::EntropyBytes;
 
 /// Why an answer with status 200 was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

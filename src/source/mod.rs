@@ -15,13 +15,25 @@ use serde::Deserialize;
 
 pub use error::SourceError;
 
-use crate::pool::EntropyBytes;
+use crate::secret::EntropyBytes;
 
 /// Bytes per block: the API sells entropy by the KiB.
 pub const BLOCK_LEN: usize = 1024;
 
 /// Most blocks one request may ask for (both Qrypt clients and the appliance enforce it).
 pub const MAX_BLOCKS_PER_REQUEST: usize = 512;
+
+/// How to reach the entropy API.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub url: url::Url,
+    pub dialect: Dialect,
+    /// `None` only with `auth = "none"`. `SecretString` prints as redacted.
+    pub token: Option<secrecy::SecretString>,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub timeout: std::time::Duration,
+    pub allow_http: bool,
+}
 
 /// Which of the two request forms the server speaks (see `entropy-api.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

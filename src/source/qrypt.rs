@@ -7,9 +7,9 @@ use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 use zeroize::Zeroizing;
 
+use super::SourceConfig;
 use super::{answer, Dialect, EntropySource, SourceError, BLOCK_LEN, MAX_BLOCKS_PER_REQUEST};
-use crate::config::SourceConfig;
-use crate::pool::EntropyBytes;
+use crate::secret::EntropyBytes;
 
 /// Answers longer than this many bytes per block are refused unread (base64 of 1 KiB is 1,368
 /// bytes; the rest is JSON punctuation and slack for whitespace and escaped slashes).

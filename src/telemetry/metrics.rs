@@ -76,7 +76,7 @@ impl Metrics {
     }
 
     /// [`Metrics::new`], also reporting the PKCS#11 modules' re-initializations.
-    pub fn watching(pool: Option<PoolStats>, modules: Option<crate::target::Modules>) -> Arc<Self> {
+    pub fn watching(pool: Option<PoolStats>, modules: Option<crate::hsm::Modules>) -> Arc<Self> {
         let mut registry = Registry::with_prefix("qseed");
         if let Some(stats) = pool {
             registry.register_collector(Box::new(PoolCollector(stats)));
@@ -352,7 +352,7 @@ struct ModuleLabels {
 
 /// `qseed_module_resets_total{module}` and `qseed_module_down{module}`.
 #[derive(Debug)]
-struct ModuleCollector(crate::target::Modules);
+struct ModuleCollector(crate::hsm::Modules);
 
 impl Collector for ModuleCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -434,7 +434,7 @@ impl Collector for PoolCollector {
             let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
             counter.encode(metric)?;
         }
-        let locks = ConstCounter::new(crate::pool::lock_failures());
+        let locks = ConstCounter::new(crate::secret::lock_failures());
         let metric = encoder.encode_descriptor(
             "memory_lock_failures",
             "Entropy buffers that could not be locked in RAM (raise RLIMIT_MEMLOCK)",

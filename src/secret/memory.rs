@@ -29,7 +29,7 @@ pub fn memlock_limit_text() -> String {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
-    use crate::pool::EntropyBytes;
+    use crate::secret::EntropyBytes;
 
     #[test]
     fn the_process_becomes_non_dumpable() {

@@ -19,7 +19,7 @@ pub use pin_guard::PinGuard;
 pub use token::TokenIdentity;
 
 use crate::config::TargetConfig;
-use crate::pool::EntropyBytes;
+use crate::secret::EntropyBytes;
 
 /// One configured token and, while it is usable, an open session on it.
 #[derive(Debug)]
