@@ -181,3 +181,28 @@ fn demo_seeds_a_throwaway_token_and_says_the_entropy_is_simulated() {
         "demo folder removed"
     );
 }
+
+#[test]
+fn a_size_above_max_seed_goes_in_several_calls_each_byte_once() {
+    let world = World::new();
+    world.add_token("tok");
+    world.write_config(&format!(
+        "{}{}max_seed = 64\n",
+        world.source("entropy"),
+        world.target("tok", "tok", 200, "10s", false)
+    ));
+    let out = world.run(&["once"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seeds = world.spy().seeds();
+    let lengths: Vec<usize> = seeds.iter().map(Vec::len).collect();
+    assert_eq!(lengths, [64, 64, 64, 8], "one round, four calls");
+    // Together they are the first 200 served bytes, in order.
+    assert_eq!(seeds.concat(), world.sim.served()[..200].to_vec());
+
+    let out = world.run(&["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("accepted a 200-byte seed (in 4 call(s) of at most 64 bytes: max_seed)"),
+        "{text}"
+    );
+}

@@ -315,8 +315,20 @@ fn check_target(
     match seed {
         Some(bytes) => match target.seed(&bytes) {
             Ok(_) => lines.push(Line::Ok(format!(
-                "target {name}: the token has an RNG and accepted a {}-byte seed",
-                bytes.len()
+                "target {name}: the token has an RNG and accepted a {}-byte seed{}",
+                bytes.len(),
+                match target.max_seed() {
+                    Some(max) => format!(
+                        " (in {} call(s) of at most {max} bytes: {})",
+                        bytes.len().div_ceil(max),
+                        if target.config().max_seed.is_some() {
+                            "max_seed".to_string()
+                        } else {
+                            "the module's known limit".to_string()
+                        }
+                    ),
+                    None => String::new(),
+                }
             ))),
             Err(e) => lines.push(Line::Fail(
                 format!("target {name}: C_SeedRandom"),

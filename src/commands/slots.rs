@@ -16,25 +16,30 @@ pub async fn slots(module_path: &Path) -> Result<(), Error> {
     .await
     .map_err(|e| Error::Failed(format!("PKCS#11 thread failed: {e}")))??;
 
+    let max_seed = crate::hsm::quirks::profile(module_path)
+        .and_then(|p| p.max_seed)
+        .map_or_else(|| "-".to_string(), |m| m.to_string());
     say!(
-        "{:<12} {:<7} {:<32} {:<16} {:<16} {:<4}",
+        "{:<12} {:<7} {:<32} {:<16} {:<16} {:<4} {:<8}",
         "SLOT",
         "TOKEN",
         "LABEL",
         "SERIAL",
         "MODEL",
-        "RNG"
+        "RNG",
+        "MAX-SEED"
     );
     for slot in &listing {
         match &slot.token {
             Some(t) => say!(
-                "{:<12} {:<7} {:<32} {:<16} {:<16} {:<4}",
+                "{:<12} {:<7} {:<32} {:<16} {:<16} {:<4} {:<8}",
                 slot.slot_id,
                 if t.initialized { "yes" } else { "uninit" },
                 if t.initialized { t.label.as_str() } else { "-" },
                 t.serial,
                 t.model,
-                if t.has_rng { "yes" } else { "no" }
+                if t.has_rng { "yes" } else { "no" },
+                max_seed
             ),
             None => say!(
                 "{:<12} {:<7} {:<32} {:<16} {:<16} {:<4}",
@@ -49,6 +54,12 @@ pub async fn slots(module_path: &Path) -> Result<(), Error> {
     }
     if listing.is_empty() {
         say!("(the module shows no slots)");
+    }
+    if max_seed != "-" {
+        say!(
+            "MAX-SEED: this module takes at most {max_seed} bytes per C_SeedRandom; a larger \
+             size is injected in several calls (override with max_seed)"
+        );
     }
     Ok(())
 }

@@ -158,6 +158,7 @@ impl LegacyConfig {
                 .map(|p| DurationValue(std::time::Duration::from_secs(p))),
             offset: None,
             timeout: None,
+            max_seed: None,
         });
         raw
     }

@@ -78,6 +78,9 @@ pub struct TargetConfig {
     pub offset: Duration,
     /// Longest wait for one PKCS#11 call before it is reported as hung.
     pub timeout: Duration,
+    /// Most bytes per `C_SeedRandom` call (a larger `size` goes in several calls); `None`:
+    /// the module's known limit, if any (see `hsm::quirks`), else `size` in one call.
+    pub max_seed: Option<usize>,
 }
 
 /// A user login: the PIN, and the identity of its source for the PIN guard.
@@ -121,6 +124,7 @@ impl TargetConfig {
             && self.period == other.period
             && self.offset == other.offset
             && self.timeout == other.timeout
+            && self.max_seed == other.max_seed
     }
 }
 
@@ -552,6 +556,22 @@ fn resolve_target(
         None => DEFAULT_CALL_TIMEOUT,
         Some(t) => in_range("timeout", t.0, &TIMEOUT_RANGE).map_err(&at)?,
     };
+    let max_seed = match raw.max_seed {
+        None => None,
+        Some(m) => Some(
+            usize::try_from(m)
+                .ok()
+                .filter(|m| SIZE_RANGE.contains(m))
+                .ok_or_else(|| {
+                    at(format!(
+                        "max_seed = {m} is out of range: allowed {}..={} bytes per C_SeedRandom \
+                         call",
+                        SIZE_RANGE.start(),
+                        SIZE_RANGE.end()
+                    ))
+                })?,
+        ),
+    };
     Ok(TargetConfig {
         name,
         module,
@@ -561,6 +581,7 @@ fn resolve_target(
         period,
         offset,
         timeout,
+        max_seed,
     })
 }
 

@@ -102,6 +102,7 @@ pub struct RawTarget {
     pub period: Option<DurationValue>,
     pub offset: Option<DurationValue>,
     pub timeout: Option<DurationValue>,
+    pub max_seed: Option<i64>,
 }
 
 /// Whether to log in before seeding.

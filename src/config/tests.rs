@@ -208,3 +208,12 @@ fn missing_secret_files_are_named() {
         "{e}"
     );
 }
+
+#[test]
+fn max_seed_is_checked() {
+    let c = parse_ok(&target("slot_id = 1\nmax_seed = 128"));
+    assert_eq!(c.targets[0].max_seed, Some(128));
+    assert_eq!(parse_ok(&target("slot_id = 1")).targets[0].max_seed, None);
+    let e = parse_err(&target("slot_id = 1\nmax_seed = 0"));
+    assert!(e.contains("max_seed = 0 is out of range"), "{e}");
+}

@@ -161,6 +161,31 @@ fn is_permanent_rv(rv: RvError) -> bool {
         )
 }
 
+/// A failed `C_SeedRandom` of `len` bytes whose code may mean "too long": says so, with the
+/// fix. (tpm2-pkcs11 answers 129 bytes and more with `CKR_GENERAL_ERROR`.)
+pub fn with_seed_length(e: HsmError, len: usize, max_seed_set: bool) -> HsmError {
+    match e {
+        HsmError::Call {
+            call,
+            code,
+            rv: rv @ (RvError::GeneralError | RvError::ArgumentsBad | RvError::DataLenRange),
+            advice,
+        } if len > 32 && !max_seed_set => HsmError::Call {
+            call: format!("{call} ({len} bytes)"),
+            code,
+            rv,
+            advice: match rv {
+                RvError::ArgumentsBad => advice,
+                _ => {
+                    "the token may take fewer bytes per call: set max_seed (tpm2-pkcs11 takes \
+                     at most 128); a larger size is then injected in several calls"
+                }
+            },
+        },
+        other => other,
+    }
+}
+
 /// Converts a cryptoki error from `call` into an operator's message.
 pub fn from_cryptoki(e: CkError) -> HsmError {
     match e {
@@ -230,7 +255,8 @@ fn advice(rv: RvError) -> &'static str {
              this target"
         }
         RvError::ArgumentsBad => {
-            "the token refused the seed; some tokens want at least 32 bytes per seed: raise size"
+            "the token refused the seed's arguments; some tokens want at least 32 bytes per seed \
+             (raise size), some take at most so many per call (set max_seed)"
         }
         RvError::SessionHandleInvalid
         | RvError::SessionClosed
@@ -292,6 +318,22 @@ mod tests {
              material, so qseed cannot seed it; remove this target"
         );
         assert!(e.is_permanent());
+    }
+
+    #[test]
+    fn a_seed_that_may_be_too_long_says_so() {
+        let e = from_cryptoki(CkError::Pkcs11(RvError::GeneralError, Function::SeedRandom));
+        let text = with_seed_length(e, 200, false).to_string();
+        assert!(
+            text.starts_with("C_SeedRandom (200 bytes): CKR_GENERAL_ERROR")
+                && text.contains("max_seed"),
+            "{text}"
+        );
+        // Short seeds, or a max_seed already set, keep the plain message.
+        let e = from_cryptoki(CkError::Pkcs11(RvError::GeneralError, Function::SeedRandom));
+        assert!(!with_seed_length(e, 16, false)
+            .to_string()
+            .contains("max_seed"));
     }
 
     #[test]

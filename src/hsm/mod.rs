@@ -123,7 +123,17 @@ impl Target {
         Ok(token)
     }
 
-    /// Mixes `seed` into the token's generator with `C_SeedRandom`.
+    /// Most bytes per `C_SeedRandom` call: the target's `max_seed`, else the module's known
+    /// limit (see [`quirks`]), else none.
+    pub fn max_seed(&self) -> Option<usize> {
+        self.config
+            .max_seed
+            .or_else(|| quirks::profile(&self.config.module).and_then(|p| p.max_seed))
+    }
+
+    /// Mixes `seed` into the token's generator with `C_SeedRandom`, in calls of at most
+    /// [`Target::max_seed`] bytes, each byte once. A failed call ends the round (the bytes not
+    /// yet injected are wiped with the buffer, never offered again).
     pub fn seed(&mut self, seed: &EntropyBytes) -> Result<TokenIdentity, HsmError> {
         let token = self.connect()?;
         let module = self.modules.module(&self.config.module)?;
@@ -136,20 +146,32 @@ impl Target {
                 "the module was re-initialized; the session is gone".into(),
             ));
         };
-        let result = open.session.seed_random(seed.expose());
+        let bytes = seed.expose();
+        let chunk = self.max_seed().unwrap_or(bytes.len()).max(1);
+        let mut result = Ok(());
+        for part in bytes.chunks(chunk) {
+            result = open.session.seed_random(part).map_err(|e| (e, part.len()));
+            if result.is_err() {
+                break;
+            }
+        }
         drop(call);
         match result {
             Ok(()) => {
                 module.succeeded(generation);
                 Ok(token)
             }
-            Err(e) => {
+            Err((e, len)) => {
                 let e = error::from_cryptoki(e);
                 if e.loses_session() {
                     self.drop_session();
                 }
                 module.failed(&e, generation, self.config.period);
-                Err(e)
+                Err(error::with_seed_length(
+                    e,
+                    len,
+                    self.config.max_seed.is_some(),
+                ))
             }
         }
     }

@@ -21,6 +21,8 @@ pub struct ModuleProfile {
     pub config_default: Option<&'static str>,
     /// Folders the client reads or writes at start, when its configuration says nothing.
     pub folders: &'static [&'static str],
+    /// Most bytes one `C_SeedRandom` takes (a larger seed is split), where known.
+    pub max_seed: Option<usize>,
 }
 
 /// Known modules. The last component of a module's path picks the row.
@@ -32,6 +34,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_env: Some("SOFTHSM2_CONF"),
         config_default: Some("/etc/softhsm/softhsm2.conf"),
         folders: &["/var/lib/softhsm/tokens"],
+        max_seed: None,
     },
     ModuleProfile {
         vendor: "openCryptoki",
@@ -40,6 +43,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_env: None,
         config_default: Some("/etc/opencryptoki/opencryptoki.conf"),
         folders: &["/var/lib/opencryptoki", "/run/opencryptoki"],
+        max_seed: None,
     },
     ModuleProfile {
         vendor: "tpm2-pkcs11",
@@ -48,6 +52,8 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_env: None,
         config_default: None,
         folders: &[],
+        // One TPM2_StirRandom carries at most 128 bytes; 129 fails with CKR_GENERAL_ERROR.
+        max_seed: Some(128),
     },
     ModuleProfile {
         vendor: "Thales Luna",
@@ -56,6 +62,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_env: Some("ChrystokiConfigurationPath"),
         config_default: Some("/etc/Chrystoki.conf"),
         folders: &[],
+        max_seed: None,
     },
     ModuleProfile {
         vendor: "Entrust nShield",
@@ -64,6 +71,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_env: None,
         config_default: None,
         folders: &["/opt/nfast/kmdata/local"],
+        max_seed: None,
     },
     ModuleProfile {
         vendor: "Utimaco CryptoServer",
@@ -72,6 +80,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_env: Some("CS_PKCS11_R3_CFG"),
         config_default: Some("/etc/utimaco/cs_pkcs11_R3.cfg"),
         folders: &[],
+        max_seed: None,
     },
     ModuleProfile {
         vendor: "AWS CloudHSM",
@@ -80,6 +89,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_env: None,
         config_default: Some("/opt/cloudhsm/etc/cloudhsm-pkcs11.cfg"),
         folders: &[],
+        max_seed: None,
     },
     ModuleProfile {
         vendor: "YubiHSM 2",
@@ -88,6 +98,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_env: Some("YUBIHSM_PKCS11_CONF"),
         config_default: None,
         folders: &[],
+        max_seed: None,
     },
 ];
 
