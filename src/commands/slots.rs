@@ -55,6 +55,21 @@ pub async fn slots(module_path: &Path) -> Result<(), Error> {
     if listing.is_empty() {
         say!("(the module shows no slots)");
     }
+    let uris: Vec<(u64, String)> = listing
+        .iter()
+        .filter_map(|s| {
+            s.token
+                .as_ref()
+                .filter(|t| t.initialized)
+                .map(|t| (s.slot_id, t.uri()))
+        })
+        .collect();
+    if !uris.is_empty() {
+        say!("\nPKCS#11 URIs, for token = \"...\" in a [[target]]:");
+        for (slot, uri) in uris {
+            say!("{slot:<12} {uri}");
+        }
+    }
     if max_seed != "-" {
         say!(
             "MAX-SEED: this module takes at most {max_seed} bytes per C_SeedRandom; a larger \

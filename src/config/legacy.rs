@@ -145,6 +145,7 @@ impl LegacyConfig {
         raw.targets.push(RawTarget {
             name: Some(TARGET_NAME.into()),
             module: Some(self.module),
+            token: None,
             token_label: None,
             slot_id: i64::try_from(self.slot_id).ok(),
             serial: None,

@@ -7,7 +7,9 @@
 
 pub mod env;
 pub mod legacy;
+pub mod p11kit;
 pub mod raw;
+pub mod uri;
 pub mod values;
 
 use std::collections::HashSet;
@@ -134,6 +136,8 @@ pub enum TokenSelector {
     Label(String),
     Serial(String),
     SlotId(u64),
+    /// An RFC 7512 URI: every path attribute it gives must match.
+    Uri(uri::Pkcs11Uri),
 }
 
 impl fmt::Display for TokenSelector {
@@ -142,6 +146,7 @@ impl fmt::Display for TokenSelector {
             TokenSelector::Label(l) => write!(f, "token_label {l:?}"),
             TokenSelector::Serial(s) => write!(f, "serial {s:?}"),
             TokenSelector::SlotId(id) => write!(f, "slot_id {id}"),
+            TokenSelector::Uri(uri) => write!(f, "token {:?}", uri.to_string()),
         }
     }
 }
@@ -476,38 +481,102 @@ fn resolve_target(
         }
     };
     let at = |message: String| format!("target {name:?}: {message}");
-    let module = raw.module.ok_or_else(|| {
-        at(
-            "no module; set module = the path of the HSM vendor's PKCS#11 library, \
-            e.g. \"/usr/lib/softhsm/libsofthsm2.so\""
-                .into(),
-        )
-    })?;
-    let module = absolute(base, &module);
+    let uri = match &raw.token {
+        Some(text) => Some(uri::Pkcs11Uri::parse(text).map_err(|e| at(format!("token: {e}")))?),
+        None => None,
+    };
+    if let Some(label) = &raw.token_label {
+        if label.starts_with("pkcs11:") {
+            return Err(at(
+                "token_label holds a PKCS#11 URI; write it as token = \"pkcs11:...\" (a label \
+                 is matched literally)"
+                    .into(),
+            ));
+        }
+    }
+    let uri_module = match &uri {
+        Some(u) => match (&u.module_path, &u.module_name) {
+            (Some(_), Some(_)) => {
+                return Err(at(
+                    "token: the URI gives both module-path and module-name; keep one".into(),
+                ))
+            }
+            (Some(path), None) => Some(PathBuf::from(path)),
+            (None, Some(name)) => Some(p11kit::resolve(name).map_err(&at)?),
+            (None, None) => None,
+        },
+        None => None,
+    };
+    let module = match (raw.module, uri_module) {
+        (Some(m), Some(u)) => {
+            let m = resolve_module(base, &m).map_err(&at)?;
+            if m != u {
+                return Err(at(format!(
+                    "module = {:?} but the token URI names module {:?}; keep one",
+                    m.display().to_string(),
+                    u.display().to_string()
+                )));
+            }
+            m
+        }
+        (Some(m), None) => resolve_module(base, &m).map_err(&at)?,
+        (None, Some(u)) => u,
+        (None, None) => {
+            return Err(at(
+                "no module; set module = the path of the HSM vendor's PKCS#11 library, \
+                 e.g. \"/usr/lib/softhsm/libsofthsm2.so\" (or a p11-kit module name)"
+                    .into(),
+            ))
+        }
+    };
 
-    let token = match (raw.token_label, raw.serial, raw.slot_id) {
-        (Some(label), None, None) => TokenSelector::Label(label),
-        (None, Some(serial), None) => TokenSelector::Serial(serial),
-        (None, None, Some(id)) => TokenSelector::SlotId(u64::try_from(id).map_err(|_| {
+    let token = match (raw.token_label, raw.serial, raw.slot_id, uri.clone()) {
+        (Some(label), None, None, None) => TokenSelector::Label(label),
+        (None, Some(serial), None, None) => TokenSelector::Serial(serial),
+        (None, None, Some(id), None) => TokenSelector::SlotId(u64::try_from(id).map_err(|_| {
             at(format!(
                 "slot_id = {id} is negative; `qseed slots --module ...` lists the slot ids"
             ))
         })?),
-        (None, None, None) => {
+        (None, None, None, Some(uri)) => TokenSelector::Uri(uri),
+        (None, None, None, None) => {
             return Err(at(
-                "no token given; set one of token_label, serial or slot_id \
-                           (`qseed slots --module ...` lists them)"
+                "no token given; set one of token (a pkcs11: URI), token_label, serial or \
+                 slot_id (`qseed slots --module ...` lists them)"
                     .into(),
             ))
         }
         _ => {
             return Err(at(
-                "more than one of token_label, serial and slot_id is set; keep one".into(),
+                "more than one of token, token_label, serial and slot_id is set; keep one".into(),
             ))
         }
     };
 
-    let pin = resolve_pin(&raw.pin_file, &raw.pin_env, raw.pin, base, origin).map_err(&at)?;
+    // The URI's pin-source / pin-value are PIN sources like the keys.
+    let (mut pin_file, mut pin) = (raw.pin_file, raw.pin);
+    if let Some(u) = &uri {
+        if u.pin_source.is_some() || u.pin_value().is_some() {
+            if pin_file.is_some() || raw.pin_env.is_some() || pin.is_some() {
+                return Err(at(
+                    "the token URI gives a PIN (pin-source or pin-value) and so does pin_file, \
+                     pin_env or pin; keep one"
+                        .into(),
+                ));
+            }
+            if let Some(source) = &u.pin_source {
+                let path = source.strip_prefix("file:").unwrap_or(source);
+                if source.contains("://") || path.is_empty() {
+                    return Err(at(format!(
+                        "token: pin-source {source:?} is not a file; write pin-source=file:PATH"
+                    )));
+                }
+                pin_file = Some(PathBuf::from(path));
+            }
+            pin = u.pin_value().map(values::InlineSecret);
+        }
+    }
+    let pin = resolve_pin(&pin_file, &raw.pin_env, pin, base, origin).map_err(&at)?;
     let login = match (raw.login, pin) {
         (Some(Login::User), Some(pin)) => Some(pin),
         (Some(Login::User), None) => {
@@ -753,6 +822,16 @@ fn secret_path(base: &Path, path: &Path, key: &str) -> Result<PathBuf, String> {
              a systemd unit with LoadCredential={name}:/path/to/file, or give a file path"
         )),
     }
+}
+
+/// A `module`: a path (relative to the configuration's folder), or a p11-kit module name
+/// (no `/`, not ending in `.so`), resolved through p11-kit's registered `.module` files.
+fn resolve_module(base: &Path, module: &Path) -> Result<PathBuf, String> {
+    let text = module.to_string_lossy();
+    if !text.contains('/') && !text.contains(".so") {
+        return p11kit::resolve(&text);
+    }
+    Ok(absolute(base, module))
 }
 
 fn absolute(base: &Path, path: &Path) -> PathBuf {

@@ -91,6 +91,8 @@ pub enum Auth {
 pub struct RawTarget {
     pub name: Option<String>,
     pub module: Option<PathBuf>,
+    /// An RFC 7512 `pkcs11:` URI naming the token (and maybe the module and PIN).
+    pub token: Option<String>,
     pub token_label: Option<String>,
     pub slot_id: Option<i64>,
     pub serial: Option<String>,

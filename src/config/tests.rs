@@ -138,9 +138,13 @@ fn exactly_one_token_selector() {
     assert!(e.contains("no token given"), "{e}");
     let e = parse_err(&target("token_label = \"a\"\nserial = \"b\""));
     assert!(
-        e.contains("more than one of token_label, serial and slot_id"),
+        e.contains("more than one of token, token_label, serial and slot_id"),
         "{e}"
     );
+    let e = parse_err(&target("token_label = \"a\"\ntoken = \"pkcs11:token=a\""));
+    assert!(e.contains("more than one of token, token_label"), "{e}");
+    let c = parse_ok(&target("token = \"pkcs11:token=a%20b;serial=7\""));
+    assert!(matches!(&c.targets[0].token, TokenSelector::Uri(u) if u.path.len() == 2));
 }
 
 #[test]

@@ -4,6 +4,7 @@ use cryptoki::context::Pkcs11;
 use cryptoki::slot::Slot;
 
 use super::error::{from_cryptoki, HsmError};
+use crate::config::uri::{Pkcs11Uri, UriAttributes};
 use crate::config::TokenSelector;
 
 /// What identifies a token in logs and audit records.
@@ -13,6 +14,9 @@ pub struct TokenIdentity {
     pub label: String,
     pub serial: String,
     pub model: String,
+    pub manufacturer: String,
+    pub slot_description: String,
+    pub slot_manufacturer: String,
     pub initialized: bool,
     pub has_rng: bool,
     pub user_pin_final_try: bool,
@@ -35,6 +39,10 @@ pub fn find(
     selector: &TokenSelector,
 ) -> Result<TokenIdentity, HsmError> {
     let slots = module.get_slots_with_token().map_err(from_cryptoki)?;
+    let library = match selector {
+        TokenSelector::Uri(_) => Library::of(module),
+        _ => Library::default(),
+    };
     let mut tokens = Vec::with_capacity(slots.len());
     for slot in slots {
         match identify(module, slot) {
@@ -49,6 +57,7 @@ pub fn find(
             TokenSelector::Label(label) => &t.label == label,
             TokenSelector::Serial(serial) => &t.serial == serial,
             TokenSelector::SlotId(id) => t.slot.id() == *id,
+            TokenSelector::Uri(uri) => uri.matches(&WithLibrary(t, &library)),
         })
         .collect();
     match matches.as_slice() {
@@ -84,11 +93,21 @@ pub fn find(
 
 fn identify(module: &Pkcs11, slot: Slot) -> Result<TokenIdentity, HsmError> {
     let info = module.get_token_info(slot).map_err(from_cryptoki)?;
+    let slot_info = module.get_slot_info(slot).ok();
     Ok(TokenIdentity {
         slot,
         label: info.label().to_string(),
         serial: info.serial_number().to_string(),
         model: info.model().to_string(),
+        manufacturer: info.manufacturer_id().to_string(),
+        slot_description: slot_info
+            .as_ref()
+            .map(|i| i.slot_description().to_string())
+            .unwrap_or_default(),
+        slot_manufacturer: slot_info
+            .as_ref()
+            .map(|i| i.manufacturer_id().to_string())
+            .unwrap_or_default(),
         initialized: info.token_initialized(),
         has_rng: info.rng(),
         user_pin_final_try: info.user_pin_final_try(),
@@ -114,4 +133,64 @@ pub fn list(module: &Pkcs11) -> Result<Vec<SlotReport>, HsmError> {
         });
     }
     Ok(reports)
+}
+
+impl UriAttributes for TokenIdentity {
+    fn attribute(&self, name: &str) -> Option<String> {
+        Some(match name {
+            "token" => self.label.clone(),
+            "serial" => self.serial.clone(),
+            "model" => self.model.clone(),
+            "manufacturer" => self.manufacturer.clone(),
+            "slot-id" => self.slot.id().to_string(),
+            "slot-description" => self.slot_description.clone(),
+            "slot-manufacturer" => self.slot_manufacturer.clone(),
+            _ => return None,
+        })
+    }
+}
+
+impl TokenIdentity {
+    /// The RFC 7512 URI of this token, for `token = "..."`.
+    pub fn uri(&self) -> String {
+        Pkcs11Uri::for_token(self)
+    }
+}
+
+/// The module's own description, for a URI's `library-*` attributes.
+#[derive(Debug, Default)]
+struct Library {
+    description: String,
+    manufacturer: String,
+    version: String,
+}
+
+impl Library {
+    fn of(module: &Pkcs11) -> Self {
+        module
+            .get_library_info()
+            .map(|i| Library {
+                description: i.library_description().to_string(),
+                manufacturer: i.manufacturer_id().to_string(),
+                version: format!(
+                    "{}.{}",
+                    i.library_version().major(),
+                    i.library_version().minor()
+                ),
+            })
+            .unwrap_or_default()
+    }
+}
+
+struct WithLibrary<'a>(&'a TokenIdentity, &'a Library);
+
+impl UriAttributes for WithLibrary<'_> {
+    fn attribute(&self, name: &str) -> Option<String> {
+        match name {
+            "library-description" => Some(self.1.description.clone()),
+            "library-manufacturer" => Some(self.1.manufacturer.clone()),
+            "library-version" => Some(self.1.version.clone()),
+            _ => self.0.attribute(name),
+        }
+    }
 }
