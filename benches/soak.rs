@@ -89,6 +89,7 @@ async fn soak(dir: &Path, module: &Path, sizes: &[usize], length: Duration) {
             offset: Duration::from_millis(13 * i as u64),
             timeout: Duration::from_secs(2),
             max_seed: None,
+            init_args: None,
         })
         .collect();
     let periods: f64 = targets.iter().map(|t| t.period.as_secs_f64()).sum::<f64>() / 6.0;

@@ -97,6 +97,10 @@ pub enum Command {
         /// The HSM vendor's PKCS#11 library.
         #[arg(long, value_name = "PATH")]
         module: PathBuf,
+        /// Initialization parameters for modules that need them (NSS's softoken), passed to
+        /// C_Initialize as pReserved.
+        #[arg(long, value_name = "STRING")]
+        init_args: Option<String>,
     },
 
     /// Download entropy to a file or to standard output (binary).
@@ -219,7 +223,9 @@ fn run(cli: Cli) -> Result<(), Error> {
             Command::Doctor { retry_pin } => {
                 commands::doctor::doctor(&config, retry_pin.as_deref()).await
             }
-            Command::Slots { module } => commands::slots::slots(&module).await,
+            Command::Slots { module, init_args } => {
+                commands::slots::slots(&module, init_args.as_deref()).await
+            }
             Command::GenerateAssets { out } => commands::assets::generate(&out),
             Command::Fetch { bytes, output } => {
                 commands::fetch::fetch(&config, explicit.is_some(), bytes, output.as_deref()).await

@@ -12,6 +12,7 @@ command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
 # p11-kit's server and client: a PKCS#11 module in another process, for the device-loss tests.
 command -v p11-kit >/dev/null 2>&1 || need_apt+=(p11-kit)
 [ -e /usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so ] || [ -e /usr/lib/aarch64-linux-gnu/pkcs11/p11-kit-client.so ] || need_apt+=(p11-kit-modules)
+[ -e /usr/lib/x86_64-linux-gnu/libsoftokn3.so ] || [ -e /usr/lib/aarch64-linux-gnu/libsoftokn3.so ] || need_apt+=(libnss3)
 command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 [ -d /etc/ssl/certs ] && [ -n "$(ls -A /etc/ssl/certs 2>/dev/null)" ] || need_apt+=(ca-certificates)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)

@@ -195,7 +195,7 @@ async fn make_tokens(modules: &Modules, module: &Path, pin_file: &Path) -> Resul
     let modules = modules.clone();
     let module: PathBuf = module.to_path_buf();
     tokio::task::spawn_blocking(move || -> Result<(), HsmError> {
-        let pkcs11 = modules.get(&module)?;
+        let pkcs11 = modules.get(&module, None)?;
         for (label, _, _) in TOKENS {
             init_token(&pkcs11, &module, label, &so_pin, &user_pin)?;
         }

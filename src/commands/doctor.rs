@@ -243,7 +243,7 @@ fn check_target(
     let name = config.name.clone();
     let path = config.module.clone();
     let shown = path.display().to_string();
-    let pkcs11 = match modules.get(&path) {
+    let pkcs11 = match modules.get(&path, config.init_args.as_deref()) {
         Ok(m) => m,
         Err(e) => {
             lines.push(Line::Fail(format!("module {shown}"), e.to_string()));

@@ -5,10 +5,15 @@ use std::path::Path;
 use crate::error::Error;
 use crate::hsm::{module, token};
 
-pub async fn slots(module_path: &Path) -> Result<(), Error> {
+pub async fn slots(module_path: &Path, init_args: Option<&str>) -> Result<(), Error> {
     let path = module_path.to_path_buf();
+    let init_args = init_args
+        .map(std::ffi::CString::new)
+        .transpose()
+        .map_err(|_| Error::Config("--init-args holds a NUL character".into()))?;
     let listing = tokio::task::spawn_blocking(move || {
-        let module = module::load(&path).map_err(|e| Error::Config(e.to_string()))?;
+        let module =
+            module::load(&path, init_args.as_deref()).map_err(|e| Error::Config(e.to_string()))?;
         let listed = token::list(&module).map_err(|e| Error::Failed(e.to_string()));
         let _ = module.finalize();
         listed

@@ -160,6 +160,7 @@ impl LegacyConfig {
             offset: None,
             timeout: None,
             max_seed: None,
+            init_args: None,
         });
         raw
     }

@@ -83,6 +83,8 @@ pub struct TargetConfig {
     /// Most bytes per `C_SeedRandom` call (a larger `size` goes in several calls); `None`:
     /// the module's known limit, if any (see `hsm::quirks`), else `size` in one call.
     pub max_seed: Option<usize>,
+    /// Initialization parameters for the module's `C_Initialize` (NSS's softoken).
+    pub init_args: Option<String>,
 }
 
 /// A user login: the PIN, and the identity of its source for the PIN guard.
@@ -127,6 +129,7 @@ impl TargetConfig {
             && self.offset == other.offset
             && self.timeout == other.timeout
             && self.max_seed == other.max_seed
+            && self.init_args == other.init_args
     }
 }
 
@@ -309,6 +312,18 @@ fn resolve(raw: RawConfig, base: &Path, origin: &str) -> Result<Config, String> 
             return Err(format!(
                 "two targets are named {:?}; give each [[target]] its own name",
                 target.name
+            ));
+        }
+        if let Some(other) = targets
+            .iter()
+            .find(|t: &&TargetConfig| t.module == target.module && t.init_args != target.init_args)
+        {
+            return Err(format!(
+                "targets {:?} and {:?} use module {} with different init_args; a module is \
+                 initialized once, so give them the same",
+                other.name,
+                target.name,
+                target.module.display()
             ));
         }
         if !tokens.insert((target.module.clone(), target.token.clone())) {
@@ -641,6 +656,9 @@ fn resolve_target(
                 })?,
         ),
     };
+    if raw.init_args.as_deref().is_some_and(|a| a.contains('\0')) {
+        return Err(at("init_args holds a NUL character".into()));
+    }
     Ok(TargetConfig {
         name,
         module,
@@ -651,6 +669,7 @@ fn resolve_target(
         offset,
         timeout,
         max_seed,
+        init_args: raw.init_args,
     })
 }
 

@@ -105,6 +105,7 @@ pub struct RawTarget {
     pub offset: Option<DurationValue>,
     pub timeout: Option<DurationValue>,
     pub max_seed: Option<i64>,
+    pub init_args: Option<String>,
 }
 
 /// Whether to log in before seeding.

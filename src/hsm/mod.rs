@@ -5,6 +5,7 @@
 //! and never shared, as PKCS#11 forbids two threads in one session at once.
 
 pub mod error;
+pub mod init_args;
 pub mod module;
 pub mod pin_guard;
 pub mod quirks;
@@ -57,7 +58,9 @@ impl Target {
     /// Finds the token, opens a session and logs in if configured; a no-op while a session
     /// of the module's current generation is open.
     pub fn connect(&mut self) -> Result<TokenIdentity, HsmError> {
-        let module = self.modules.module(&self.config.module)?;
+        let module = self
+            .modules
+            .module(&self.config.module, self.config.init_args.as_deref())?;
         let call = module.enter()?;
         let generation = call.generation;
         let result = self.connect_in(&call);
@@ -136,7 +139,9 @@ impl Target {
     /// yet injected are wiped with the buffer, never offered again).
     pub fn seed(&mut self, seed: &EntropyBytes) -> Result<TokenIdentity, HsmError> {
         let token = self.connect()?;
-        let module = self.modules.module(&self.config.module)?;
+        let module = self
+            .modules
+            .module(&self.config.module, self.config.init_args.as_deref())?;
         let call = module.enter()?;
         let generation = call.generation;
         self.forget_stale(generation);
@@ -178,7 +183,10 @@ impl Target {
 
     /// Closes the session (which also logs out if it was the last one on the token).
     pub fn close(&mut self) {
-        let Ok(module) = self.modules.module(&self.config.module) else {
+        let Ok(module) = self
+            .modules
+            .module(&self.config.module, self.config.init_args.as_deref())
+        else {
             self.forget_stale(u64::MAX);
             return;
         };

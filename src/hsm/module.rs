@@ -40,6 +40,8 @@ pub struct Modules {
 #[derive(Debug)]
 pub struct Module {
     path: PathBuf,
+    /// `init_args` it was initialized with (and is re-initialized with).
+    init_args: Option<std::ffi::CString>,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -94,15 +96,27 @@ impl Modules {
         Self::default()
     }
 
-    /// The module at `path`, loaded and initialized on first use.
-    pub fn module(&self, path: &Path) -> Result<Arc<Module>, HsmError> {
+    /// The module at `path`, loaded and initialized (with `init_args`, if given) on first use.
+    pub fn module(&self, path: &Path, init_args: Option<&str>) -> Result<Arc<Module>, HsmError> {
         let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        let init_args = init_args
+            .map(std::ffi::CString::new)
+            .transpose()
+            .map_err(|_| HsmError::Unexpected("init_args holds a NUL character".into()))?;
         if let Some(module) = loaded.get(path) {
+            if module.init_args != init_args {
+                return Err(HsmError::Unexpected(format!(
+                    "{} was initialized with other init_args; a change takes effect at the next \
+                     start",
+                    path.display()
+                )));
+            }
             return Ok(module.clone());
         }
-        let pkcs11 = load(path)?;
+        let pkcs11 = load(path, init_args.as_deref())?;
         let module = Arc::new(Module {
             path: path.to_path_buf(),
+            init_args,
             state: Mutex::new(State {
                 pkcs11: Some(pkcs11),
                 generation: 1,
@@ -119,8 +133,8 @@ impl Modules {
     }
 
     /// The module's context, for one-off checks (`doctor`, the demo) that make no session.
-    pub fn get(&self, path: &Path) -> Result<Pkcs11, HsmError> {
-        Ok(self.module(path)?.enter()?.pkcs11.clone())
+    pub fn get(&self, path: &Path, init_args: Option<&str>) -> Result<Pkcs11, HsmError> {
+        Ok(self.module(path, init_args)?.enter()?.pkcs11.clone())
     }
 
     /// Counters of every module, for metrics.
@@ -340,7 +354,7 @@ impl Module {
             // Sessions of the old generation die with it; their targets forget them.
             let _ = old.finalize();
         }
-        let fresh = load(&self.path);
+        let fresh = load(&self.path, self.init_args.as_deref());
         let mut guard = self.lock();
         let state = &mut *guard;
         state.resets += 1;
@@ -411,8 +425,9 @@ fn is_device_loss(rv: RvError) -> bool {
     )
 }
 
-/// Loads the library and initializes it for a threaded caller.
-pub fn load(path: &Path) -> Result<Pkcs11, HsmError> {
+/// Loads the library and initializes it for a threaded caller, with `init_args` as
+/// `C_Initialize`'s reserved parameter if given (see [`super::init_args`]).
+pub fn load(path: &Path, init_args: Option<&std::ffi::CStr>) -> Result<Pkcs11, HsmError> {
     let fail = |reason: String| HsmError::ModuleLoad {
         path: path.display().to_string(),
         reason,
@@ -428,13 +443,17 @@ pub fn load(path: &Path) -> Result<Pkcs11, HsmError> {
         other => fail(other.to_string()),
     })?;
     // qseed calls the module from several threads: let it use the OS's locks.
-    match module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+    let initialized = match init_args {
+        Some(args) => super::init_args::initialize_with(&module, args),
+        None => module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)),
+    };
+    match initialized {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(module),
         // The module says only that it failed; the usual cause on a new host is a user that
         // may not read the client's files.
         Err(CkError::Pkcs11(rv, _)) => Err(HsmError::InitializeRefused {
             code: super::error::rv_name(rv),
-            diagnosis: super::quirks::diagnose_initialize(path),
+            diagnosis: super::quirks::diagnose_initialize(path, rv, init_args.is_some()),
         }),
         Err(e) => Err(from_cryptoki(e)),
     }

@@ -23,10 +23,23 @@ pub struct ModuleProfile {
     pub folders: &'static [&'static str],
     /// Most bytes one `C_SeedRandom` takes (a larger seed is split), where known.
     pub max_seed: Option<usize>,
+    /// `init_args` that make the module start without any database, where it needs some.
+    pub init_args: Option<&'static str>,
 }
 
 /// Known modules. The last component of a module's path picks the row.
 pub const PROFILES: &[ModuleProfile] = &[
+    ModuleProfile {
+        vendor: "NSS softoken",
+        file_names: &["libsoftokn3.so"],
+        group: None,
+        config_env: None,
+        config_default: None,
+        folders: &[],
+        max_seed: None,
+        // Its C_Initialize without parameters is CKR_ARGUMENTS_BAD; these open no database.
+        init_args: Some("configdir='' certPrefix='' keyPrefix='' secmod='' flags=noCertDB,noModDB"),
+    },
     ModuleProfile {
         vendor: "SoftHSM",
         file_names: &["libsofthsm2.so"],
@@ -35,6 +48,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_default: Some("/etc/softhsm/softhsm2.conf"),
         folders: &["/var/lib/softhsm/tokens"],
         max_seed: None,
+        init_args: None,
     },
     ModuleProfile {
         vendor: "openCryptoki",
@@ -44,6 +58,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_default: Some("/etc/opencryptoki/opencryptoki.conf"),
         folders: &["/var/lib/opencryptoki", "/run/opencryptoki"],
         max_seed: None,
+        init_args: None,
     },
     ModuleProfile {
         vendor: "tpm2-pkcs11",
@@ -54,6 +69,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         folders: &[],
         // One TPM2_StirRandom carries at most 128 bytes; 129 fails with CKR_GENERAL_ERROR.
         max_seed: Some(128),
+        init_args: None,
     },
     ModuleProfile {
         vendor: "Thales Luna",
@@ -63,6 +79,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_default: Some("/etc/Chrystoki.conf"),
         folders: &[],
         max_seed: None,
+        init_args: None,
     },
     ModuleProfile {
         vendor: "Entrust nShield",
@@ -72,6 +89,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_default: None,
         folders: &["/opt/nfast/kmdata/local"],
         max_seed: None,
+        init_args: None,
     },
     ModuleProfile {
         vendor: "Utimaco CryptoServer",
@@ -81,6 +99,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_default: Some("/etc/utimaco/cs_pkcs11_R3.cfg"),
         folders: &[],
         max_seed: None,
+        init_args: None,
     },
     ModuleProfile {
         vendor: "AWS CloudHSM",
@@ -90,6 +109,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_default: Some("/opt/cloudhsm/etc/cloudhsm-pkcs11.cfg"),
         folders: &[],
         max_seed: None,
+        init_args: None,
     },
     ModuleProfile {
         vendor: "YubiHSM 2",
@@ -99,6 +119,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         config_default: None,
         folders: &[],
         max_seed: None,
+        init_args: None,
     },
 ];
 
@@ -129,8 +150,22 @@ fn user_name() -> String {
 
 /// Explains a failed `C_Initialize` of `module`: the first file or folder the module needs
 /// that qseed's user may not use, and how to grant it; otherwise what is known.
-pub fn diagnose_initialize(module: &Path) -> String {
+pub fn diagnose_initialize(module: &Path, rv: cryptoki::error::RvError, had_args: bool) -> String {
     let who = running_user();
+    if rv == cryptoki::error::RvError::ArgumentsBad {
+        return match (profile(module).and_then(|p| p.init_args), had_args) {
+            (Some(example), false) => format!(
+                "the module wants initialization parameters: set init_args in the target (for \
+                 `qseed slots`, --init-args), e.g. init_args = {example:?}"
+            ),
+            (_, false) => "the module refused C_Initialize's arguments; if it needs \
+                           initialization parameters, set init_args (see its documentation)"
+                .into(),
+            (_, true) => "the module refused its init_args; check them against the module's \
+                          documentation"
+                .into(),
+        };
+    }
     let Some(profile) = profile(module) else {
         return format!(
             "the module failed to start. qseed runs as {who}: check that this user may read the \
@@ -327,7 +362,11 @@ mod tests {
 
     #[test]
     fn an_unknown_module_gets_general_advice_naming_the_user() {
-        let text = diagnose_initialize(Path::new("/opt/x/libx.so"));
+        let text = diagnose_initialize(
+            Path::new("/opt/x/libx.so"),
+            cryptoki::error::RvError::GeneralError,
+            false,
+        );
         assert!(text.contains("qseed runs as"), "{text}");
         assert!(
             text.contains(&nix::unistd::Uid::current().to_string()),

@@ -76,11 +76,14 @@ impl Outcome {
 /// Loads every target's module once, before the first round, so that a wrong path is
 /// reported as a configuration error at start and not as a failing round later.
 pub async fn load_modules(targets: &[TargetConfig], modules: &Modules) -> Result<(), HsmError> {
-    let paths: Vec<_> = targets.iter().map(|t| t.module.clone()).collect();
+    let paths: Vec<_> = targets
+        .iter()
+        .map(|t| (t.module.clone(), t.init_args.clone()))
+        .collect();
     let modules = modules.clone();
     tokio::task::spawn_blocking(move || {
-        for path in paths {
-            modules.get(&path)?;
+        for (path, init_args) in paths {
+            modules.get(&path, init_args.as_deref())?;
         }
         Ok(())
     })
