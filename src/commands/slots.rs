@@ -15,13 +15,18 @@ pub async fn slots(module_path: &Path, init_args: Option<&str>) -> Result<(), Er
         let module =
             module::load(&path, init_args.as_deref()).map_err(|e| Error::Config(e.to_string()))?;
         let listed = token::list(&module).map_err(|e| Error::Failed(e.to_string()));
+        let manufacturer = module
+            .get_library_info()
+            .map(|i| i.manufacturer_id().to_string())
+            .unwrap_or_default();
         let _ = module.finalize();
-        listed
+        listed.map(|l| (l, manufacturer))
     })
     .await
     .map_err(|e| Error::Failed(format!("PKCS#11 thread failed: {e}")))??;
 
-    let max_seed = crate::hsm::quirks::profile(module_path)
+    let (listing, manufacturer) = listing;
+    let max_seed = crate::hsm::quirks::profile_of(module_path, &manufacturer)
         .and_then(|p| p.max_seed)
         .map_or_else(|| "-".to_string(), |m| m.to_string());
     say!(

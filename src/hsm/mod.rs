@@ -129,9 +129,13 @@ impl Target {
     /// Most bytes per `C_SeedRandom` call: the target's `max_seed`, else the module's known
     /// limit (see [`quirks`]), else none.
     pub fn max_seed(&self) -> Option<usize> {
-        self.config
-            .max_seed
-            .or_else(|| quirks::profile(&self.config.module).and_then(|p| p.max_seed))
+        self.config.max_seed.or_else(|| {
+            self.modules
+                .module(&self.config.module, self.config.init_args.as_deref())
+                .ok()
+                .and_then(|m| m.profile())
+                .and_then(|p| p.max_seed)
+        })
     }
 
     /// Mixes `seed` into the token's generator with `C_SeedRandom`, in calls of at most
@@ -172,11 +176,8 @@ impl Target {
                     self.drop_session();
                 }
                 module.failed(&e, generation, self.config.period);
-                Err(error::with_seed_length(
-                    e,
-                    len,
-                    self.config.max_seed.is_some(),
-                ))
+                // Split already: the length was not the problem.
+                Err(error::with_seed_length(e, len, chunk < bytes.len()))
             }
         }
     }

@@ -42,6 +42,8 @@ pub struct Module {
     path: PathBuf,
     /// `init_args` it was initialized with (and is re-initialized with).
     init_args: Option<std::ffi::CString>,
+    /// What qseed knows of it (see [`super::quirks`]), by file name or `C_GetInfo`.
+    profile: Option<&'static super::quirks::ModuleProfile>,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -114,9 +116,14 @@ impl Modules {
             return Ok(module.clone());
         }
         let pkcs11 = load(path, init_args.as_deref())?;
+        let manufacturer = pkcs11
+            .get_library_info()
+            .map(|i| i.manufacturer_id().to_string())
+            .unwrap_or_default();
         let module = Arc::new(Module {
             path: path.to_path_buf(),
             init_args,
+            profile: super::quirks::profile_of(path, &manufacturer),
             state: Mutex::new(State {
                 pkcs11: Some(pkcs11),
                 generation: 1,
@@ -200,6 +207,10 @@ impl Modules {
 impl Module {
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn profile(&self) -> Option<&'static super::quirks::ModuleProfile> {
+        self.profile
     }
 
     /// Opens the gate for one call (or a few, like finding a token and logging in). Waits while

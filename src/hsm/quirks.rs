@@ -14,6 +14,8 @@ pub struct ModuleProfile {
     pub vendor: &'static str,
     /// File names of the module (the path's last component).
     pub file_names: &'static [&'static str],
+    /// The module's `C_GetInfo` manufacturer: finds it behind a proxy or spy module.
+    pub library_manufacturer: Option<&'static str>,
     /// The group whose members may use the module's client or token store.
     pub group: Option<&'static str>,
     /// The environment variable naming the client's configuration file, and its default.
@@ -32,6 +34,7 @@ pub const PROFILES: &[ModuleProfile] = &[
     ModuleProfile {
         vendor: "NSS softoken",
         file_names: &["libsoftokn3.so"],
+        library_manufacturer: Some("Mozilla Foundation"),
         group: None,
         config_env: None,
         config_default: None,
@@ -43,6 +46,7 @@ pub const PROFILES: &[ModuleProfile] = &[
     ModuleProfile {
         vendor: "SoftHSM",
         file_names: &["libsofthsm2.so"],
+        library_manufacturer: Some("SoftHSM"),
         group: Some("softhsm"),
         config_env: Some("SOFTHSM2_CONF"),
         config_default: Some("/etc/softhsm/softhsm2.conf"),
@@ -53,6 +57,7 @@ pub const PROFILES: &[ModuleProfile] = &[
     ModuleProfile {
         vendor: "openCryptoki",
         file_names: &["libopencryptoki.so", "libopencryptoki.so.0"],
+        library_manufacturer: None,
         group: Some("pkcs11"),
         config_env: None,
         config_default: Some("/etc/opencryptoki/opencryptoki.conf"),
@@ -63,6 +68,7 @@ pub const PROFILES: &[ModuleProfile] = &[
     ModuleProfile {
         vendor: "tpm2-pkcs11",
         file_names: &["libtpm2_pkcs11.so", "libtpm2_pkcs11.so.0"],
+        library_manufacturer: Some("tpm2-software.github.io"),
         group: Some("tss"),
         config_env: None,
         config_default: None,
@@ -74,6 +80,7 @@ pub const PROFILES: &[ModuleProfile] = &[
     ModuleProfile {
         vendor: "Thales Luna",
         file_names: &["libCryptoki2_64.so", "libCryptoki2.so"],
+        library_manufacturer: None,
         group: Some("hsmusers"),
         config_env: Some("ChrystokiConfigurationPath"),
         config_default: Some("/etc/Chrystoki.conf"),
@@ -84,6 +91,7 @@ pub const PROFILES: &[ModuleProfile] = &[
     ModuleProfile {
         vendor: "Entrust nShield",
         file_names: &["libcknfast.so"],
+        library_manufacturer: None,
         group: Some("nfast"),
         config_env: None,
         config_default: None,
@@ -94,6 +102,7 @@ pub const PROFILES: &[ModuleProfile] = &[
     ModuleProfile {
         vendor: "Utimaco CryptoServer",
         file_names: &["libcs_pkcs11_R3.so", "libcs_pkcs11_R2.so"],
+        library_manufacturer: None,
         group: None,
         config_env: Some("CS_PKCS11_R3_CFG"),
         config_default: Some("/etc/utimaco/cs_pkcs11_R3.cfg"),
@@ -104,6 +113,7 @@ pub const PROFILES: &[ModuleProfile] = &[
     ModuleProfile {
         vendor: "AWS CloudHSM",
         file_names: &["libcloudhsm_pkcs11.so"],
+        library_manufacturer: None,
         group: None,
         config_env: None,
         config_default: Some("/opt/cloudhsm/etc/cloudhsm-pkcs11.cfg"),
@@ -114,6 +124,7 @@ pub const PROFILES: &[ModuleProfile] = &[
     ModuleProfile {
         vendor: "YubiHSM 2",
         file_names: &["yubihsm_pkcs11.so"],
+        library_manufacturer: None,
         group: None,
         config_env: Some("YUBIHSM_PKCS11_CONF"),
         config_default: None,
@@ -123,10 +134,20 @@ pub const PROFILES: &[ModuleProfile] = &[
     },
 ];
 
-/// The row for `module`, if qseed knows it.
+/// The row for `module`, if qseed knows it by its file name.
 pub fn profile(module: &Path) -> Option<&'static ModuleProfile> {
     let name = module.file_name()?.to_str()?;
     PROFILES.iter().find(|p| p.file_names.contains(&name))
+}
+
+/// The row for a loaded module: by file name, else by the manufacturer its `C_GetInfo`
+/// reports (a spy or proxy module forwards that).
+pub fn profile_of(module: &Path, library_manufacturer: &str) -> Option<&'static ModuleProfile> {
+    profile(module).or_else(|| {
+        PROFILES
+            .iter()
+            .find(|p| p.library_manufacturer == Some(library_manufacturer.trim()))
+    })
 }
 
 /// The packaged service's drop-in for HSM access, shared with `qseed-doctor.service`.
