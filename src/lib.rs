@@ -16,7 +16,7 @@
 //! - [`config`]: the TOML file, checked in two stages (shape, then resolved secrets and paths).
 //! - [`simulator`]: a local stand-in for the entropy API, for tests and the demo only.
 //! - [`commands`]: what each CLI subcommand does; [`cli`] parses the command line.
-// One function may use `unsafe` (`hsm::init_args`, with its SAFETY argument); everything else
+// Two functions may use `unsafe` (`hsm::ffi`, each block with its SAFETY argument); everything else
 // is denied it.
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]

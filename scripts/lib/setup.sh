@@ -21,6 +21,8 @@ command -v tpm2_ptool >/dev/null 2>&1 || need_apt+=(libtpm2-pkcs11-tools tpm2-to
 command -v tpm2-abrmd >/dev/null 2>&1 || need_apt+=(tpm2-abrmd libtss2-tcti-tabrmd0)
 command -v dbus-daemon >/dev/null 2>&1 || need_apt+=(dbus)
 command -v strace >/dev/null 2>&1 || need_apt+=(strace)
+# openCryptoki: a token with odd token info that refuses seeds.
+[ -x /usr/sbin/pkcsslotd ] || need_apt+=(opencryptoki)
 [ -d /etc/ssl/certs ] && [ -n "$(ls -A /etc/ssl/certs 2>/dev/null)" ] || need_apt+=(ca-certificates)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 command -v curl >/dev/null 2>&1 || command -v cargo >/dev/null 2>&1 || need_apt+=(curl)

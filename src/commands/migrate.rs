@@ -57,7 +57,7 @@ pub async fn migrate(file: &Path, write: Option<&Path>) -> Result<(), Error> {
 /// The token in `slot` of `module`, as (label, serial), if the module can tell.
 fn describe_slot(module: &Path, slot: u64) -> Result<Option<(String, String)>, String> {
     let pkcs11 = module::load(module, None).map_err(|e| e.to_string())?;
-    let listing = token::list(&pkcs11).map_err(|e| e.to_string());
+    let listing = token::list(&pkcs11, module).map_err(|e| e.to_string());
     let _ = pkcs11.finalize();
     Ok(listing?
         .into_iter()

@@ -14,7 +14,7 @@ pub async fn slots(module_path: &Path, init_args: Option<&str>) -> Result<(), Er
     let listing = tokio::task::spawn_blocking(move || {
         let module =
             module::load(&path, init_args.as_deref()).map_err(|e| Error::Config(e.to_string()))?;
-        let listed = token::list(&module).map_err(|e| Error::Failed(e.to_string()));
+        let listed = token::list(&module, &path).map_err(|e| Error::Failed(e.to_string()));
         let manufacturer = module
             .get_library_info()
             .map(|i| i.manufacturer_id().to_string())
@@ -78,6 +78,15 @@ pub async fn slots(module_path: &Path, init_args: Option<&str>) -> Result<(), Er
         say!("\nPKCS#11 URIs, for token = \"...\" in a [[target]]:");
         for (slot, uri) in uris {
             say!("{slot:<12} {uri}");
+        }
+    }
+    for slot in &listing {
+        if let Some(why) = slot.token.as_ref().and_then(|t| t.partly_unknown.as_ref()) {
+            say!(
+                "slot {}: the token's info was read as the module wrote it (cryptoki could not \
+                 convert it: {why}); its label, serial, model and flags are known, its clock is not",
+                slot.slot_id
+            );
         }
     }
     if max_seed != "-" {

@@ -5,7 +5,7 @@
 //! and never shared, as PKCS#11 forbids two threads in one session at once.
 
 pub mod error;
-pub mod init_args;
+pub mod ffi;
 pub mod module;
 pub mod pin_guard;
 pub mod quirks;

@@ -437,7 +437,7 @@ fn is_device_loss(rv: RvError) -> bool {
 }
 
 /// Loads the library and initializes it for a threaded caller, with `init_args` as
-/// `C_Initialize`'s reserved parameter if given (see [`super::init_args`]).
+/// `C_Initialize`'s reserved parameter if given (see [`super::ffi`]).
 pub fn load(path: &Path, init_args: Option<&std::ffi::CStr>) -> Result<Pkcs11, HsmError> {
     let fail = |reason: String| HsmError::ModuleLoad {
         path: path.display().to_string(),
@@ -455,7 +455,7 @@ pub fn load(path: &Path, init_args: Option<&std::ffi::CStr>) -> Result<Pkcs11, H
     })?;
     // qseed calls the module from several threads: let it use the OS's locks.
     let initialized = match init_args {
-        Some(args) => super::init_args::initialize_with(&module, args),
+        Some(args) => super::ffi::initialize_with(&module, args),
         None => module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)),
     };
     match initialized {

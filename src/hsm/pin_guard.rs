@@ -490,6 +490,7 @@ mod tests {
             has_rng: true,
             user_pin_final_try: false,
             user_pin_locked: false,
+            partly_unknown: None,
         }
     }
 

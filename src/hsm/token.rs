@@ -1,6 +1,7 @@
 //! Finding a token among a module's slots, and describing slots for `qseed slots`.
 
 use cryptoki::context::Pkcs11;
+use cryptoki::error::Error as CkError;
 use cryptoki::slot::Slot;
 
 use super::error::{from_cryptoki, HsmError};
@@ -21,6 +22,9 @@ pub struct TokenIdentity {
     pub has_rng: bool,
     pub user_pin_final_try: bool,
     pub user_pin_locked: bool,
+    /// Set when cryptoki could not convert the token's info and it was read raw: what failed
+    /// (the fields above are known; the rest, such as the clock, is not).
+    pub partly_unknown: Option<String>,
 }
 
 /// One row of `qseed slots`.
@@ -45,7 +49,7 @@ pub fn find(
     };
     let mut tokens = Vec::with_capacity(slots.len());
     for slot in slots {
-        match identify(module, slot) {
+        match identify(module, std::path::Path::new(module_path), slot) {
             Ok(token) => tokens.push(token),
             // A slot that empties between the two calls is simply not a match.
             Err(e) => tracing::debug!("skipping slot {slot}: {e}"),
@@ -91,38 +95,79 @@ pub fn find(
     }
 }
 
-fn identify(module: &Pkcs11, slot: Slot) -> Result<TokenIdentity, HsmError> {
-    let info = module.get_token_info(slot).map_err(from_cryptoki)?;
+/// The token in `slot`. A token whose info cryptoki cannot convert (openCryptoki's odd clock
+/// field) is read as the module wrote it instead, and marked so: it must not vanish.
+fn identify(
+    module: &Pkcs11,
+    path: &std::path::Path,
+    slot: Slot,
+) -> Result<TokenIdentity, HsmError> {
     let slot_info = module.get_slot_info(slot).ok();
+    let (slot_description, slot_manufacturer) = slot_info
+        .as_ref()
+        .map(|i| {
+            (
+                i.slot_description().to_string(),
+                i.manufacturer_id().to_string(),
+            )
+        })
+        .unwrap_or_default();
+    let info = match module.get_token_info(slot) {
+        Ok(info) => info,
+        Err(CkError::Pkcs11(rv, function)) => {
+            return Err(from_cryptoki(CkError::Pkcs11(rv, function)))
+        }
+        Err(conversion) => {
+            let raw = super::ffi::raw_token_info(path, slot.id()).map_err(|e| {
+                HsmError::Unexpected(format!(
+                    "the token info of slot {slot} cannot be read ({conversion}; raw: {e})"
+                ))
+            })?;
+            tracing::debug!("slot {slot}: token info read raw ({conversion})");
+            use cryptoki_sys::{
+                CKF_RNG, CKF_TOKEN_INITIALIZED, CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED,
+            };
+            let has = |flag: cryptoki_sys::CK_FLAGS| raw.flags & flag != 0;
+            return Ok(TokenIdentity {
+                slot,
+                label: raw.label,
+                serial: raw.serial,
+                model: raw.model,
+                manufacturer: raw.manufacturer,
+                slot_description,
+                slot_manufacturer,
+                initialized: has(CKF_TOKEN_INITIALIZED),
+                has_rng: has(CKF_RNG),
+                user_pin_final_try: has(CKF_USER_PIN_FINAL_TRY),
+                user_pin_locked: has(CKF_USER_PIN_LOCKED),
+                partly_unknown: Some(conversion.to_string()),
+            });
+        }
+    };
     Ok(TokenIdentity {
         slot,
         label: info.label().to_string(),
         serial: info.serial_number().to_string(),
         model: info.model().to_string(),
         manufacturer: info.manufacturer_id().to_string(),
-        slot_description: slot_info
-            .as_ref()
-            .map(|i| i.slot_description().to_string())
-            .unwrap_or_default(),
-        slot_manufacturer: slot_info
-            .as_ref()
-            .map(|i| i.manufacturer_id().to_string())
-            .unwrap_or_default(),
+        slot_description,
+        slot_manufacturer,
         initialized: info.token_initialized(),
         has_rng: info.rng(),
         user_pin_final_try: info.user_pin_final_try(),
         user_pin_locked: info.user_pin_locked(),
+        partly_unknown: None,
     })
 }
 
-/// Every slot of the module, with its token if one is present.
-pub fn list(module: &Pkcs11) -> Result<Vec<SlotReport>, HsmError> {
+/// Every slot of the module at `path`, with its token if one is present.
+pub fn list(module: &Pkcs11, path: &std::path::Path) -> Result<Vec<SlotReport>, HsmError> {
     let slots = module.get_all_slots().map_err(from_cryptoki)?;
     let mut reports = Vec::with_capacity(slots.len());
     for slot in slots {
         let info = module.get_slot_info(slot).map_err(from_cryptoki)?;
         let token = if info.token_present() {
-            Some(identify(module, slot)?)
+            Some(identify(module, path, slot)?)
         } else {
             None
         };
