@@ -13,18 +13,7 @@ const WRONG: &str = "999999";
 /// `good` logs in with the right PIN; `bad` with `bad.pin`, which holds [`WRONG`].
 fn world() -> World {
     let world = World::new();
-    world.add_token("good");
-    world.add_token("bad");
-    std::fs::write(world.path("bad.pin"), WRONG).unwrap();
-    private(&world.path("bad.pin"));
-    world.write_config(&format!(
-        "{}{}{}",
-        world.source("entropy"),
-        world.target_at("good", "good", 48, "1s", true, "0s"),
-        world
-            .target_at("bad", "bad", 48, "1s", true, "500ms")
-            .replace("user.pin", "bad.pin"),
-    ));
+    world.good_and_wrong_pin(WRONG, "1s", true, "500ms");
     private(&world.path("qseed.toml"));
     world
 }

@@ -154,18 +154,7 @@ fn a_missing_credential_file_is_named_not_fatal_to_the_unit() {
 #[test]
 fn status_names_a_stopped_target() {
     let world = World::new();
-    world.add_token("good");
-    world.add_token("bad");
-    std::fs::write(world.path("bad.pin"), "999999").unwrap();
-    private(&world.path("bad.pin"));
-    world.write_config(&format!(
-        "{}{}{}",
-        world.source("entropy"),
-        world.target_at("good", "good", 48, "10s", false, "0s"),
-        world
-            .target_at("bad", "bad", 48, "10s", true, "300ms")
-            .replace("user.pin", "bad.pin"),
-    ));
+    world.good_and_wrong_pin("999999", "10s", false, "300ms");
     let socket_path = world.path("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     let service = world.start_service_with(&[("NOTIFY_SOCKET", socket_path.to_str().unwrap())]);

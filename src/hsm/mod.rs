@@ -61,7 +61,7 @@ impl Target {
         let module = self
             .modules
             .module(&self.config.module, self.config.init_args.as_deref())?;
-        let call = module.enter()?;
+        let call = module.enter(self.config.period)?;
         let generation = call.generation;
         let result = self.connect_in(&call);
         drop(call);
@@ -146,7 +146,7 @@ impl Target {
         let module = self
             .modules
             .module(&self.config.module, self.config.init_args.as_deref())?;
-        let call = module.enter()?;
+        let call = module.enter(self.config.period)?;
         let generation = call.generation;
         self.forget_stale(generation);
         let Some(open) = &self.open else {
@@ -191,7 +191,7 @@ impl Target {
             self.forget_stale(u64::MAX);
             return;
         };
-        let Ok(call) = module.enter() else {
+        let Ok(call) = module.enter(self.config.period) else {
             // The module is down: its sessions died with it.
             self.forget_stale(u64::MAX);
             return;

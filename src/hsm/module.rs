@@ -27,6 +27,8 @@ use super::error::{from_cryptoki, HsmError};
 /// How long a re-initialization waits for calls still inside the module before it gives up
 /// (and tries again later): a hung call must not hold the others.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
+/// The backoff cap for calls that belong to no target's schedule (loading, `doctor`).
+const ONE_OFF_PERIOD: Duration = Duration::from_secs(10);
 /// Consecutive `CKR_GENERAL_ERROR`s after which a module counts as lost (one can be anything).
 const GENERAL_ERRORS_TO_RESET: u32 = 2;
 
@@ -141,7 +143,11 @@ impl Modules {
 
     /// The module's context, for one-off checks (`doctor`, the demo) that make no session.
     pub fn get(&self, path: &Path, init_args: Option<&str>) -> Result<Pkcs11, HsmError> {
-        Ok(self.module(path, init_args)?.enter()?.pkcs11.clone())
+        Ok(self
+            .module(path, init_args)?
+            .enter(ONE_OFF_PERIOD)?
+            .pkcs11
+            .clone())
     }
 
     /// Counters of every module, for metrics.
@@ -215,15 +221,10 @@ impl Module {
 
     /// Opens the gate for one call (or a few, like finding a token and logging in). Waits while
     /// the module is being re-initialized; a module that is down is tried again when its next
-    /// attempt is due, otherwise the call fails at once.
-    pub fn enter(self: &Arc<Self>) -> Result<ModuleCall, HsmError> {
-        let mut state = self.lock();
-        while state.resetting {
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
+    /// attempt is due (attempts back off up to `period`, the caller's), otherwise the call
+    /// fails at once.
+    pub fn enter(self: &Arc<Self>, period: Duration) -> Result<ModuleCall, HsmError> {
+        let mut state = self.idle();
         if state.pkcs11.is_none() {
             let due = state
                 .recovery
@@ -233,14 +234,8 @@ impl Module {
                 return Err(self.down(&state));
             }
             drop(state);
-            self.reinitialize(None, Duration::from_secs(60));
-            state = self.lock();
-            while state.resetting {
-                state = self
-                    .changed
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
+            self.reinitialize(None, period);
+            state = self.idle();
         }
         let Some(pkcs11) = state.pkcs11.clone() else {
             return Err(self.down(&state));
@@ -303,13 +298,7 @@ impl Module {
     /// asked for it and the generation it was seen in (`None`: a due retry of a module that is
     /// down).
     fn reinitialize(&self, cause: Option<(&HsmError, u64)>, period: Duration) {
-        let mut state = self.lock();
-        while state.resetting {
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
+        let mut state = self.idle();
         if let Some((_, seen)) = cause {
             if state.generation != seen {
                 return;
@@ -411,6 +400,18 @@ impl Module {
                 .map(|r| r.last_error.clone())
                 .unwrap_or_default(),
         }
+    }
+
+    /// The state, once no re-initialization is under way.
+    fn idle(&self) -> MutexGuard<'_, State> {
+        let mut state = self.lock();
+        while state.resetting {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        state
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -68,6 +68,28 @@ impl World {
         world
     }
 
+    /// Tokens "good" (logging in with [`PIN`] when `good_logs_in`) and "bad" (logging in with
+    /// `wrong`, from `bad.pin`, `bad_offset` later), both every `period`.
+    pub fn good_and_wrong_pin(
+        &self,
+        wrong: &str,
+        period: &str,
+        good_logs_in: bool,
+        bad_offset: &str,
+    ) {
+        self.add_token("good");
+        self.add_token("bad");
+        std::fs::write(self.path("bad.pin"), wrong).unwrap();
+        private(&self.path("bad.pin"));
+        self.write_config(&format!(
+            "{}{}{}",
+            self.source("entropy"),
+            self.target_at("good", "good", 48, period, good_logs_in, "0s"),
+            self.target_at("bad", "bad", 48, period, true, bad_offset)
+                .replace("user.pin", "bad.pin"),
+        ));
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
