@@ -49,8 +49,11 @@ struct Inner {
     /// Why there is no folder, for the one warning.
     memory_only_because: Option<String>,
     warned: AtomicBool,
-    /// Failures seen by this process, by token key: the guard within the process, whatever
-    /// happens to the folder.
+    /// Set when the folder failed a write: from then on the memory below counts too.
+    degraded: AtomicBool,
+    /// Failures seen by this process, by token key. With a working folder the folder decides
+    /// (an operator who deletes a record, or runs `--retry-pin` from another process, lifts it
+    /// for a running service too); without one, or after a failed write, this does.
     failed: Mutex<HashMap<String, Record>>,
 }
 
@@ -161,6 +164,7 @@ impl PinGuard {
                 folder,
                 memory_only_because,
                 warned: AtomicBool::new(false),
+                degraded: AtomicBool::new(false),
                 failed: Mutex::new(HashMap::new()),
             }),
         }
@@ -185,7 +189,9 @@ impl PinGuard {
         source: &PinSource,
     ) -> Result<LoginAttempt, HsmError> {
         let key = TokenKey::new(module, token);
-        if let Some(failed) = self.failed_lock().get(&key.id) {
+        let memory_decides =
+            self.inner.folder.is_none() || self.inner.degraded.load(Ordering::Relaxed);
+        if let Some(failed) = self.failed_lock().get(&key.id).filter(|_| memory_decides) {
             if failed.pin_source_identity == source.identity {
                 return Err(blocked(failed, target, source, None));
             }
@@ -296,6 +302,7 @@ impl PinGuard {
     }
 
     fn degrade(&self, why: &str) {
+        self.inner.degraded.store(true, Ordering::Relaxed);
         if !self.inner.warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 "PIN guard: {why}; a refused PIN is remembered only while this process runs"
@@ -609,6 +616,29 @@ mod tests {
             .begin("a", Path::new(MODULE), &t, &source("other"))
             .unwrap_err();
         assert!(err.to_string().contains("cannot be read"), "{err}");
+    }
+
+    #[test]
+    fn a_deleted_record_lifts_the_guard_for_a_running_process_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = guard(dir.path());
+        let t = token("1");
+        running
+            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .unwrap()
+            .refused("C_Login: CKR_PIN_INCORRECT");
+        assert!(running
+            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .is_err());
+        // Another process (`doctor --retry-pin`) lifts it.
+        assert!(guard(dir.path())
+            .lift(Path::new(MODULE), &t)
+            .unwrap()
+            .is_some());
+        running
+            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .unwrap()
+            .accepted();
     }
 
     #[test]
