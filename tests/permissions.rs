@@ -140,6 +140,24 @@ fn a_user_without_the_system_state_folder_keeps_state_in_its_own() {
         )),
         "{text}"
     );
+    // A state folder whose pin-guard/ another user made (root, by hand): said, with the fix.
+    let state = world.path("state-of-nobody");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::create_dir(state.join("pin-guard")).unwrap();
+    chmod(&state.join("pin-guard"), 0o700);
+    Command::new("chown")
+        .args(["nobody", &state.display().to_string()])
+        .status()
+        .unwrap();
+    let out = as_nobody_with(&world, &["doctor"], &[("STATE_DIRECTORY", state.clone())]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "[warn] PIN guard: cannot write {}",
+            state.join("pin-guard").display()
+        )) && text.contains("chown -R"),
+        "{text}"
+    );
     // Nowhere to write: said once, and the guard lasts for the process.
     let out = as_nobody_with(&world, &["doctor"], &[]);
     let text = String::from_utf8_lossy(&out.stdout);

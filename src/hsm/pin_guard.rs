@@ -148,12 +148,23 @@ impl PinGuard {
         let (folder, memory_only_because) = match state {
             StateDir::Folder(dir) => {
                 let folder = dir.join(FOLDER);
-                match std::fs::DirBuilder::new().mode(0o700).create(&folder) {
+                let made = match std::fs::DirBuilder::new().mode(0o700).create(&folder) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+                    _ => tempfile::Builder::new()
+                        .prefix(".probe")
+                        .tempfile_in(&folder)
+                        .map(drop),
+                };
+                match made {
                     Ok(()) => (Some(folder), None),
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (Some(folder), None),
+                    // A folder made by another user (root, by hand) is not this one's to use.
                     Err(e) => (
                         None,
-                        Some(format!("cannot create {}: {e}", folder.display())),
+                        Some(format!(
+                            "cannot write {} ({e}); make it {}'s (chown -R)",
+                            folder.display(),
+                            super::quirks::running_user()
+                        )),
                     ),
                 }
             }
