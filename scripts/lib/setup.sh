@@ -1,5 +1,6 @@
 # Installs what qseed's build, tests and demo need on Debian or Ubuntu. Sourced by
-# scripts/test and scripts/demo; safe to run again (it only installs what is missing).
+# scripts/test, scripts/demo, scripts/package and scripts/bench-modules; safe to run again (it
+# only installs what is missing).
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -9,23 +10,29 @@ need_apt=()
 command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
 [ -e /usr/lib/x86_64-linux-gnu/pkcs11-spy.so ] || [ -e /usr/lib/aarch64-linux-gnu/pkcs11-spy.so ] || need_apt+=(opensc-pkcs11)
-# p11-kit's server and client: a PKCS#11 module in another process, for the device-loss tests.
-command -v p11-kit >/dev/null 2>&1 || need_apt+=(p11-kit)
-[ -e /usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so ] || [ -e /usr/lib/aarch64-linux-gnu/pkcs11/p11-kit-client.so ] || need_apt+=(p11-kit-modules)
-[ -e /usr/lib/x86_64-linux-gnu/libsoftokn3.so ] || [ -e /usr/lib/aarch64-linux-gnu/libsoftokn3.so ] || need_apt+=(libnss3)
-command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
-# tpm2-pkcs11 on a software TPM: a seed that leaves the process and reaches a (software) device.
-command -v swtpm >/dev/null 2>&1 || need_apt+=(swtpm swtpm-tools)
-command -v tpm2_ptool >/dev/null 2>&1 || need_apt+=(libtpm2-pkcs11-tools tpm2-tools)
-[ -e /usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so ] || [ -e /usr/lib/aarch64-linux-gnu/pkcs11/libtpm2_pkcs11.so ] || need_apt+=(libtpm2-pkcs11-1)
-command -v tpm2-abrmd >/dev/null 2>&1 || need_apt+=(tpm2-abrmd libtss2-tcti-tabrmd0)
-command -v dbus-daemon >/dev/null 2>&1 || need_apt+=(dbus)
-command -v strace >/dev/null 2>&1 || need_apt+=(strace)
-# openCryptoki: a token with odd token info that refuses seeds.
-[ -x /usr/sbin/pkcsslotd ] || need_apt+=(opencryptoki)
 [ -d /etc/ssl/certs ] && [ -n "$(ls -A /etc/ssl/certs 2>/dev/null)" ] || need_apt+=(ca-certificates)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 command -v curl >/dev/null 2>&1 || command -v cargo >/dev/null 2>&1 || need_apt+=(curl)
+# The test suite's other PKCS#11 modules (scripts/test and scripts/bench-modules set
+# QSEED_SETUP=test; the demo and the package build do not need them).
+if [ "${QSEED_SETUP:-}" = "test" ]; then
+    # p11-kit's server and client: a PKCS#11 module in another process, for the device-loss tests.
+    command -v p11-kit >/dev/null 2>&1 || need_apt+=(p11-kit)
+    [ -e /usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so ] || [ -e /usr/lib/aarch64-linux-gnu/pkcs11/p11-kit-client.so ] || need_apt+=(p11-kit-modules)
+    [ -e /usr/lib/x86_64-linux-gnu/libsoftokn3.so ] || [ -e /usr/lib/aarch64-linux-gnu/libsoftokn3.so ] || need_apt+=(libnss3)
+    command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
+    # tpm2-pkcs11 on a software TPM: a seed that leaves the process and reaches a (software) device.
+    command -v swtpm >/dev/null 2>&1 || need_apt+=(swtpm swtpm-tools)
+    command -v tpm2_ptool >/dev/null 2>&1 || need_apt+=(libtpm2-pkcs11-tools tpm2-tools)
+    [ -e /usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so ] || [ -e /usr/lib/aarch64-linux-gnu/pkcs11/libtpm2_pkcs11.so ] || need_apt+=(libtpm2-pkcs11-1)
+    command -v tpm2-abrmd >/dev/null 2>&1 || need_apt+=(tpm2-abrmd libtss2-tcti-tabrmd0)
+    command -v dbus-daemon >/dev/null 2>&1 || need_apt+=(dbus)
+    command -v strace >/dev/null 2>&1 || need_apt+=(strace)
+    # openCryptoki: a token with odd token info that refuses seeds.
+    [ -x /usr/sbin/pkcsslotd ] || need_apt+=(opencryptoki)
+    # scripts/package-check and scripts/bench-modules pick free ports with it.
+    command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> apt-get install ${need_apt[*]}"
