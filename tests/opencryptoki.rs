@@ -16,8 +16,20 @@ use common::*;
 const MODULE: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/libopencryptoki.so";
 const LABEL: &str = "qseed-ock";
 
-/// Starts the slot daemon and labels the soft token; `Err` says why it cannot be had here.
-fn soft_token() -> Result<(), String> {
+/// Stops the slot daemon at the end if this test started it.
+struct Daemon(bool);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = Command::new("pkill").arg("pkcsslotd").status();
+        }
+    }
+}
+
+/// Starts the slot daemon (if it is not running) and labels the soft token; `Err` says why it
+/// cannot be had here.
+fn soft_token() -> Result<Daemon, String> {
     if !Path::new(MODULE).exists() {
         return Err(format!(
             "{MODULE} is missing (apt-get install opencryptoki)"
@@ -30,6 +42,7 @@ fn soft_token() -> Result<(), String> {
         .arg("pkcsslotd")
         .output()
         .is_ok_and(|o| o.status.success());
+    let daemon = Daemon(!running);
     if !running {
         let _ = std::fs::create_dir_all("/var/lock/opencryptoki/swtok");
         let status = Command::new("/usr/sbin/pkcsslotd").status();
@@ -51,7 +64,7 @@ fn soft_token() -> Result<(), String> {
         writeln!(init.stdin.take().unwrap(), "{LABEL}").map_err(|e| e.to_string())?;
         let out = init.wait_with_output().map_err(|e| e.to_string())?;
         if out.status.success() {
-            return Ok(());
+            return Ok(daemon);
         }
         last = String::from_utf8_lossy(&out.stderr).into_owned();
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -61,10 +74,13 @@ fn soft_token() -> Result<(), String> {
 
 #[test]
 fn a_token_with_odd_info_is_listed_found_and_its_refusal_reported() {
-    if let Err(why) = soft_token() {
-        eprintln!("skipped: {why}");
-        return;
-    }
+    let _daemon = match soft_token() {
+        Ok(daemon) => daemon,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
     let world = World::new();
     let out = world.run(&["slots", "--module", MODULE]);
     let text = String::from_utf8_lossy(&out.stdout);

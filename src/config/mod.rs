@@ -187,6 +187,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     };
     let text = std::fs::read_to_string(path).map_err(|e| {
         fail(match e.kind() {
+            std::io::ErrorKind::NotFound if path == Path::new(DEFAULT_PATH) => format!(
+                "the file does not exist (nor does Qrypt's qseed's {}); write one (see \
+                 examples/qseed.toml, or `qseed migrate` for an old YAML file) or name another \
+                 with --config or QSEED_CONFIG_FILE",
+                legacy::DEFAULT_PATH
+            ),
             std::io::ErrorKind::NotFound => "the file does not exist; write one (see \
                 examples/qseed.toml) or name another with --config or QSEED_CONFIG_FILE"
                 .to_string(),
