@@ -313,3 +313,74 @@ fn one_shot_commands_promise_no_retry() {
         assert!(!text.contains(promise), "{promise:?} in {text}");
     }
 }
+
+/// A plain-HTTP server of the test's own that answers every request with `status_line` and
+/// a body that never ends; returns its address and the bytes it managed to write.
+fn endless_body_server(
+    status_line: &'static str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = written.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(4) {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status_line}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+            );
+            let chunk = vec![b'x'; 64 * 1024];
+            // Bounded too: at most 256 MiB per connection, then the test has its answer.
+            for _ in 0..4096 {
+                if stream.write_all(&chunk).is_err() {
+                    break;
+                }
+                count.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        }
+    });
+    (format!("http://{addr}"), written)
+}
+
+#[test]
+fn an_endless_error_body_is_not_read() {
+    let (url, written) = endless_body_server("500 Internal Server Error");
+    let world = World::new();
+    world.add_token("tok");
+    world.write_config(&format!(
+        "[telemetry]\nlisten = \"off\"\n[source]\nurl = \"{url}\"\nallow_http = true\n\
+         auth = \"none\"\ntimeout = \"20s\"\n\n{}",
+        world.target("tok", "tok", 48, "10s", false)
+    ));
+    let out = world.run(&["once"]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("HTTP 500: xxxx"), "an excerpt: {text}");
+    // qseed stopped reading after its excerpt; the kernel's socket buffers take a few MiB more.
+    let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        sent < 64 << 20,
+        "{sent} bytes were sent before qseed hung up"
+    );
+}
+
+#[test]
+fn a_2xx_answer_other_than_200_shows_no_body() {
+    let (url, _) = endless_body_server("206 Partial Content");
+    let world = World::new();
+    world.add_token("tok");
+    world.write_config(&format!(
+        "[telemetry]\nlisten = \"off\"\n[source]\nurl = \"{url}\"\nallow_http = true\n\
+         auth = \"none\"\n\n{}",
+        world.target("tok", "tok", 48, "10s", false)
+    ));
+    let out = world.run(&["once"]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("HTTP 206") && !text.contains("xxx"), "{text}");
+}

@@ -13,6 +13,8 @@ use crate::secret::EntropyBytes;
 
 /// Answers longer than this many bytes per block are refused unread (base64 of 1 KiB is 1,368
 /// bytes; the rest is JSON punctuation and slack for whitespace and escaped slashes).
+/// How much of an error answer's body is read, for the excerpt in the message.
+const ERROR_BODY_LIMIT: usize = 4096;
 const MAX_ANSWER_BYTES_PER_BLOCK: usize = 2 * 1368;
 const MAX_ANSWER_OVERHEAD: usize = 16 * 1024;
 
@@ -179,13 +181,35 @@ impl QryptClient {
             403 => SourceError::Forbidden,
             429 => SourceError::RateLimited { retry_after },
             503 => SourceError::Unavailable { retry_after },
+            // A 2xx other than 200 may carry entropy in its body: none of it in a message.
+            200..=299 => SourceError::Status {
+                status,
+                detail: "(body not shown: a 2xx answer's body may hold entropy)".into(),
+            },
             _ => {
-                // Error bodies hold no entropy; show a short, printable excerpt for support.
-                let text = response.text().await.unwrap_or_default();
+                // An excerpt for support, read bounded: a server must not make qseed read an
+                // endless error body into memory.
+                let text = self.read_excerpt(response).await;
                 let detail: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
                 SourceError::Status { status, detail }
             }
         }
+    }
+
+    /// At most [`ERROR_BODY_LIMIT`] bytes of an error answer's body, as text; the rest is never
+    /// read (the connection is dropped).
+    async fn read_excerpt(&self, mut response: reqwest::Response) -> String {
+        let mut body = Vec::with_capacity(ERROR_BODY_LIMIT);
+        while body.len() < ERROR_BODY_LIMIT {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = ERROR_BODY_LIMIT - body.len();
+                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&body).into_owned()
     }
 
     fn transport_error(&self, e: reqwest::Error) -> SourceError {
