@@ -384,3 +384,52 @@ fn a_2xx_answer_other_than_200_shows_no_body() {
     assert_eq!(out.status.code(), Some(3), "{text}");
     assert!(text.contains("HTTP 206") && !text.contains("xxx"), "{text}");
 }
+
+#[test]
+fn one_token_named_twice_is_seeded_by_one_target() {
+    let world = World::new();
+    world.add_token("tok");
+    let out = world.run(&["slots", "--module", SOFTHSM]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let serial = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("tok"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .to_string();
+    // By label and by serial: found to be one token when the second target connects.
+    world.write_config(&format!(
+        "{}{}{}",
+        world.source("entropy"),
+        world.target_at("by-label", "tok", 48, "10s", false, "0s"),
+        world
+            .target_at("by-serial", "tok", 48, "10s", false, "300ms")
+            .replace("token_label = \"tok\"", &format!("serial = \"{serial}\"")),
+    ));
+    let out = world.run(&["once"]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert!(
+        text.contains("by-serial: target stopped: token \"tok\"")
+            && text.contains("is already seeded by target \"by-label\""),
+        "{text}"
+    );
+    assert_eq!(world.spy().seeds().len(), 1, "seeded once");
+
+    // Through two paths to one module file: refused with the configuration.
+    let link = world.path("softhsm-link.so");
+    std::os::unix::fs::symlink(SOFTHSM, &link).unwrap();
+    world.write_config(&format!(
+        "{}[[target]]\nname = \"a\"\nmodule = \"{SOFTHSM}\"\ntoken_label = \"tok\"\n\n\
+         [[target]]\nname = \"b\"\nmodule = \"{}\"\ntoken_label = \"tok\"\n",
+        world.source("entropy"),
+        link.display()
+    ));
+    let out = world.run(&["once"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("names the same token"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -332,7 +332,9 @@ fn resolve(raw: RawConfig, base: &Path, origin: &str) -> Result<Config, String> 
                 target.module.display()
             ));
         }
-        if !tokens.insert((target.module.clone(), target.token.clone())) {
+        // Two paths to one module file (a symlink) are one module.
+        let module_file = std::fs::canonicalize(&target.module).unwrap_or(target.module.clone());
+        if !tokens.insert((module_file, target.token.clone())) {
             return Err(format!(
                 "target {:?} names the same token ({} of {}) as an earlier target; \
                  seed each token from one target",

@@ -71,6 +71,16 @@ pub enum HsmError {
          worked yet ({reason})"
     )]
     ModuleDown { path: String, reason: String },
+    #[error(
+        "token {label:?} (serial {serial}) is already seeded by target {holder:?}: the two targets \
+         name one token (by label and by serial, or through two paths to one module). Seed each \
+         token from one target"
+    )]
+    TokenTaken {
+        label: String,
+        serial: String,
+        holder: String,
+    },
 }
 
 impl HsmError {
@@ -83,6 +93,7 @@ impl HsmError {
             | HsmError::PinLocked
             | HsmError::NoRng
             | HsmError::PinGuarded(_)
+            | HsmError::TokenTaken { .. }
             | HsmError::MissingFunction => true,
             HsmError::TokenNotFound { .. }
             | HsmError::Ambiguous { .. }
@@ -99,6 +110,7 @@ impl HsmError {
         match self {
             _ if self.is_pin_error() => "pin",
             HsmError::ModuleLoad { .. } => "module",
+            HsmError::TokenTaken { .. } => "duplicate_token",
             HsmError::NoRng => "no_rng",
             HsmError::MissingFunction => "function_missing",
             HsmError::Call { rv, .. } => match rv {

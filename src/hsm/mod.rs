@@ -82,6 +82,8 @@ impl Target {
         let pkcs11 = &call.pkcs11;
         let path = self.config.module.display().to_string();
         let token = token::find(pkcs11, &path, &self.config.token)?;
+        self.modules
+            .claim(&self.config.module, &token, &self.config.name)?;
         if !token.has_rng {
             return Err(HsmError::NoRng);
         }

@@ -36,6 +36,18 @@ const GENERAL_ERRORS_TO_RESET: u32 = 2;
 #[derive(Debug, Clone, Default)]
 pub struct Modules {
     loaded: Arc<Mutex<HashMap<PathBuf, Arc<Module>>>>,
+    /// Which target seeds which token (by module file and token), so that one token named
+    /// twice (by label and by serial, or through two paths to one module) is seeded once.
+    claims: Arc<Mutex<HashMap<TokenClaim, String>>>,
+}
+
+/// A token as the claims know it: the module file (device and inode: symlinks and hard links
+/// are one file), the token's serial and label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TokenClaim {
+    module: (u64, u64),
+    serial: String,
+    label: String,
 }
 
 /// One loaded module and its gate.
@@ -98,6 +110,47 @@ pub struct ModuleStats {
 impl Modules {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Claims `token` of the module at `path` for `target`; refused when another target has
+    /// it. Claims last as long as the target is configured (a reload that removes it calls
+    /// [`Modules::release`]), not only while its loop runs: `once` runs its loops one round
+    /// each, and must not seed one token twice either.
+    pub fn claim(
+        &self,
+        path: &Path,
+        token: &super::TokenIdentity,
+        target: &str,
+    ) -> Result<(), HsmError> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(path) else {
+            return Ok(());
+        };
+        let claim = TokenClaim {
+            module: (meta.dev(), meta.ino()),
+            serial: token.serial.clone(),
+            label: token.label.clone(),
+        };
+        let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
+        match claims.get(&claim) {
+            Some(holder) if holder != target => Err(HsmError::TokenTaken {
+                label: token.label.clone(),
+                serial: token.serial.clone(),
+                holder: holder.clone(),
+            }),
+            _ => {
+                claims.insert(claim, target.to_string());
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends `target`'s claims (a reload removed it).
+    pub fn release(&self, target: &str) {
+        self.claims
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, holder| holder != target);
     }
 
     /// The module at `path`, loaded and initialized (with `init_args`, if given) on first use.

@@ -213,6 +213,7 @@ impl<S: EntropySource + 'static> Service<S> {
                 } else {
                     applied.removed.push(name.clone());
                     self.metrics.forget_target(name);
+                    self.modules.release(name);
                 }
             }
         }
