@@ -171,3 +171,14 @@ fn the_simulator_command_serves_the_walk_through() {
         "{rest:?}"
     );
 }
+
+#[test]
+fn the_simulator_refuses_other_machines_without_a_token() {
+    let out = qseed(&["simulator", "--listen", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reaches other machines") && err.contains("QRYPT_TOKEN"),
+        "{err}"
+    );
+}

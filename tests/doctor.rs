@@ -110,9 +110,10 @@ fn each_broken_item_fails_with_its_fix() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(w.path("qseed.toml"), std::fs::Permissions::from_mode(0o666)).unwrap();
     let (code, text) = doctor(&w);
-    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(code, Some(2), "{text}");
     assert!(
-        text.contains("anyone can change it; run: chmod o-w"),
+        text.contains("can be changed by every user on this machine (mode 0666)")
+            && text.contains("chmod o-w"),
         "{text}"
     );
 

@@ -433,3 +433,83 @@ fn one_token_named_twice_is_seeded_by_one_target() {
         stderr(&out)
     );
 }
+
+#[test]
+fn operator_mistakes_are_refused_before_they_cost_a_login() {
+    use std::os::unix::fs::PermissionsExt;
+    let world = World::one_target("entropy", 48, "10s", true);
+    let good = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+
+    // An empty label would match an uninitialized token.
+    world.write_config(&good.replace("token_label = \"tok\"", "token_label = \"\""));
+    let out = world.run(&["once"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("token_label is empty"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A PIN with a stray blank, or an empty inline one: refused, never presented.
+    world.write_config(&good);
+    std::fs::write(world.path("user.pin"), format!("{PIN} \n")).unwrap();
+    let out = world.run(&["once"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("begins or ends with a space"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains(PIN));
+    world.write_config(&good.replace("pin_file = \"user.pin\"", "pin = \"\""));
+    let out = world.run(&["once"]);
+    assert!(
+        stderr(&out).contains("pin (inline) is empty"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        world.spy().count("C_Login"),
+        0,
+        "no login was spent on them"
+    );
+
+    // Blanks around the API token in its file are trimmed, as in QRYPT_TOKEN.
+    std::fs::write(world.path("user.pin"), PIN).unwrap();
+    std::fs::write(world.path("api.token"), format!("  {API_TOKEN}  \n")).unwrap();
+    world.write_config(&good);
+    let out = world.run(&["once"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Files every user may change: the configuration, a PIN file, the module.
+    for (file, key) in [
+        (world.path("qseed.toml"), "the configuration file"),
+        (world.path("user.pin"), "pin_file"),
+    ] {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let out = world.run(&["once"]);
+        assert_eq!(out.status.code(), Some(2), "{key}");
+        assert!(
+            stderr(&out).contains(&format!("{key} {}", file.display()))
+                && stderr(&out).contains("can be changed by every user"),
+            "{}",
+            stderr(&out)
+        );
+        // The documented opt-out, from the environment.
+        let out = world
+            .qseed()
+            .env("QSEED_ALLOW_WRITABLE_FILES", "1")
+            .arg("once")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{key}: {}", stderr(&out));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let module = world.path("module.so");
+    std::fs::copy(SPY, &module).unwrap();
+    std::fs::set_permissions(&module, std::fs::Permissions::from_mode(0o777)).unwrap();
+    world.write_config(&good.replace(SPY, &module.display().to_string()));
+    let out = world.run(&["once"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("module") && stderr(&out).contains("chmod o-w"));
+}

@@ -46,6 +46,14 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
             })?;
             if let Some(bound) = server::local_addr(&listener) {
                 tracing::info!("telemetry on http://{bound}/metrics, /healthz and /readyz");
+                if !bound.ip().is_loopback() {
+                    tracing::warn!(
+                        "telemetry listens on {bound}, which other machines can reach: it shows \
+                         target names, token labels and serials, request counts and readiness \
+                         (no secret). Set telemetry.listen to 127.0.0.1:9750 unless a monitoring \
+                         network needs it"
+                    );
+                }
             }
             Some(server::serve(listener, metrics.clone(), stop.clone()))
         }

@@ -16,6 +16,13 @@ pub async fn simulator(
     plain_http: bool,
 ) -> Result<(), Error> {
     let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
+    if !listen.ip().is_loopback() && token.is_none() {
+        return Err(Error::Config(format!(
+            "--listen {listen} reaches other machines, and without {TOKEN_ENV} anyone there \
+             could fetch from the simulator and take its answers for entropy; set {TOKEN_ENV}, \
+             or listen on 127.0.0.1"
+        )));
+    }
     let sim = Simulator::start(Options {
         listen,
         token: token.clone(),

@@ -45,9 +45,13 @@ pub async fn slots(module_path: &Path, init_args: Option<&str>) -> Result<(), Er
                 "{:<12} {:<7} {:<32} {:<16} {:<16} {:<4} {:<8}",
                 slot.slot_id,
                 if t.initialized { "yes" } else { "uninit" },
-                if t.initialized { t.label.as_str() } else { "-" },
-                t.serial,
-                t.model,
+                if t.initialized {
+                    printable(&t.label)
+                } else {
+                    "-".into()
+                },
+                printable(&t.serial),
+                printable(&t.model),
                 if t.has_rng { "yes" } else { "no" },
                 max_seed
             ),
@@ -96,4 +100,27 @@ pub async fn slots(module_path: &Path, init_args: Option<&str>) -> Result<(), Er
         );
     }
     Ok(())
+}
+
+/// A token's text as it may go to a terminal: control characters escaped, so a label cannot
+/// move the cursor or rewrite the listing.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(super::printable("ok label"), "ok label");
+        assert_eq!(super::printable("evil\x1b[2J\r"), "evil\\u{1b}[2J\\r");
+    }
 }

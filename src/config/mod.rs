@@ -201,6 +201,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     })?;
     let text = zeroize::Zeroizing::new(text);
     let base = path.parent().unwrap_or(Path::new("."));
+    refuse_if_others_can_write(path, "the configuration file").map_err(fail)?;
     let origin = std::fs::metadata(path)
         .map(|meta| file_identity(path, &meta))
         .unwrap_or_else(|_| format!("config:{}", path.display()));
@@ -472,10 +473,14 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
         url,
         dialect: raw.dialect.unwrap_or_default(),
         token,
-        ca_file: raw
-            .ca_file
-            .map(|f| secret_path(base, &f, "source.ca_file"))
-            .transpose()?,
+        ca_file: match raw.ca_file {
+            Some(f) => {
+                let path = secret_path(base, &f, "source.ca_file")?;
+                refuse_if_others_can_write(&path, "source.ca_file")?;
+                Some(path)
+            }
+            None => None,
+        },
         timeout,
         allow_http,
     })
@@ -553,7 +558,15 @@ fn resolve_target(
         }
     };
 
+    refuse_if_others_can_write(&module, "module").map_err(&at)?;
     let token = match (raw.token_label, raw.serial, raw.slot_id, uri.clone()) {
+        (Some(label), None, None, None) if label.trim().is_empty() => {
+            // An empty label matches an uninitialized token.
+            return Err(at("token_label is empty; give the token's label".into()));
+        }
+        (None, Some(serial), None, None) if serial.trim().is_empty() => {
+            return Err(at("serial is empty; give the token's serial".into()));
+        }
         (Some(label), None, None, None) => TokenSelector::Label(label),
         (None, Some(serial), None, None) => TokenSelector::Serial(serial),
         (None, None, Some(id), None) => TokenSelector::SlotId(u64::try_from(id).map_err(|_| {
@@ -724,6 +737,20 @@ fn resolve_pin(
         ),
         _ => return Err("more than one of pin_file, pin_env and pin is set; keep one".into()),
     };
+    {
+        use secrecy::ExposeSecret;
+        let text = pin.expose_secret();
+        // Each of these would cost a login attempt, and HSMs count them.
+        if text.is_empty() {
+            return Err(format!("{described} is empty; give the user PIN"));
+        }
+        if text.trim() != text {
+            return Err(format!(
+                "{described} begins or ends with a space or tab (value not shown): a PIN with \
+                 stray blanks would be refused by the token and count as a wrong PIN. Remove them"
+            ));
+        }
+    }
     Ok(Some(UserLogin {
         pin,
         source: PinSource {
@@ -757,7 +784,13 @@ fn read_secret_file(path: &Path, key: &str) -> Result<(SecretString, String), St
     }
     let text =
         std::str::from_utf8(&bytes).map_err(|_| format!("{key} = {shown:?} is not UTF-8 text"))?;
-    let secret = text.trim_end_matches(['\n', '\r']);
+    // A token never holds blanks: trimmed as QRYPT_TOKEN is. A PIN keeps them, for the
+    // caller to refuse.
+    let secret = if key.ends_with("token_file") {
+        text.trim()
+    } else {
+        text.trim_end_matches(['\n', '\r'])
+    };
     if secret.is_empty() {
         return Err(if credentials_dir().is_some_and(|d| path.starts_with(d)) {
             format!(
@@ -771,6 +804,7 @@ fn read_secret_file(path: &Path, key: &str) -> Result<(SecretString, String), St
         });
     }
     warn_if_readable_by_others(path, key);
+    refuse_if_others_can_write(path, key)?;
     Ok((
         SecretString::from(secret.to_string()),
         file_identity(path, &meta),
@@ -803,6 +837,31 @@ fn warn_if_readable_by_others(path: &Path, key: &str) {
 
 #[cfg(not(unix))]
 fn warn_if_readable_by_others(_: &Path, _: &str) {}
+
+/// The documented opt-out of [`refuse_if_others_can_write`], for the environment (never the
+/// configuration file: whoever could write that file could also set it).
+pub const ALLOW_WRITABLE_ENV: &str = "QSEED_ALLOW_WRITABLE_FILES";
+
+/// sshd-style strictness: a file every user may change (the configuration, a module qseed will
+/// run, a secret, a trust anchor) hands qseed to any local user. Refused unless
+/// `QSEED_ALLOW_WRITABLE_FILES=1`.
+pub fn refuse_if_others_can_write(path: &Path, key: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o002 == 0 || std::env::var(ALLOW_WRITABLE_ENV).is_ok_and(|v| v == "1") {
+        return Ok(());
+    }
+    Err(format!(
+        "{key} {} can be changed by every user on this machine (mode {mode:04o}), and so could \
+         make qseed do anything; run: chmod o-w {} (or set {ALLOW_WRITABLE_ENV}=1 to accept the \
+         risk)",
+        path.display(),
+        path.display()
+    ))
+}
 
 fn in_range(
     key: &str,
