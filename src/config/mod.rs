@@ -303,10 +303,11 @@ fn resolve(raw: RawConfig, base: &Path, origin: &str) -> Result<Config, String> 
             DEFAULT_TELEMETRY_PORT,
         ))),
         Some("off") => None,
-        Some(text) => Some(text.parse().map_err(|_| {
+        Some(text) => Some(listen_address(text).ok_or_else(|| {
             format!(
                 "telemetry.listen = {text:?} is not an address; write it like \
-                 \"127.0.0.1:9750\", or \"off\""
+                 \"127.0.0.1:9750\", \"localhost:9750\", \"[::1]:9750\", \":9750\" (every \
+                 interface), or \"off\""
             )
         })?),
     };
@@ -877,6 +878,23 @@ fn in_range(
             short_duration(*range.start()),
             short_duration(*range.end())
         ))
+    }
+}
+
+/// A listening address as operators write them: `127.0.0.1:9750`, `[::1]:9750`,
+/// `localhost:9750` (loopback, without asking DNS) and `:9750` (every interface, as
+/// node_exporter writes it).
+fn listen_address(text: &str) -> Option<std::net::SocketAddr> {
+    use std::net::{Ipv4Addr, SocketAddr};
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Some(addr);
+    }
+    let (host, port) = text.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    match host {
+        "" => Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))),
+        "localhost" => Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        _ => None,
     }
 }
 

@@ -221,3 +221,21 @@ fn max_seed_is_checked() {
     let e = parse_err(&target("slot_id = 1\nmax_seed = 0"));
     assert!(e.contains("max_seed = 0 is out of range"), "{e}");
 }
+
+#[test]
+fn telemetry_addresses_as_operators_write_them() {
+    let listen = |v: &str| {
+        parse_ok(&format!(
+            "[source]\nauth = \"none\"\n[telemetry]\nlisten = \"{v}\"\n"
+        ))
+        .telemetry_listen
+        .map(|a| a.to_string())
+    };
+    assert_eq!(listen("127.0.0.1:9750").as_deref(), Some("127.0.0.1:9750"));
+    assert_eq!(listen("localhost:9751").as_deref(), Some("127.0.0.1:9751"));
+    assert_eq!(listen("[::1]:9752").as_deref(), Some("[::1]:9752"));
+    assert_eq!(listen(":9753").as_deref(), Some("0.0.0.0:9753"));
+    assert_eq!(listen("off"), None);
+    let e = parse_err("[source]\nauth = \"none\"\n[telemetry]\nlisten = \"example.com:1\"\n");
+    assert!(e.contains("is not an address"), "{e}");
+}

@@ -39,6 +39,11 @@ pub enum SourceError {
     TooLarge { limit: usize },
     #[error("could not reach the entropy API at {url}: {reason}")]
     Transport { url: String, reason: String },
+    #[error(
+        "reached {host}, but its certificate is not trusted: {reason}; set source.ca_file to the \
+         CA that signed it, or check for a TLS-inspecting proxy between qseed and the API"
+    )]
+    Untrusted { host: String, reason: String },
     #[error("the entropy API's answer broke off before its end: {0}")]
     BodyCut(String),
     #[error("the entropy API did not answer within {0:?} (source.timeout)")]
@@ -86,6 +91,7 @@ impl SourceError {
             SourceError::WrongContentType(_) => "wrong content type",
             SourceError::TooLarge { .. } => "answer too large",
             SourceError::Transport { .. } => "unreachable",
+            SourceError::Untrusted { .. } => "untrusted certificate",
             SourceError::Timeout(_) => "timeout",
             SourceError::BodyCut(_) => "answer cut off",
             SourceError::BadAnswer(_) => "bad answer",

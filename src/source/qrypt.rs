@@ -216,9 +216,18 @@ impl QryptClient {
         if e.is_timeout() {
             return SourceError::Timeout(self.timeout);
         }
+        let reason = error_chain(&e);
+        // A certificate that is not trusted is a different problem from an unreachable host:
+        // the server answered.
+        if let Some(at) = reason.find("invalid peer certificate") {
+            return SourceError::Untrusted {
+                host: self.base.host_str().unwrap_or("the server").to_string(),
+                reason: reason[at..].to_string(),
+            };
+        }
         SourceError::Transport {
             url: self.base.to_string(),
-            reason: error_chain(&e),
+            reason,
         }
     }
 }
@@ -287,14 +296,40 @@ fn is_json(content_type: &str) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
+/// `Retry-After` in both of its forms: seconds, or an HTTP-date (RFC 9110, section 10.2.3).
 fn retry_after(response: &reqwest::Response) -> Option<Duration> {
-    let text = response.headers().get(RETRY_AFTER)?.to_str().ok()?;
-    text.trim().parse::<u64>().ok().map(Duration::from_secs)
+    parse_retry_after(response.headers().get(RETRY_AFTER)?.to_str().ok()?)
+}
+
+fn parse_retry_after(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = httpdate::parse_http_date(text).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(300);
+        let wait = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!((298..=300).contains(&wait.as_secs()), "{wait:?}");
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO),
+            "a date in the past: no wait"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
 
     #[test]
     fn content_type_check() {
