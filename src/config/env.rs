@@ -55,12 +55,6 @@ pub fn variable(table: &str, key: &str) -> String {
     format!("QSEED_{}_{}", table, key).to_ascii_uppercase()
 }
 
-/// Every variable qseed reads for keys, for the README and `doctor`.
-pub fn variables() -> impl Iterator<Item = (String, String)> {
-    KEYS.iter()
-        .map(|(table, key, _)| (variable(table, key), format!("{table}.{key}")))
-}
-
 /// Sets the keys that `vars` (the process environment, or a test's) name on `raw`.
 pub fn apply(
     raw: &mut RawConfig,

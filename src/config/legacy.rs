@@ -222,8 +222,19 @@ fn entries(text: &str) -> Result<Vec<Entry>, String> {
             Event::Scalar(mut value, _, _, _) if depth == 1 => match pending_key.take() {
                 None => {
                     if !KEYS.contains(&value.as_str()) {
+                        // A key is quoted only when it looks like one: a typo such as
+                        // `cryptoki_user_pin:1234: x` makes the PIN part of the "key".
+                        let shown = if value
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                        {
+                            format!("{value:?}")
+                        } else {
+                            "(not shown: it may hold a value)".to_string()
+                        };
+                        value.zeroize();
                         return Err(format!(
-                            "line {line}: unknown key {value:?}; the keys of Qrypt's qseed \
+                            "line {line}: unknown key {shown}; the keys of Qrypt's qseed \
                              configuration are {}",
                             KEYS.join(", ")
                         ));
@@ -376,6 +387,12 @@ mod tests {
                 "{err}"
             );
         }
+        // A typo that glues a PIN to its key is not quoted as an unknown key.
+        let err =
+            parse(&OLD_EXAMPLE.replace("cryptoki_user_pin: 1234", "cryptoki_user_pin:1234: x"))
+                .unwrap_err();
+        assert!(err.contains("unknown key (not shown"), "{err}");
+        assert!(!err.contains("1234"), "{err}");
         // A PIN written as a list is refused without quoting it.
         let err =
             parse(&OLD_EXAMPLE.replace("cryptoki_user_pin: 1234", "cryptoki_user_pin: [1234]"))

@@ -264,10 +264,6 @@ impl Modules {
 }
 
 impl Module {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn profile(&self) -> Option<&'static super::quirks::ModuleProfile> {
         self.profile
     }

@@ -49,7 +49,13 @@ pub fn find(
     };
     let mut tokens = Vec::with_capacity(slots.len());
     for slot in slots {
-        match identify(module, std::path::Path::new(module_path), slot) {
+        let slot_details = matches!(selector, TokenSelector::Uri(_));
+        match identify(
+            module,
+            std::path::Path::new(module_path),
+            slot,
+            slot_details,
+        ) {
             Ok(token) => tokens.push(token),
             // A slot that empties between the two calls is simply not a match.
             Err(e) => tracing::debug!("skipping slot {slot}: {e}"),
@@ -97,12 +103,19 @@ pub fn find(
 
 /// The token in `slot`. A token whose info cryptoki cannot convert (openCryptoki's odd clock
 /// field) is read as the module wrote it instead, and marked so: it must not vanish.
+/// `slot_details` also reads the slot's description and manufacturer (one more call per slot,
+/// which only a URI's `slot-*` attributes need).
 fn identify(
     module: &Pkcs11,
     path: &std::path::Path,
     slot: Slot,
+    slot_details: bool,
 ) -> Result<TokenIdentity, HsmError> {
-    let slot_info = module.get_slot_info(slot).ok();
+    let slot_info = if slot_details {
+        module.get_slot_info(slot).ok()
+    } else {
+        None
+    };
     let (slot_description, slot_manufacturer) = slot_info
         .as_ref()
         .map(|i| {
@@ -167,7 +180,7 @@ pub fn list(module: &Pkcs11, path: &std::path::Path) -> Result<Vec<SlotReport>, 
     for slot in slots {
         let info = module.get_slot_info(slot).map_err(from_cryptoki)?;
         let token = if info.token_present() {
-            Some(identify(module, path, slot)?)
+            Some(identify(module, path, slot, true)?)
         } else {
             None
         };
