@@ -32,6 +32,8 @@ if [ "${QSEED_SETUP:-}" = "test" ]; then
     [ -x /usr/sbin/pkcsslotd ] || need_apt+=(opencryptoki)
     # scripts/package-check and scripts/bench-modules pick free ports with it.
     command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+    # scripts/fuzz builds libFuzzer (C++) through libfuzzer-sys.
+    command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
 fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
