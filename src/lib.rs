@@ -15,6 +15,7 @@
 //! - [`service`]: the period loops, rounds, shutdown.
 //! - [`config`]: the TOML file, checked in two stages (shape, then resolved secrets and paths).
 //! - [`simulator`]: a local stand-in for the entropy API, for tests and the demo only.
+//! - [`files`]: bounded reads of the files an operator names (regular files only).
 //! - [`commands`]: what each CLI subcommand does; [`cli`] parses the command line.
 // Two functions may use `unsafe` (`hsm::ffi`, each block with its SAFETY argument); everything else
 // is denied it.
@@ -46,6 +47,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod hsm;
 pub mod pool;
 pub mod secret;

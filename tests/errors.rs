@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -518,4 +519,57 @@ fn operator_mistakes_are_refused_before_they_cost_a_login() {
     let out = world.run(&["once"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("module") && stderr(&out).contains("chmod o-w"));
+}
+
+#[test]
+fn files_that_are_devices_fifos_or_huge_are_refused_without_reading_them() {
+    let world = World::one_target("entropy", 48, "10s", true);
+    let good = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    let fifo = world.path("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    // A 1 GiB token file (sparse: nothing is written) would have become a 1 GiB header.
+    let huge = std::fs::File::create(world.path("huge.token")).unwrap();
+    huge.set_len(1 << 30).unwrap();
+    private(&world.path("huge.token"));
+    let fifo_shown = fifo.display().to_string();
+    for (config, want) in [
+        (
+            good.replace("ca_file = \"ca.pem\"", "ca_file = \"/dev/zero\""),
+            "it is a character device, not a regular file",
+        ),
+        (
+            good.replace("ca_file = \"ca.pem\"", &format!("ca_file = \"{fifo_shown}\"")),
+            "it is a FIFO (named pipe), not a regular file",
+        ),
+        (
+            good.replace("api.token", "huge.token"),
+            "it is larger than 64 KiB",
+        ),
+        (
+            good.replace("user.pin", "/dev/zero"),
+            "it is a character device",
+        ),
+        (
+            good.replace(SPY, &fifo_shown),
+            "it is a FIFO (named pipe), not a regular file",
+        ),
+    ] {
+        world.write_config(&config);
+        let started = std::time::Instant::now();
+        let out = world.run(&["once"]);
+        let log = stderr(&out);
+        assert_ne!(out.status.code(), Some(0), "{log}");
+        assert!(log.contains(want), "{want}: {log}");
+        // Refused at a glance, not after reading gigabytes or waiting for a writer.
+        assert!(started.elapsed() < Duration::from_secs(20), "{want}");
+    }
+    // The configuration file itself.
+    let out = world
+        .qseed()
+        .args(["--config", &fifo_shown, "once"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("FIFO"), "{}", stderr(&out));
+    assert_eq!(world.spy().count("C_Login"), 0);
 }

@@ -185,26 +185,25 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: path.to_path_buf(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        fail(match e.kind() {
-            std::io::ErrorKind::NotFound if path == Path::new(DEFAULT_PATH) => format!(
+    let (text, meta) = crate::files::read_text(path, crate::files::CONFIG_LIMIT).map_err(|e| {
+        fail(if e.is_not_found() && path == Path::new(DEFAULT_PATH) {
+            format!(
                 "the file does not exist (nor does Qrypt's qseed's {}); write one (see \
                  examples/qseed.toml, or `qseed migrate` for an old YAML file) or name another \
                  with --config or QSEED_CONFIG_FILE",
                 legacy::DEFAULT_PATH
-            ),
-            std::io::ErrorKind::NotFound => "the file does not exist; write one (see \
-                examples/qseed.toml) or name another with --config or QSEED_CONFIG_FILE"
-                .to_string(),
-            _ => format!("cannot read the file: {e}"),
+            )
+        } else if e.is_not_found() {
+            "the file does not exist; write one (see examples/qseed.toml) or name another with \
+             --config or QSEED_CONFIG_FILE"
+                .to_string()
+        } else {
+            format!("cannot read the configuration file: {e}")
         })
     })?;
-    let text = zeroize::Zeroizing::new(text);
     let base = path.parent().unwrap_or(Path::new("."));
     refuse_if_others_can_write(path, "the configuration file").map_err(fail)?;
-    let origin = std::fs::metadata(path)
-        .map(|meta| file_identity(path, &meta))
-        .unwrap_or_else(|_| format!("config:{}", path.display()));
+    let origin = file_identity(path, &meta);
     let config = parse_from(&text, base, &origin, environment()).map_err(fail)?;
     if config.legacy {
         tracing::warn!(
@@ -762,27 +761,12 @@ fn resolve_pin(
     }))
 }
 
-/// Secret files hold one line; anything larger is not a token or a PIN file.
-const SECRET_FILE_LIMIT: u64 = 64 * 1024;
-
 /// Reads a one-line secret file, and the file's identity (see [`file_identity`]). A trailing
 /// newline is not part of the secret.
 fn read_secret_file(path: &Path, key: &str) -> Result<(SecretString, String), String> {
-    use std::io::Read;
     let shown = path.display().to_string();
-    let cannot = |e: std::io::Error| format!("{key} = {shown:?} cannot be read: {e}");
-    let file = std::fs::File::open(path).map_err(cannot)?;
-    let meta = file.metadata().map_err(cannot)?;
-    let mut bytes = zeroize::Zeroizing::new(Vec::new());
-    file.take(SECRET_FILE_LIMIT + 1)
-        .read_to_end(&mut bytes)
-        .map_err(cannot)?;
-    if bytes.len() as u64 > SECRET_FILE_LIMIT {
-        return Err(format!(
-            "{key} = {shown:?} is larger than {} KiB; it should hold one line",
-            SECRET_FILE_LIMIT / 1024
-        ));
-    }
+    let (bytes, meta) = crate::files::read_bounded(path, crate::files::SECRET_LIMIT)
+        .map_err(|e| format!("{key} = {shown:?} cannot be read: {e}"))?;
     let text =
         std::str::from_utf8(&bytes).map_err(|_| format!("{key} = {shown:?} is not UTF-8 text"))?;
     // A token never holds blanks: trimmed as QRYPT_TOKEN is. A PIN keeps them, for the
@@ -851,6 +835,14 @@ pub fn refuse_if_others_can_write(path: &Path, key: &str) -> Result<(), String> 
     let Ok(meta) = std::fs::metadata(path) else {
         return Ok(());
     };
+    // Devices and pipes are world-writable by nature; what is wrong with them is what they are.
+    if !meta.is_file() {
+        return Err(format!(
+            "{key} {} cannot be used: it is {}, not a regular file; name a regular file",
+            path.display(),
+            crate::files::kind_of(meta.file_type())
+        ));
+    }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o002 == 0 || std::env::var(ALLOW_WRITABLE_ENV).is_ok_and(|v| v == "1") {
         return Ok(());

@@ -6,7 +6,6 @@
 //! p11-kit's module folder, as p11-kit does. Files are read bounded; lines other than `module:`
 //! are p11-kit's business.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Where packages and administrators register modules, the administrator's first.
@@ -78,11 +77,9 @@ fn resolve_in<'a>(
 }
 
 fn read_bounded(file: &Path) -> Result<String, String> {
-    let mut text = String::new();
-    std::fs::File::open(file)
-        .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
-        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    Ok(text)
+    crate::files::read_text(file, crate::files::REGISTRATION_LIMIT)
+        .map(|(text, _)| text.to_string())
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))
 }
 
 #[cfg(test)]

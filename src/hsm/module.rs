@@ -493,8 +493,18 @@ pub fn load(path: &Path, init_args: Option<&std::ffi::CStr>) -> Result<Pkcs11, H
         path: path.display().to_string(),
         reason,
     };
-    if !path.exists() {
-        return Err(fail("the file does not exist".into()));
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(fail("the file does not exist".into()))
+        }
+        // dlopen of a FIFO would block for ever; of a directory, fail obscurely.
+        Ok(meta) if !meta.is_file() => {
+            return Err(fail(format!(
+                "it is {}, not a regular file; name the module's shared library",
+                crate::files::kind_of(meta.file_type())
+            )))
+        }
+        _ => {}
     }
     let module = Pkcs11::new(path).map_err(|e| match e {
         CkError::LibraryLoading(e) => fail(e.to_string()),

@@ -55,9 +55,9 @@ impl QryptClient {
             .read_timeout(config.timeout)
             .user_agent(concat!("qseed/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &config.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| {
+            let (pem, _) = crate::files::read_bounded(ca, crate::files::CA_LIMIT).map_err(|e| {
                 ClientSetupError(format!(
-                    "cannot read source.ca_file {}: {e}; point it at a PEM certificate file",
+                    "cannot read source.ca_file {}: {e} (it should be a PEM certificate file)",
                     ca.display()
                 ))
             })?;
