@@ -28,7 +28,9 @@ pub enum FileError {
     Io(std::io::Error),
     /// Not a regular file: what it is instead.
     NotRegular(&'static str),
-    TooLarge { limit: u64 },
+    TooLarge {
+        limit: u64,
+    },
 }
 
 impl FileError {
@@ -150,8 +152,12 @@ mod tests {
     fn devices_fifos_and_directories_are_refused_without_blocking() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo");
-        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600))
-            .unwrap();
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
         for (path, kind) in [
             (fifo.as_path(), "a FIFO"),
             (Path::new("/dev/zero"), "a character device"),

@@ -273,6 +273,23 @@ fn blocks_failing_the_health_tests_are_never_injected() {
     assert!(log.contains("repetition count test"), "{log}");
     assert_eq!(world.spy().seeds().len(), 0);
 
+    // The most tolerant settings allowed still refuse it (review: min_entropy = 1 with
+    // false_alarm = 1e-320 let it through); beyond them the configuration refuses.
+    let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    world.write_config(&format!(
+        "[pool]\nmin_entropy = 0.51\nfalse_alarm = 5.43e-20\n\n{config}"
+    ));
+    let out = world.run(&["once"]);
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{log}");
+    assert!(log.contains("health tests refused all 1 block(s)"), "{log}");
+    world.write_config(&format!(
+        "[pool]\nmin_entropy = 1.0\nfalse_alarm = 1e-320\n\n{config}"
+    ));
+    let out = world.run(&["once"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(world.spy().seeds().len(), 0);
+
     // A replayed block inside an answer: dropped, the rest used.
     let world = world_with_one_target();
     let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
@@ -526,7 +543,11 @@ fn files_that_are_devices_fifos_or_huge_are_refused_without_reading_them() {
     let world = World::one_target("entropy", 48, "10s", true);
     let good = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
     let fifo = world.path("fifo");
-    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     // A 1 GiB token file (sparse: nothing is written) would have become a 1 GiB header.
     let huge = std::fs::File::create(world.path("huge.token")).unwrap();
     huge.set_len(1 << 30).unwrap();
@@ -538,7 +559,10 @@ fn files_that_are_devices_fifos_or_huge_are_refused_without_reading_them() {
             "it is a character device, not a regular file",
         ),
         (
-            good.replace("ca_file = \"ca.pem\"", &format!("ca_file = \"{fifo_shown}\"")),
+            good.replace(
+                "ca_file = \"ca.pem\"",
+                &format!("ca_file = \"{fifo_shown}\""),
+            ),
             "it is a FIFO (named pipe), not a regular file",
         ),
         (

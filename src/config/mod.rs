@@ -382,7 +382,7 @@ fn resolve_pool(raw: RawPool) -> Result<PoolConfig, String> {
     };
     let min_entropy = match raw.min_entropy {
         None => defaults.health.min_entropy,
-        Some(h) if h > 0.5 && h <= 8.0 => h,
+        Some(h) if h > crate::pool::health::MIN_ENTROPY_FLOOR && h <= 8.0 => h,
         Some(h) => {
             return Err(format!(
                 "pool.min_entropy = {h} is out of range: allowed above 0.5 up to 8 bits per byte"
@@ -391,12 +391,18 @@ fn resolve_pool(raw: RawPool) -> Result<PoolConfig, String> {
     };
     let false_alarm = match raw.false_alarm {
         None => defaults.health.false_alarm,
-        Some(a) if a > 0.0 && a <= 2f64.powi(-20) => a,
+        Some(a) if crate::pool::health::FALSE_ALARM_RANGE.contains(&a) => a,
         Some(a) => {
+            let a = if a.abs() < 1e-4 {
+                format!("{a:e}")
+            } else {
+                a.to_string()
+            };
             return Err(format!(
-                "pool.false_alarm = {a} is out of range: allowed above 0 up to 2^-20 \
-                 (9.5e-7); SP 800-90B suggests 2^-20 to 2^-40"
-            ))
+                "pool.false_alarm = {a} is out of range: allowed 2^-64 (5.4e-20) up to 2^-20 \
+                 (9.5e-7); SP 800-90B suggests 2^-20 to 2^-40. It is the chance of throwing a \
+                 good block away: a smaller value makes the tests more tolerant, not stricter"
+            ));
         }
     };
     Ok(PoolConfig {

@@ -93,6 +93,19 @@ fn pool_limits_have_defaults_and_ranges() {
             "false_alarm = 0.5",
             "pool.false_alarm = 0.5 is out of range",
         ),
+        // Review: this pair let an all-zero block through.
+        (
+            "false_alarm = 1e-320\nmin_entropy = 1.0",
+            "pool.false_alarm = 1e-320 is out of range: allowed 2^-64",
+        ),
+        (
+            "false_alarm = nan",
+            "pool.false_alarm = NaN is out of range",
+        ),
+        (
+            "min_entropy = nan",
+            "pool.min_entropy = NaN is out of range",
+        ),
         ("maxbytes = 1", "unknown field `maxbytes`"),
     ] {
         let e = parse_err(&format!("[source]\nauth = \"none\"\n[pool]\n{extra}\n"));

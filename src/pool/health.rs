@@ -21,6 +21,25 @@ pub const APT_WINDOW: usize = 512;
 /// How many recent blocks the replay check remembers.
 pub const REPLAY_MEMORY: usize = 65_536;
 
+/// The false-alarm probabilities the configuration accepts, 2^-64 ..= 2^-20. Below 2^-64 the
+/// cutoffs would outgrow the block (at 1e-320 and `min_entropy = 1` no run in a 1 KiB block
+/// could fail the repetition test).
+pub const FALSE_ALARM_RANGE: std::ops::RangeInclusive<f64> =
+    5.421010862427522e-20..=9.5367431640625e-7;
+
+/// The assessed min-entropy per byte the configuration accepts, in bits: above 0.5, up to 8.
+pub const MIN_ENTROPY_FLOOR: f64 = 0.5;
+
+/// Whatever the parameters, a run of this many equal bytes fails the repetition test (the
+/// formula's value at the most tolerant allowed parameters, 0.5 bits and 2^-64, is 129): a
+/// constant or stuck block can never pass.
+pub const RCT_CUTOFF_CAP: usize = 129;
+
+/// Whatever the parameters, a window holding one value this often fails the adaptive
+/// proportion test (15/16 of the window; the formula at the most tolerant allowed parameters
+/// stays below it).
+pub const APT_CUTOFF_CAP: usize = APT_WINDOW * 15 / 16;
+
 /// Parameters of the tests.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HealthConfig {
@@ -28,9 +47,11 @@ pub struct HealthConfig {
     /// conditioned QRNG output claims, so that the cutoffs leave room for honest data, yet
     /// far above what stuck, constant or short-period output shows.
     pub min_entropy: f64,
-    /// False-alarm probability per test, `alpha`. Default 2^-40, the low end of the range SP
-    /// 800-90B suggests (2^-20 .. 2^-40): a false alarm throws a good block away, which costs
-    /// money, so qseed prefers the rare one.
+    /// False-alarm probability per test, `alpha`: the chance that a *good* block is thrown
+    /// away. Smaller is more tolerant, not stricter: the cutoffs rise so that honest data
+    /// almost never reaches them. Default 2^-40, the low end of the range SP 800-90B suggests
+    /// (2^-20 .. 2^-40): a false alarm throws away bytes that were paid for. The configuration
+    /// allows [`FALSE_ALARM_RANGE`], and the cutoffs are capped (see [`RCT_CUTOFF_CAP`]).
     pub false_alarm: f64,
 }
 
@@ -183,14 +204,24 @@ pub fn screen(
     (bytes, failures)
 }
 
-/// `C = 1 + ceil(-log2(alpha) / H)` (SP 800-90B 4.4.1).
+/// `C = 1 + ceil(-log2(alpha) / H)` (SP 800-90B 4.4.1), at most [`RCT_CUTOFF_CAP`].
 pub fn rct_cutoff(config: HealthConfig) -> usize {
-    1 + (-config.false_alarm.log2() / config.min_entropy).ceil() as usize
+    let c = 1.0 + (-config.false_alarm.log2() / config.min_entropy).ceil();
+    // NaN and infinities (never allowed by the configuration) land on the cap too.
+    if c.is_finite() && c >= 2.0 {
+        (c as usize).min(RCT_CUTOFF_CAP)
+    } else {
+        RCT_CUTOFF_CAP
+    }
 }
 
 /// `C = 1 + CRITBINOM(W, 2^-H, 1 - alpha)` (SP 800-90B 4.4.2): one more than the smallest `k`
-/// with `P(X > k) <= alpha` for `X ~ Binomial(W, 2^-H)`.
+/// with `P(X > k) <= alpha` for `X ~ Binomial(W, 2^-H)`; at most [`APT_CUTOFF_CAP`].
 pub fn apt_cutoff(config: HealthConfig) -> usize {
+    apt_formula(config).min(APT_CUTOFF_CAP)
+}
+
+fn apt_formula(config: HealthConfig) -> usize {
     let n = APT_WINDOW;
     let p = 2f64.powf(-config.min_entropy);
     // Probabilities in log space; the upper tail summed from the top keeps its precision.
@@ -245,6 +276,45 @@ mod tests {
             ..default
         };
         assert!(apt_cutoff(loose) < c7);
+    }
+
+    /// Hole found in review: `min_entropy = 1.0` with `false_alarm = 1e-320` let an all-zero
+    /// block through. Now every value the configuration allows refuses constant and stuck
+    /// blocks, and the caps hold whatever the parameters.
+    #[test]
+    fn no_allowed_parameters_let_a_constant_or_stuck_block_through() {
+        let (low, high) = (*FALSE_ALARM_RANGE.start(), *FALSE_ALARM_RANGE.end());
+        let mut extremes = Vec::new();
+        for h in [MIN_ENTROPY_FLOOR + 1e-9, 1.0, 4.0, 8.0] {
+            for a in [low, 1e-12, high] {
+                extremes.push((h, a));
+            }
+        }
+        // Outside the allowed ranges too: the caps hold.
+        extremes.extend([(1.0, 1e-320), (1e-9, 1e-300), (0.5, f64::MIN_POSITIVE)]);
+        for (h, a) in extremes {
+            let config = HealthConfig {
+                min_entropy: h,
+                false_alarm: a,
+            };
+            assert!(rct_cutoff(config) <= RCT_CUTOFF_CAP);
+            assert!(apt_cutoff(config) <= APT_CUTOFF_CAP);
+            let mut tests = HealthTests::new(config);
+            assert!(tests.check(&[0u8; 1024]).is_err(), "H={h} alpha={a}: zeros");
+            let mut stuck = random_block();
+            stuck[1024 - RCT_CUTOFF_CAP..].fill(0x5a);
+            assert!(tests.check(&stuck).is_err(), "H={h} alpha={a}: stuck");
+        }
+        // Within the ranges the formula itself stays under the caps: they never loosen a test.
+        for h in [MIN_ENTROPY_FLOOR + 1e-9, 1.0, 8.0] {
+            let config = HealthConfig {
+                min_entropy: h,
+                false_alarm: low,
+            };
+            assert!(apt_formula(config) <= APT_CUTOFF_CAP, "H={h}");
+            let c = 1.0 + (-low.log2() / h).ceil();
+            assert!(c as usize <= RCT_CUTOFF_CAP, "H={h}: {c}");
+        }
     }
 
     #[test]
