@@ -128,3 +128,78 @@ fn json_logs_parse_and_carry_the_audit_fields_but_no_secret() {
     let hex: String = seed[..8].iter().map(|b| format!("{b:02x}")).collect();
     assert!(!log.to_lowercase().contains(&hex));
 }
+
+/// Review: 1,019 idle connections to the telemetry port at 1,024 file descriptors made the
+/// entropy requests fail ("Too many open files") and skipped rounds. Now idle connections are
+/// closed after the header timeout and at most 32 are served at once: seeding goes on under a
+/// flood of them, with a file descriptor limit far below the flood's size.
+#[test]
+fn idle_telemetry_connections_cannot_starve_the_seeding() {
+    use std::io::Read;
+    let world = World::one_target("entropy", 1024, "1s", false);
+    let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    // Every round needs a fresh request (and so a socket) from the source.
+    world.write_config(&format!("[pool]\nhorizon = \"1s\"\n\n{config}"));
+    let log = world.path("service.log");
+    let mut child = std::process::Command::new("prlimit")
+        .args(["--nofile=64:64", "--"])
+        .arg(env!("CARGO_BIN_EXE_qseed"))
+        .arg("run")
+        .envs(world.qseed().get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let service_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(10), || service_log()
+            .contains("telemetry on http://")),
+        "{}",
+        service_log()
+    );
+    let text = service_log();
+    let start = text.find("telemetry on http://").unwrap() + "telemetry on http://".len();
+    let addr = text[start..][..text[start..].find('/').unwrap()].to_string();
+    assert!(world.wait_for_seeds(1, Duration::from_secs(10)));
+
+    // Three times the process's whole file descriptor allowance, sending nothing.
+    let target: std::net::SocketAddr = addr.parse().unwrap();
+    let flood: Vec<std::net::TcpStream> = (0..192)
+        .filter_map(|_| std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)).ok())
+        .collect();
+    assert!(flood.len() > 64, "only {} connections opened", flood.len());
+    let (seeds_before, requests_before) = (world.spy().seeds().len(), world.sim.requests());
+    std::thread::sleep(Duration::from_secs(8));
+    let (seeds_after, requests_after) = (world.spy().seeds().len(), world.sim.requests());
+    assert!(
+        seeds_after >= seeds_before + 5,
+        "seeding went on: {seeds_before} -> {seeds_after}\n{}",
+        service_log()
+    );
+    assert!(
+        requests_after >= requests_before + 5,
+        "and so did the requests"
+    );
+    assert!(
+        !service_log().contains("Too many open files"),
+        "{}",
+        service_log()
+    );
+
+    // The server closed every idle connection (at once past 32, after 5 s otherwise).
+    for mut stream in flood {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("an idle connection was left open: {other:?}"),
+        }
+    }
+    let (status, body) = http_get(&format!("http://{addr}/healthz"));
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let _ = child.kill();
+    let _ = child.wait();
+}
