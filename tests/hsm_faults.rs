@@ -170,3 +170,54 @@ fn a_hung_call_does_not_stop_other_targets_or_the_shutdown() {
     assert!(took < Duration::from_secs(3), "exit took {took:?}");
     world.set_hsm_fault("");
 }
+
+/// Review: a reload during a hung call finalized the module under the call, and seeded the
+/// token from a second session meanwhile. Now the changed target waits for the old session's
+/// call to return, and the module is never finalized with a call inside.
+#[test]
+fn a_reload_during_a_hung_call_neither_finalizes_nor_opens_a_second_session() {
+    let world = two_targets("1s");
+    let service = world.start_service();
+    assert!(world.wait_for_seeds(1, Duration::from_secs(5)));
+    world.set_hsm_fault("hang");
+    assert!(
+        service.wait_for_log(
+            "C_SeedRandom has not returned after 1s",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        service.log()
+    );
+    assert_eq!(world.spy().count("C_OpenSession"), 1);
+    let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    world.write_config(&config.replacen("size = 48", "size = 64", 1));
+    service.signal("HUP");
+    assert!(
+        service.wait_for_log(
+            "still has this target's session from before the reload",
+            Duration::from_secs(8)
+        ),
+        "{}",
+        service.log()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let spy = world.spy();
+    assert_eq!(spy.count("C_OpenSession"), 1, "no second session meanwhile");
+    assert_eq!(spy.count("C_Finalize"), 0, "never finalized under the call");
+    assert!(service.log().matches("seeded healthy:").count() >= 2);
+
+    // The call returns: the new settings take over with a session of their own.
+    world.set_hsm_fault("");
+    assert!(
+        service.wait_for_log("seeded faulty: 64 bytes", Duration::from_secs(8)),
+        "{}",
+        service.log()
+    );
+    assert_eq!(world.spy().count("C_OpenSession"), 2);
+    let (status, _) = service.stop();
+    assert!(status.success(), "{}", service_log_of(&world));
+}
+
+fn service_log_of(world: &World) -> String {
+    std::fs::read_to_string(world.path("service.log")).unwrap_or_default()
+}

@@ -146,3 +146,35 @@ fn a_burst_of_sighups_is_coalesced_and_does_not_reseed_unchanged_targets() {
     );
     assert_eq!(world.spy().count("C_Login"), 1, "the session was kept");
 }
+
+/// Review: a reload that blocked reading a FIFO made SIGTERM ineffective (alive 30 s after two
+/// SIGTERMs). A FIFO is now refused without being opened for a blocking read, and reloads run
+/// beside the signal handling.
+#[test]
+fn a_reload_that_meets_a_fifo_neither_hangs_nor_delays_sigterm() {
+    let world = world(48, "1s");
+    let mut service = world.start_service();
+    assert!(world.wait_for_seeds(1, Duration::from_secs(5)));
+    let config = world.path("qseed.toml");
+    std::fs::remove_file(&config).unwrap();
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&config)
+        .status()
+        .unwrap()
+        .success());
+    service.signal("HUP");
+    assert!(
+        service.wait_for_log("the new configuration is refused", Duration::from_secs(5)),
+        "{}",
+        service.log()
+    );
+    assert!(service
+        .log()
+        .contains("FIFO (named pipe), not a regular file"));
+    let before = world.spy().seeds().len();
+    assert!(world.wait_for_seeds(before + 1, Duration::from_secs(4)));
+    assert!(service.alive());
+    let (status, took) = service.stop();
+    assert!(status.success());
+    assert!(took < Duration::from_secs(3), "exit took {took:?}");
+}

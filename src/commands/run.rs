@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -72,6 +73,8 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
     service.apply(config.targets).await;
     let mut reload_due: Option<Instant> = None;
     let mut last_reload: Option<Instant> = None;
+    let mut pending_reload: Option<tokio::task::JoinHandle<Result<(Config, QryptClient), Error>>> =
+        None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -94,11 +97,25 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
                     reload_due = Some(due);
                 }
             }
-            _ = tokio::time::sleep_until(reload_due.unwrap_or_else(Instant::now)), if reload_due.is_some() => {
+            _ = tokio::time::sleep_until(reload_due.unwrap_or_else(Instant::now)),
+                if reload_due.is_some() && pending_reload.is_none() =>
+            {
                 reload_due = None;
                 last_reload = Some(Instant::now());
                 systemd::reloading();
-                match reload(config_path, &modules).await {
+                // On a task of its own: reading a file on a hung network mount, or a module
+                // that does not return, must not keep this loop from SIGTERM.
+                let (path, modules) = (config_path.to_path_buf(), modules.clone());
+                pending_reload = Some(tokio::spawn(async move { reload(&path, &modules).await }));
+            }
+            reloaded = async { pending_reload.as_mut().expect("guarded").await },
+                if pending_reload.is_some() =>
+            {
+                pending_reload = None;
+                let reloaded = reloaded.unwrap_or_else(|e| {
+                    Err(Error::Failed(format!("the reload failed: {e}")))
+                });
+                match reloaded {
                     Ok((new, new_client)) => {
                         announce(&new, &new_client);
                         if new.telemetry_listen != config.telemetry_listen {
@@ -229,10 +246,33 @@ pub fn load(config_path: &Path) -> Result<Config, Error> {
     Ok(config)
 }
 
+/// How long a reload may take to read its files before it is given up (the running
+/// configuration stays; the stuck read is left to its thread).
+const RELOAD_READ_LIMIT: Duration = Duration::from_secs(10);
+
 /// A reload: the new file must pass every check a start does, modules included.
 async fn reload(config_path: &Path, modules: &Modules) -> Result<(Config, QryptClient), Error> {
-    let config = load(config_path)?;
-    let client = make_client(&config)?;
+    let path = config_path.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || {
+        let config = load(&path)?;
+        let client = make_client(&config)?;
+        Ok::<_, Error>((config, client))
+    });
+    let (config, client) = match tokio::time::timeout(RELOAD_READ_LIMIT, read).await {
+        Ok(Ok(read)) => read?,
+        Ok(Err(e)) => {
+            return Err(Error::Failed(format!(
+                "reading the configuration failed: {e}"
+            )))
+        }
+        Err(_) => {
+            return Err(Error::Config(format!(
+                "reading {} and the files it names took more than {}s (a hung network mount?)",
+                config_path.display(),
+                RELOAD_READ_LIMIT.as_secs()
+            )))
+        }
+    };
     service::load_modules(&config.targets, modules)
         .await
         .map_err(|e| Error::Config(e.to_string()))?;

@@ -81,6 +81,12 @@ pub enum HsmError {
         serial: String,
         holder: String,
     },
+    #[error(
+        "token {label:?} still has this target's session from before the reload, inside a call \
+         that has not returned; the new settings take over when it returns (no second session \
+         seeds the token meanwhile)"
+    )]
+    TokenBusy { label: String },
 }
 
 impl HsmError {
@@ -98,6 +104,7 @@ impl HsmError {
             HsmError::TokenNotFound { .. }
             | HsmError::Ambiguous { .. }
             | HsmError::LoginBusy
+            | HsmError::TokenBusy { .. }
             | HsmError::InitializeRefused { .. }
             | HsmError::ModuleDown { .. }
             | HsmError::Unexpected(_) => false,

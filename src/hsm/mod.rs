@@ -30,7 +30,12 @@ pub struct Target {
     /// Decides whether a PIN may be presented; shared by the process, kept across processes.
     guard: PinGuard,
     open: Option<OpenSession>,
+    /// Tells this instance from an earlier one of the same target (see [`module::TokenLease`]).
+    instance: u64,
 }
+
+/// Instance numbers of [`Target`]s, unique in the process.
+static NEXT_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 #[derive(Debug)]
 struct OpenSession {
@@ -39,6 +44,8 @@ struct OpenSession {
     /// The module generation the session belongs to (see [`module`]): after a
     /// re-initialization its handle is dead, and may even name another target's new session.
     generation: u64,
+    /// Marks the token as used by this target instance while the session is open.
+    _lease: Option<module::TokenLease>,
 }
 
 impl Target {
@@ -48,6 +55,7 @@ impl Target {
             modules,
             guard,
             open: None,
+            instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -82,8 +90,12 @@ impl Target {
         let pkcs11 = &call.pkcs11;
         let path = self.config.module.display().to_string();
         let token = token::find(pkcs11, &path, &self.config.token)?;
-        self.modules
-            .claim(&self.config.module, &token, &self.config.name)?;
+        let lease = self.modules.claim(
+            &self.config.module,
+            &token,
+            &self.config.name,
+            self.instance,
+        )?;
         if !token.has_rng {
             return Err(HsmError::NoRng);
         }
@@ -124,6 +136,7 @@ impl Target {
             session,
             token: token.clone(),
             generation: call.generation,
+            _lease: lease,
         });
         Ok(token)
     }

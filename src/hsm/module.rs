@@ -38,7 +38,37 @@ pub struct Modules {
     loaded: Arc<Mutex<HashMap<PathBuf, Arc<Module>>>>,
     /// Which target seeds which token (by module file and token), so that one token named
     /// twice (by label and by serial, or through two paths to one module) is seeded once.
-    claims: Arc<Mutex<HashMap<TokenClaim, String>>>,
+    claims: Arc<Mutex<HashMap<TokenClaim, Holder>>>,
+}
+
+/// Who holds a token: the configured target's name, and the target instance whose session is
+/// open on it, if any. A reload replaces a changed target with a new instance of the same
+/// name; while the old instance's session is still open (a call into it has not returned), the
+/// new one waits rather than seed the token from a second session.
+#[derive(Debug, Clone)]
+struct Holder {
+    target: String,
+    session: Option<u64>,
+}
+
+/// A target instance's use of a token, from its claim until its session is closed or
+/// abandoned; dropping it lets the next instance of the target open a session.
+#[derive(Debug)]
+pub struct TokenLease {
+    claims: Arc<Mutex<HashMap<TokenClaim, Holder>>>,
+    claim: TokenClaim,
+    instance: u64,
+}
+
+impl Drop for TokenLease {
+    fn drop(&mut self) {
+        let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(holder) = claims.get_mut(&self.claim) {
+            if holder.session == Some(self.instance) {
+                holder.session = None;
+            }
+        }
+    }
 }
 
 /// A token as the claims know it: the module file (device and inode: symlinks and hard links
@@ -112,19 +142,22 @@ impl Modules {
         Self::default()
     }
 
-    /// Claims `token` of the module at `path` for `target`; refused when another target has
-    /// it. Claims last as long as the target is configured (a reload that removes it calls
-    /// [`Modules::release`]), not only while its loop runs: `once` runs its loops one round
-    /// each, and must not seed one token twice either.
+    /// Claims `token` of the module at `path` for `target` (instance `instance`); refused when
+    /// another target has it, and, for now, while an earlier instance of the same target still
+    /// has a session on it. Claims last as long as the target is configured (a reload that
+    /// removes it calls [`Modules::release`]), not only while its loop runs: `once` runs its
+    /// loops one round each, and must not seed one token twice either. The lease marks the
+    /// session; keep it as long as the session is open.
     pub fn claim(
         &self,
         path: &Path,
         token: &super::TokenIdentity,
         target: &str,
-    ) -> Result<(), HsmError> {
+        instance: u64,
+    ) -> Result<Option<TokenLease>, HsmError> {
         use std::os::unix::fs::MetadataExt;
         let Ok(meta) = std::fs::metadata(path) else {
-            return Ok(());
+            return Ok(None);
         };
         let claim = TokenClaim {
             module: (meta.dev(), meta.ino()),
@@ -133,14 +166,30 @@ impl Modules {
         };
         let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
         match claims.get(&claim) {
-            Some(holder) if holder != target => Err(HsmError::TokenTaken {
+            Some(holder) if holder.target != target => Err(HsmError::TokenTaken {
                 label: token.label.clone(),
                 serial: token.serial.clone(),
-                holder: holder.clone(),
+                holder: holder.target.clone(),
+            }),
+            Some(Holder {
+                session: Some(other),
+                ..
+            }) if *other != instance => Err(HsmError::TokenBusy {
+                label: token.label.clone(),
             }),
             _ => {
-                claims.insert(claim, target.to_string());
-                Ok(())
+                claims.insert(
+                    claim.clone(),
+                    Holder {
+                        target: target.to_string(),
+                        session: Some(instance),
+                    },
+                );
+                Ok(Some(TokenLease {
+                    claims: self.claims.clone(),
+                    claim,
+                    instance,
+                }))
             }
         }
     }
@@ -150,7 +199,7 @@ impl Modules {
         self.claims
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, holder| holder != target);
+            .retain(|_, holder| holder.target != target);
     }
 
     /// The module at `path`, loaded and initialized (with `init_args`, if given) on first use.
