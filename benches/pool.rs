@@ -37,7 +37,7 @@ async fn utilization() {
     std::fs::write(dir.path().join("token"), "bench").unwrap();
     let source = |dialect: &str| -> SourceConfig {
         let text = format!(
-            "[source]\nurl = \"{}\"\ndialect = \"{dialect}\"\ntoken_file = \"token\"\nca_file = \"ca.pem\"\n",
+            "[source]\nurl = \"{}\"\ndialect = \"{dialect}\"\ntoken_file = \"token\"\nca_file = \"ca.pem\"\nallow_simulated = true\n",
             sim.url()
         );
         parse(&text, dir.path()).unwrap().source

@@ -72,7 +72,7 @@ async fn soak(dir: &Path, module: &Path, sizes: &[usize], length: Duration) {
     std::fs::write(dir.join("ca.pem"), sim.ca_pem().unwrap()).unwrap();
     std::fs::write(dir.join("token"), "soak").unwrap();
     let text = format!(
-        "[source]\nurl = \"{}\"\ntoken_file = \"token\"\nca_file = \"ca.pem\"\ntimeout = \"1s\"\n",
+        "[source]\nurl = \"{}\"\ntoken_file = \"token\"\nca_file = \"ca.pem\"\ntimeout = \"1s\"\nallow_simulated = true\n",
         sim.url()
     );
     let source = parse(&text, dir).unwrap().source;

@@ -145,7 +145,7 @@ fn the_simulator_command_serves_the_walk_through() {
     std::fs::write(dir.path().join("token"), "walk-through\n").unwrap();
     std::fs::write(
         dir.path().join("qseed.toml"),
-        format!("[source]\nurl = \"{url}\"\ntoken_file = \"token\"\nca_file = \"ca.pem\"\n"),
+        format!("[source]\nurl = \"{url}\"\ntoken_file = \"token\"\nca_file = \"ca.pem\"\nallow_simulated = true\n"),
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_qseed"))

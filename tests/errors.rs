@@ -597,3 +597,29 @@ fn files_that_are_devices_fifos_or_huge_are_refused_without_reading_them() {
     assert!(stderr(&out).contains("FIFO"), "{}", stderr(&out));
     assert_eq!(world.spy().count("C_Login"), 0);
 }
+
+#[test]
+fn simulated_answers_are_refused_unless_allowed() {
+    let world = world_with_one_target();
+    let good = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    world.write_config(&good.replace("allow_simulated = true\n", ""));
+    for command in ["once", "doctor"] {
+        let out = world.run(&[command]);
+        let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+        assert_ne!(out.status.code(), Some(0), "{command}: {log}");
+        assert!(
+            log.contains("marked its answer as simulated (x-qseed-simulator: not-real-entropy)")
+                && log.contains("source.allow_simulated = true"),
+            "{command}: {log}"
+        );
+    }
+    assert_eq!(
+        world.spy().seeds().len(),
+        0,
+        "nothing simulated was injected"
+    );
+    world.write_config(&good);
+    let out = world.run(&["once"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(world.spy().seeds().len(), 1);
+}

@@ -45,6 +45,7 @@ fn qseed(world: &World, yaml: &std::path::Path) -> Command {
     let mut cmd = world.qseed();
     cmd.env("QSEED_CONFIG_FILE", yaml)
         .env("QSEED_SOURCE_URL", world.sim.url())
+        .env("QSEED_SOURCE_ALLOW_SIMULATED", "true")
         .env("QSEED_SOURCE_CA_FILE", world.path("ca.pem"))
         .env("QSEED_TELEMETRY_LISTEN", "127.0.0.1:0");
     cmd
@@ -273,6 +274,7 @@ fn migrate_prints_and_writes_an_equivalent_toml_without_secrets() {
         .qseed()
         .env("QSEED_CONFIG_FILE", dir.join("qseed.toml"))
         .env("QSEED_SOURCE_URL", world.sim.url())
+        .env("QSEED_SOURCE_ALLOW_SIMULATED", "true")
         .env("QSEED_SOURCE_CA_FILE", world.path("ca.pem"))
         .arg("once")
         .output()

@@ -97,7 +97,7 @@ pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error>
             (
                 format!(
                     "[source]\nurl = \"{}\"\ndialect = \"entropy\"\ntoken_file = \"qrypt.token\"\n\
-                     ca_file = \"simulator-ca.pem\"\n\n",
+                     ca_file = \"simulator-ca.pem\"\nallow_simulated = true\n\n",
                     sim.url()
                 ),
                 Some(sim),

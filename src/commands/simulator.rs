@@ -46,6 +46,7 @@ pub async fn simulator(
         }
         _ => tell!("  plain HTTP (set source.allow_http = true)"),
     }
+    tell!("  marks: every answer (set source.allow_simulated = true, or qseed refuses them)");
     match token {
         Some(_) => tell!("  token: the value of {TOKEN_ENV}"),
         None => {

@@ -30,6 +30,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("source", "ca_file", Kind::Text),
     ("source", "timeout", Kind::Duration),
     ("source", "allow_http", Kind::Bool),
+    ("source", "allow_simulated", Kind::Bool),
     ("pool", "max_bytes", Kind::Integer),
     ("pool", "max_age", Kind::Duration),
     ("pool", "horizon", Kind::Duration),

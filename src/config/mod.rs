@@ -489,6 +489,7 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
         },
         timeout,
         allow_http,
+        allow_simulated: raw.allow_simulated.unwrap_or(false),
     })
 }
 

@@ -56,6 +56,7 @@ pub struct RawSource {
     pub ca_file: Option<PathBuf>,
     pub timeout: Option<DurationValue>,
     pub allow_http: Option<bool>,
+    pub allow_simulated: Option<bool>,
     /// Only from Qrypt's old YAML file (`qrypt_token`), never from TOML.
     #[serde(skip)]
     pub inline_token: Option<InlineSecret>,
@@ -73,7 +74,7 @@ macro_rules! merge {
         }
     };
 }
-merge!(RawSource: url, dialect, auth, token_file, ca_file, timeout, allow_http);
+merge!(RawSource: url, dialect, auth, token_file, ca_file, timeout, allow_http, allow_simulated);
 merge!(RawPool: max_bytes, max_age, horizon, min_entropy, false_alarm);
 merge!(RawTelemetry: listen);
 merge!(RawService: state_dir);

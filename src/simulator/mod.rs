@@ -26,6 +26,8 @@ pub use tls::TlsMaterial;
 
 /// The label on every answer and in every banner.
 pub const LABEL: &str = "not-real-entropy";
+/// The header that carries [`LABEL`] on every answer.
+pub const MARK_HEADER: &str = "x-qseed-simulator";
 
 /// A misbehaviour to show on entropy requests, for error-path tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -442,7 +444,7 @@ fn labelled(status: StatusCode, body: impl IntoResponse) -> Response {
     let mut response = (status, body).into_response();
     response
         .headers_mut()
-        .insert("x-qseed-simulator", HeaderValue::from_static(LABEL));
+        .insert(MARK_HEADER, HeaderValue::from_static(LABEL));
     response
 }
 

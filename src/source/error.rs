@@ -60,6 +60,14 @@ pub enum SourceError {
     Waiting { retry_in: Duration, reason: String },
     #[error("the source delivered fewer bytes than the {needed} needed")]
     ShortDelivery { needed: usize },
+    #[error(
+        "{url} marked its answer as simulated (x-qseed-simulator: {}): it is qseed's API \
+         simulator, which serves its own operating system's random numbers, not quantum \
+         entropy; nothing of it was used. Point source.url at the entropy API, or set \
+         source.allow_simulated = true for a test setup",
+        crate::simulator::LABEL
+    )]
+    Simulated { url: String },
     #[error("the entropy API's answer was refused: {0}")]
     BadAnswer(#[from] AnswerError),
 }
@@ -98,6 +106,7 @@ impl SourceError {
             SourceError::Unhealthy { .. } => "health tests failed",
             SourceError::Waiting { .. } => "waiting",
             SourceError::ShortDelivery { .. } => "short delivery",
+            SourceError::Simulated { .. } => "simulated answer",
         }
     }
 }

@@ -33,6 +33,8 @@ pub struct SourceConfig {
     pub ca_file: Option<std::path::PathBuf>,
     pub timeout: std::time::Duration,
     pub allow_http: bool,
+    /// Accept answers marked as coming from qseed's API simulator (tests, the demo).
+    pub allow_simulated: bool,
 }
 
 /// Which of the two request forms the server speaks (see `entropy-api.md`).

@@ -26,6 +26,7 @@ pub struct QryptClient {
     /// `Authorization: Bearer …`, marked sensitive so reqwest never prints it.
     authorization: Option<HeaderValue>,
     timeout: Duration,
+    allow_simulated: bool,
 }
 
 impl std::fmt::Debug for QryptClient {
@@ -93,6 +94,7 @@ impl QryptClient {
             dialect: config.dialect,
             authorization,
             timeout: config.timeout,
+            allow_simulated: config.allow_simulated,
         })
     }
 
@@ -138,6 +140,17 @@ impl QryptClient {
         }
         if status != reqwest::StatusCode::OK {
             return Err(self.status_error(response).await);
+        }
+        // The simulator marks every answer; outside a test setup they must not pass for
+        // entropy that was paid for.
+        if !self.allow_simulated
+            && response
+                .headers()
+                .contains_key(crate::simulator::MARK_HEADER)
+        {
+            return Err(SourceError::Simulated {
+                url: self.base.to_string(),
+            });
         }
         let content_type = header_text(&response, CONTENT_TYPE);
         if !is_json(&content_type) {

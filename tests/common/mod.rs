@@ -115,7 +115,7 @@ impl World {
         format!(
             "[telemetry]\nlisten = \"127.0.0.1:0\"\n\n\
              [source]\nurl = \"{}\"\ndialect = \"{dialect}\"\ntoken_file = \"api.token\"\n\
-             ca_file = \"ca.pem\"\ntimeout = \"5s\"\n\n",
+             ca_file = \"ca.pem\"\ntimeout = \"5s\"\nallow_simulated = true\n\n",
             self.sim.url()
         )
     }
