@@ -1,5 +1,5 @@
-//! The state folder: where qseed keeps what must outlive one process (today the PIN guard's
-//! records, kept by `hsm::pin_guard`).
+//! The state folder: where qseed keeps what must outlive one process: the PIN guard's records
+//! (`hsm::pin_guard`) and the replay record (`pool::replay`).
 //!
 //! Which folder, first match wins:
 //! 1. `$STATE_DIRECTORY` (systemd's `StateDirectory=qseed`; the first entry if it lists several);

@@ -623,3 +623,29 @@ fn simulated_answers_are_refused_unless_allowed() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(world.spy().seeds().len(), 1);
 }
+
+/// Review: two `qseed once` runs (the cron case) injected the same 48 bytes when the server
+/// replayed them. The replay record now outlives the process, in the state folder.
+#[test]
+fn a_block_replayed_to_the_next_process_is_refused() {
+    let world = world_with_one_target();
+    let out = world.run(&["once"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    world.set_fault(Fault::ReplayServed);
+    let out = world.run(&["once"]);
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{log}");
+    assert!(log.contains("identical to one received earlier"), "{log}");
+    let seeds = world.spy().seeds();
+    assert_eq!(seeds.len(), 1, "the replayed bytes were not injected again");
+    // Only keyed hashes are kept: 16 bytes per accepted block, nothing of the block.
+    let record = std::fs::read(world.path("state/replay/seen")).unwrap();
+    assert_eq!(record.len(), 16);
+    let served = world.sim.served();
+    assert!(!record.windows(8).any(|w| served.windows(8).any(|s| s == w)));
+    // A fresh block is still welcome.
+    world.set_fault(Fault::None);
+    let out = world.run(&["once"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(world.spy().seeds().len(), 2);
+}

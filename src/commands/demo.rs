@@ -129,6 +129,7 @@ pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error>
         guard,
         Rounds::Limit(rounds),
         Some(stop),
+        None,
     )
     .await?;
 

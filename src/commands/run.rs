@@ -36,6 +36,9 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
     let mut reloads = shutdown::reloads();
     announce(&config, &client);
     let pool = Arc::new(Pool::new(client, config.pool));
+    if let Some(record) = replay_record(&config) {
+        pool.use_replay_record(record);
+    }
     let metrics = metrics_for(&pool, &modules);
     let endpoint = match config.telemetry_listen {
         Some(addr) => {
@@ -179,6 +182,20 @@ fn spawn_status_reports(metrics: Arc<Metrics>) {
     });
 }
 
+/// The replay record of the state folder (see [`crate::pool::replay`]), or none (this
+/// process's memory) when there is no usable folder or the record cannot be opened.
+pub fn replay_record(config: &Config) -> Option<crate::pool::replay::ReplayRecord> {
+    let state = StateDir::resolve(config.state_dir.as_deref());
+    let folder = state.folder()?.join("replay");
+    match crate::pool::replay::ReplayRecord::open(&folder, crate::pool::health::REPLAY_MEMORY) {
+        Ok(record) => Some(record),
+        Err(e) => {
+            tracing::warn!("the replay check remembers blocks for this process only: {e}");
+            None
+        }
+    }
+}
+
 /// The PIN guard, keeping its records in the state folder (see [`crate::state`]).
 pub fn pin_guard(config: &Config) -> PinGuard {
     let state = StateDir::resolve(config.state_dir.as_deref());
@@ -192,6 +209,7 @@ pub async fn once(config_path: &Path) -> Result<(), Error> {
     let config = load(config_path)?;
     let client = make_client(&config)?;
     let guard = pin_guard(&config);
+    let replay = replay_record(&config);
     let outcome = serve_with(
         config,
         client,
@@ -199,6 +217,7 @@ pub async fn once(config_path: &Path) -> Result<(), Error> {
         guard,
         Rounds::Limit(1),
         None,
+        replay,
     )
     .await?;
     if outcome.all_seeded_every_round() {
@@ -294,7 +313,8 @@ fn announce(config: &Config, source: &impl EntropySource) {
 
 /// Runs a bounded number of rounds on `config` with the caller's source and modules, then
 /// tears down. `stop` lets a caller (the demo) share its cancellation; otherwise SIGINT and
-/// SIGTERM stop it.
+/// SIGTERM stop it. `replay` is the replay check's record (see [`replay_record`]); `None`
+/// keeps it in this process's memory.
 pub async fn serve_with<S: EntropySource + 'static>(
     config: Config,
     source: S,
@@ -302,6 +322,7 @@ pub async fn serve_with<S: EntropySource + 'static>(
     guard: PinGuard,
     rounds: Rounds,
     stop: Option<CancellationToken>,
+    replay: Option<crate::pool::replay::ReplayRecord>,
 ) -> Result<Outcome, Error> {
     service::load_modules(&config.targets, &modules)
         .await
@@ -313,6 +334,9 @@ pub async fn serve_with<S: EntropySource + 'static>(
     });
     announce(&config, &source);
     let pool = Arc::new(Pool::new(source, config.pool));
+    if let Some(record) = replay {
+        pool.use_replay_record(record);
+    }
     let metrics = metrics_for(&pool, &modules);
     let targets = service::run(
         config.targets,

@@ -9,11 +9,11 @@
 //!
 //! `H` is the assessed min-entropy per byte and `alpha` the false-alarm probability per test
 //! (defaults and reasons in [`HealthConfig`]). On top of 90B, a block identical to one seen
-//! recently is refused (a replaying or stuck upstream); only keyed 64-bit hashes of past blocks
-//! are kept, never the bytes.
+//! recently is refused (a replaying or stuck upstream); only keyed hashes of past blocks are
+//! kept, never the bytes, and with a state folder they outlive the process (see
+//! [`super::replay`]).
 
-use std::collections::{HashSet, VecDeque};
-use std::hash::BuildHasher;
+use super::replay::ReplayRecord;
 
 /// Window of the Adaptive Proportion Test for non-binary samples (SP 800-90B 4.4.2).
 pub const APT_WINDOW: usize = 512;
@@ -87,10 +87,7 @@ pub enum HealthFailure {
 pub struct HealthTests {
     rct_cutoff: usize,
     apt_cutoff: usize,
-    hasher: std::collections::hash_map::RandomState,
-    seen: HashSet<u64>,
-    order: VecDeque<u64>,
-    memory: usize,
+    replay: ReplayRecord,
 }
 
 impl HealthTests {
@@ -98,16 +95,29 @@ impl HealthTests {
         Self::with_memory(config, REPLAY_MEMORY)
     }
 
-    /// Remembers the last `memory` blocks for the replay check.
+    /// Remembers the last `memory` blocks for the replay check, in this process only.
     pub fn with_memory(config: HealthConfig, memory: usize) -> Self {
+        Self::with_record(config, ReplayRecord::in_memory(memory))
+    }
+
+    /// Checks replays against `replay` (which may outlive the process).
+    pub fn with_record(config: HealthConfig, replay: ReplayRecord) -> Self {
         Self {
-            memory,
             rct_cutoff: rct_cutoff(config),
             apt_cutoff: apt_cutoff(config),
-            // A per-process random key: the stored hashes say nothing about past blocks.
-            hasher: std::collections::hash_map::RandomState::new(),
-            seen: HashSet::new(),
-            order: VecDeque::new(),
+            replay,
+        }
+    }
+
+    /// Replaces the replay record (the one of the state folder, once it is known).
+    pub fn set_record(&mut self, replay: ReplayRecord) {
+        self.replay = replay;
+    }
+
+    /// Writes the blocks accepted since the last call to the record's folder, if it has one.
+    pub fn persist(&mut self) {
+        if let Err(e) = self.replay.persist() {
+            tracing::warn!("the replay record could not be saved: {e}");
         }
     }
 
@@ -125,16 +135,8 @@ impl HealthTests {
     pub fn check(&mut self, block: &[u8]) -> Result<(), HealthFailure> {
         self.repetition_count(block)?;
         self.adaptive_proportion(block)?;
-        let hash = self.hasher.hash_one(block);
-        if self.seen.contains(&hash) {
+        if self.replay.check_and_remember(block) {
             return Err(HealthFailure::Replayed);
-        }
-        self.seen.insert(hash);
-        self.order.push_back(hash);
-        if self.order.len() > self.memory {
-            if let Some(old) = self.order.pop_front() {
-                self.seen.remove(&old);
-            }
         }
         Ok(())
     }
@@ -201,6 +203,7 @@ pub fn screen(
     }
     bytes.expose_mut()[kept * block_len..].zeroize();
     bytes.truncate(kept * block_len);
+    tests.persist();
     (bytes, failures)
 }
 
@@ -379,8 +382,7 @@ mod tests {
         for _ in 0..110 {
             tests.check(&random_block()).unwrap();
         }
-        assert_eq!(tests.order.len(), 100);
-        assert_eq!(tests.seen.len(), 100);
+        assert_eq!(tests.replay.len(), 100);
         // Forgotten after 100 newer blocks: only the recent past is checked.
         tests.check(&first).unwrap();
     }

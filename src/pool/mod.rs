@@ -14,6 +14,7 @@
 
 mod buffer;
 pub mod health;
+pub mod replay;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -179,6 +180,12 @@ impl<S: EntropySource> Pool<S> {
         }
         state.config = config;
         state.backoff.succeeded();
+    }
+
+    /// Keeps the replay check's record in `record` (the state folder's, so that it outlives
+    /// the process) instead of this process's memory.
+    pub fn use_replay_record(&self, record: replay::ReplayRecord) {
+        self.lock().health.set_record(record);
     }
 
     /// Reports every request to `observer` from now on.

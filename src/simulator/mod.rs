@@ -49,6 +49,9 @@ pub enum Fault {
     AllZeroBlock,
     /// A 200 whose second block repeats its first (a replaying upstream).
     ReplayedBlock,
+    /// A 200 whose blocks are the first ones ever served again (a server replaying old
+    /// answers, across requests and client processes). Needs `record`.
+    ReplayServed,
     /// 429 with `Retry-After: N` seconds.
     RateLimited { retry_after: u64 },
     /// 503 with `Retry-After: N` seconds.
@@ -337,6 +340,13 @@ impl AppState {
         let mut raw = Vec::with_capacity(count * block_len);
         // What a client may legitimately use: the blocks that are not faulty on purpose.
         let mut good = Vec::with_capacity(count * block_len);
+        let replayed = (fault == Fault::ReplayServed).then(|| {
+            self.shared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .served
+                .clone()
+        });
         for i in 0..count {
             let len = if i == 0 && fault == Fault::ShortBlock {
                 block_len.saturating_sub(24).max(1)
@@ -353,12 +363,19 @@ impl AppState {
             if i == 1 && fault == Fault::ReplayedBlock {
                 block.copy_from_slice(&raw[..len]);
             }
+            if let Some(old) = replayed
+                .as_ref()
+                .and_then(|s| s.get(i * len..(i + 1) * len))
+            {
+                block.copy_from_slice(old);
+            }
             let mut text = engine.encode(&block);
             if i == 0 && fault == Fault::BadBase64 {
                 text.replace_range(0..4, "@@@@");
             }
             let bad = (i == 0 && fault == Fault::AllZeroBlock)
-                || (i == 1 && fault == Fault::ReplayedBlock);
+                || (i == 1 && fault == Fault::ReplayedBlock)
+                || fault == Fault::ReplayServed;
             if !bad {
                 good.extend_from_slice(&block);
             }
@@ -431,6 +448,7 @@ impl AppState {
             Fault::MissingField
             | Fault::ShortBlock
             | Fault::BadBase64
+            | Fault::ReplayServed
             | Fault::Hang
             | Fault::RateLimited { .. }
             | Fault::Unavailable { .. }
