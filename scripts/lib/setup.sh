@@ -57,3 +57,8 @@ if command -v rustup >/dev/null 2>&1; then
             || rustup component add "$component" >/dev/null 2>&1 || true
     done
 fi
+# The supply-chain check (deny.toml): licenses, bans, duplicate versions, sources.
+if [ "${QSEED_SETUP:-}" = "test" ] && ! command -v cargo-deny >/dev/null 2>&1; then
+    echo "==> cargo install cargo-deny (the supply-chain check; a few minutes, once)"
+    cargo install --locked cargo-deny@0.20.2
+fi
