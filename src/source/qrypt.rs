@@ -54,7 +54,12 @@ impl QryptClient {
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
             .read_timeout(config.timeout)
-            .user_agent(concat!("qseed/", env!("CARGO_PKG_VERSION")));
+            .user_agent(concat!("qseed/", env!("CARGO_PKG_VERSION")))
+            // No idle connection is kept: its read and TLS buffers would hold the last
+            // answer's base64 until the next request, minutes later. A closed connection's
+            // buffers are freed, and the allocator wipes them. A request every few minutes
+            // can afford its own handshake.
+            .pool_max_idle_per_host(0);
         if let Some(ca) = &config.ca_file {
             let (pem, _) = crate::files::read_bounded(ca, crate::files::CA_LIMIT).map_err(|e| {
                 ClientSetupError(format!(
