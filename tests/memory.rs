@@ -52,7 +52,7 @@ fn no_served_block_is_left_as_base64_in_memory() {
     let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
     // Answers of many blocks, a new one every few rounds.
     world.write_config(&format!("[pool]\nhorizon = \"16s\"\n\n{config}"));
-    let mut service = world.start_service();
+    let service = world.start_service();
     assert!(
         world.wait_for_seeds(12, Duration::from_secs(20)),
         "{}",
