@@ -649,3 +649,27 @@ fn a_block_replayed_to_the_next_process_is_refused() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(world.spy().seeds().len(), 2);
 }
+
+/// Review: a target whose token cannot be found still drove purchases (1 MiB bought in 20 s
+/// while 96 bytes were used). Now only targets that reach their token count.
+#[test]
+fn a_target_whose_token_is_missing_buys_nothing() {
+    let world = World::one_target("entropy", 48, "1s", false);
+    let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    world.write_config(&format!(
+        "{config}\n{}",
+        world.target("lost", "no-such-token", 4096, "1s", false)
+    ));
+    let service = world.start_service();
+    assert!(
+        world.wait_for_seeds(4, Duration::from_secs(10)),
+        "{}",
+        service.log()
+    );
+    let log = service.log();
+    assert!(log.contains("lost: round failed"), "{log}");
+    // One request, sized for "tok" alone: 48 B/s over the 10-minute horizon is 29 blocks.
+    assert_eq!(world.sim.requests(), 1, "{log}");
+    assert_eq!(world.sim.served().len(), 29 * 1024);
+    let _ = service.stop();
+}

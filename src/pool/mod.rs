@@ -73,6 +73,21 @@ struct Demand {
     period: Duration,
     /// Rounds left in a bounded run; `None` runs until stopped.
     rounds_left: Option<u64>,
+    /// Whether the consumer reached its token in its last round; `None` before its first.
+    /// `Some(false)` does not count toward purchases (a target whose token is missing must not
+    /// drive them); untried consumers count, so that the first request is sized for everyone.
+    reachable: Option<bool>,
+    /// When its first round is due.
+    first_round: Instant,
+}
+
+/// How long a request waits for consumers whose first round is due but who have not yet
+/// reached their token: long enough for a local HSM's login, short enough not to matter.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Whether `d` counts toward purchases.
+fn counts(d: &&Demand) -> bool {
+    d.reachable != Some(false)
 }
 
 /// Byte and request counters since start.
@@ -139,6 +154,8 @@ pub struct Pool<S> {
     /// Held across a request: one request in flight, so concurrent takers share it.
     fetching: tokio::sync::Mutex<()>,
     refill_wanted: tokio::sync::Notify,
+    /// A consumer finished its first try to reach its token (see [`SETTLE`]).
+    first_tries: tokio::sync::Notify,
     stats: Stats,
     observer: std::sync::RwLock<Option<Arc<dyn RequestObserver>>>,
 }
@@ -158,6 +175,7 @@ impl<S: EntropySource> Pool<S> {
             }),
             fetching: tokio::sync::Mutex::new(()),
             refill_wanted: tokio::sync::Notify::new(),
+            first_tries: tokio::sync::Notify::new(),
             stats: Stats::default(),
             observer: std::sync::RwLock::new(None),
         }
@@ -188,6 +206,33 @@ impl<S: EntropySource> Pool<S> {
         self.lock().health.set_record(record);
     }
 
+    /// Waits (at most [`SETTLE`] past their first round) for consumers that are due but have
+    /// not yet tried to reach their token: whether they can decides whether their demand is
+    /// bought for. In the usual case every target connects within milliseconds of the first.
+    async fn settle_first_tries(&self) {
+        loop {
+            let notified = self.first_tries.notified();
+            let until = {
+                let state = self.lock();
+                let now = Instant::now();
+                state
+                    .demand
+                    .values()
+                    .filter(|d| d.reachable.is_none() && d.first_round <= now)
+                    .map(|d| d.first_round + SETTLE)
+                    .filter(|&until| until > now)
+                    .max()
+            };
+            let Some(until) = until else {
+                return;
+            };
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
     /// Reports every request to `observer` from now on.
     pub fn set_observer(&self, observer: Arc<dyn RequestObserver>) {
         *self
@@ -205,6 +250,17 @@ impl<S: EntropySource> Pool<S> {
     /// Declares a consumer taking `size` bytes every `period`, for `rounds` rounds (`None`:
     /// until stopped). Its demand shapes request sizes until it is unregistered.
     pub fn register(&self, size: usize, period: Duration, rounds: Option<u64>) -> DemandId {
+        self.register_after(size, period, rounds, Duration::ZERO)
+    }
+
+    /// [`Pool::register`] for a consumer whose first round is `offset` from now.
+    pub fn register_after(
+        &self,
+        size: usize,
+        period: Duration,
+        rounds: Option<u64>,
+        offset: Duration,
+    ) -> DemandId {
         let mut state = self.lock();
         let id = DemandId(state.next_id);
         state.next_id += 1;
@@ -214,9 +270,23 @@ impl<S: EntropySource> Pool<S> {
                 size,
                 period,
                 rounds_left: rounds,
+                reachable: None,
+                first_round: Instant::now() + offset,
             },
         );
         id
+    }
+
+    /// Whether consumer `id` reached its token in its last round (see [`Demand`]).
+    pub fn set_reachable(&self, id: DemandId, reachable: bool) {
+        let mut state = self.lock();
+        if let Some(d) = state.demand.get_mut(&id) {
+            let first = d.reachable.is_none();
+            d.reachable = Some(reachable);
+            if first {
+                self.first_tries.notify_waiters();
+            }
+        }
     }
 
     /// The consumer stopped: its demand no longer counts.
@@ -237,6 +307,15 @@ impl<S: EntropySource> Pool<S> {
         id: DemandId,
         len: usize,
     ) -> Result<(EntropyBytes, String), SourceError> {
+        // A consumer that takes is ready for its bytes, whether or not it said so.
+        if self
+            .lock()
+            .demand
+            .get(&id)
+            .is_some_and(|d| d.reachable.is_none())
+        {
+            self.set_reachable(id, true);
+        }
         if let Some(bytes) = self.try_take(id, len) {
             return Ok(bytes);
         }
@@ -279,6 +358,7 @@ impl<S: EntropySource> Pool<S> {
     /// [`SourceError::Waiting`].
     async fn refill(&self, needed: usize) -> Result<(), SourceError> {
         let _one_request = self.fetching.lock().await;
+        self.settle_first_tries().await;
         let blocks = {
             let mut state = self.lock();
             self.expire(&mut state);
@@ -487,6 +567,7 @@ impl<S: EntropySource> Pool<S> {
 fn shortest_period(demand: &HashMap<DemandId, Demand>) -> Duration {
     demand
         .values()
+        .filter(counts)
         .map(|d| d.period)
         .min()
         .unwrap_or(backoff::MAX_CAP)
@@ -496,6 +577,7 @@ fn shortest_period(demand: &HashMap<DemandId, Demand>) -> Duration {
 fn rate(demand: &HashMap<DemandId, Demand>) -> f64 {
     demand
         .values()
+        .filter(counts)
         .filter(|d| d.rounds_left != Some(0))
         .map(|d| d.size as f64 / d.period.as_secs_f64().max(1e-3))
         .sum()
@@ -505,6 +587,7 @@ fn rate(demand: &HashMap<DemandId, Demand>) -> f64 {
 fn remaining(demand: &HashMap<DemandId, Demand>) -> Option<u64> {
     demand
         .values()
+        .filter(counts)
         .map(|d| d.rounds_left.map(|r| r * d.size as u64))
         .sum()
 }
@@ -514,6 +597,7 @@ fn remaining(demand: &HashMap<DemandId, Demand>) -> Option<u64> {
 fn low_water(demand: &HashMap<DemandId, Demand>, max_bytes: usize) -> usize {
     let one_round: usize = demand
         .values()
+        .filter(counts)
         .filter(|d| d.rounds_left != Some(0))
         .map(|d| d.size)
         .sum();

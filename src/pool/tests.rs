@@ -237,3 +237,58 @@ async fn a_failing_source_is_reported_and_nothing_is_handed_out() {
     let stats = pool.stats();
     assert_eq!((stats.failed_requests, stats.bytes_handed_out), (1, 0));
 }
+
+/// Review: a target whose token could not be found still drove purchases (1 MiB bought in
+/// 20 s while 96 bytes were used). Its demand stops counting once it fails to connect.
+#[tokio::test]
+async fn a_consumer_that_cannot_reach_its_token_drives_no_purchases() {
+    let (source, pool) = new_pool(PoolConfig::default());
+    let good = pool.register(48, Duration::from_secs(10), None);
+    // 4 KiB a second, for a token that is not there.
+    let lost = pool.register(4096, Duration::from_secs(1), None);
+    pool.set_reachable(lost, false);
+    pool.take(good, 48).await.unwrap();
+    // Sized for the good consumer alone: 4.8 B/s over 10 minutes, 3 KiB.
+    assert_eq!(*source.requests.lock().unwrap(), vec![3]);
+    // Back: it counts again.
+    pool.set_reachable(lost, true);
+    pool.take(lost, 4096).await.unwrap();
+    assert_eq!(source.requests.lock().unwrap()[1], 512);
+}
+
+/// The first request waits for consumers that are due but have not yet tried their token, so
+/// that it is sized for all of those that can be served, and only those.
+#[tokio::test(start_paused = true)]
+async fn the_first_request_waits_briefly_for_first_tries() {
+    let (source, pool) = new_pool(PoolConfig::default());
+    let good = pool.register(48, Duration::from_secs(10), None);
+    let other = pool.register(48, Duration::from_secs(10), None);
+    let lost = pool.register(4096, Duration::from_secs(1), None);
+    let later = pool.register_after(48, Duration::from_secs(10), None, Duration::from_secs(60));
+    let taker = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.take(good, 48).await.map(|_| ()) }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(
+        source.requests.lock().unwrap().is_empty(),
+        "waiting for first tries"
+    );
+    pool.set_reachable(other, true);
+    pool.set_reachable(lost, false);
+    taker.await.unwrap().unwrap();
+    // good + other + later (not due yet, counted): 3 × 4.8 B/s over 10 minutes = 8,640 B.
+    assert_eq!(*source.requests.lock().unwrap(), vec![9]);
+    let _ = later;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_consumer_that_never_answers_holds_the_first_request_one_second_at_most() {
+    let (source, pool) = new_pool(PoolConfig::default());
+    let good = pool.register(48, Duration::from_secs(10), None);
+    let _silent = pool.register(48, Duration::from_secs(10), None);
+    let started = Instant::now();
+    pool.take(good, 48).await.unwrap();
+    assert_eq!(started.elapsed(), SETTLE);
+    assert_eq!(source.requests.lock().unwrap().len(), 1);
+}

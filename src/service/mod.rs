@@ -366,13 +366,14 @@ async fn target_loop<S: EntropySource + 'static>(
     );
     let timeout = config.timeout;
     let module = config.module.clone();
-    let demand = pool.register(
+    let demand = pool.register_after(
         size,
         period,
         match rounds {
             Rounds::Forever => None,
             Rounds::Limit(n) => Some(u64::from(n)),
         },
+        offset,
     );
     let source = pool.source().describe();
     metrics.target_started(&name, period);
@@ -502,10 +503,13 @@ async fn round<S: EntropySource>(
     timeout: Duration,
     stop: &CancellationToken,
 ) -> Result<(TokenIdentity, String), RoundError> {
-    worker
+    let connected = worker
         .call("C_OpenSession/C_Login", timeout, stop, |t| t.connect())
-        .await
-        .map_err(RoundError::Call)?;
+        .await;
+    // A target that cannot reach its token must not drive purchases: its demand counts again
+    // once it connects.
+    pool.set_reachable(demand, connected.is_ok());
+    connected.map_err(RoundError::Call)?;
     let (bytes, requests): (EntropyBytes, String) = tokio::select! {
         biased;
         _ = stop.cancelled() => return Err(RoundError::Call(CallError::Cancelled)),
