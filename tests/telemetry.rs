@@ -203,3 +203,25 @@ fn idle_telemetry_connections_cannot_starve_the_seeding() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn a_telemetry_address_other_machines_can_reach_is_warned_about() {
+    let world = World::one_target("entropy", 48, "1s", false);
+    let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    world.write_config(&config.replace("listen = \"127.0.0.1:0\"", "listen = \":0\""));
+    let service = world.start_service();
+    assert!(
+        service.wait_for_log("which other machines can reach", Duration::from_secs(5)),
+        "{}",
+        service.log()
+    );
+    assert!(service
+        .log()
+        .contains("Set telemetry.listen to 127.0.0.1:9750"));
+    let _ = service.stop();
+    // Loopback draws no warning.
+    let world = World::one_target("entropy", 48, "1s", false);
+    let service = world.start_service();
+    assert!(world.wait_for_seeds(1, Duration::from_secs(5)));
+    assert!(!service.log().contains("other machines can reach"));
+}
