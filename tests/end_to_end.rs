@@ -74,10 +74,11 @@ fn run_seeds_two_tokens_at_their_own_periods_and_never_reuses_a_byte() {
     let served = world.sim.served();
     let used = assert_seeds_tile_served(&seeds, &served);
     assert_eq!(used, left * 48 + right * 100);
-    // 98 B/s of demand over the pool's 10-minute horizon: one request of 58 KiB serves the
-    // whole run; what is left is wiped at shutdown.
+    // The first request is bought for the targets that reached their token when it is sent:
+    // "left" (48 B/s over the pool's 10-minute horizon, 29 KiB); "right" (offset 0.5 s) counts
+    // from its first round on. It serves the whole run; what is left is wiped at shutdown.
     assert_eq!(world.sim.requests(), 1, "one request for the whole run");
-    assert_eq!(served.len(), 58 * 1024);
+    assert_eq!(served.len(), 29 * 1024);
     assert!(
         log.contains(&format!("{} left at shutdown (wiped)", served.len() - used)),
         "{log}"

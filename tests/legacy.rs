@@ -46,6 +46,8 @@ fn qseed(world: &World, yaml: &std::path::Path) -> Command {
     cmd.env("QSEED_CONFIG_FILE", yaml)
         .env("QSEED_SOURCE_URL", world.sim.url())
         .env("QSEED_SOURCE_ALLOW_SIMULATED", "true")
+        // Rounds are counted here; tests/flush.rs tests the flush at the stop.
+        .env("QSEED_POOL_FLUSH_TIMEOUT", "0s")
         .env("QSEED_SOURCE_CA_FILE", world.path("ca.pem"))
         .env("QSEED_TELEMETRY_LISTEN", "127.0.0.1:0");
     cmd
@@ -275,6 +277,8 @@ fn migrate_prints_and_writes_an_equivalent_toml_without_secrets() {
         .env("QSEED_CONFIG_FILE", dir.join("qseed.toml"))
         .env("QSEED_SOURCE_URL", world.sim.url())
         .env("QSEED_SOURCE_ALLOW_SIMULATED", "true")
+        // Rounds are counted here; tests/flush.rs tests the flush at the stop.
+        .env("QSEED_POOL_FLUSH_TIMEOUT", "0s")
         .env("QSEED_SOURCE_CA_FILE", world.path("ca.pem"))
         .arg("once")
         .output()

@@ -51,7 +51,7 @@ fn no_served_block_is_left_as_base64_in_memory() {
     let world = World::one_target("entropy", 256, "1s", false);
     let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
     // Answers of many blocks, a new one every few rounds.
-    world.write_config(&format!("[pool]\nhorizon = \"16s\"\n\n{config}"));
+    world.write_config(&config.replace("[pool]\n", "[pool]\nhorizon = \"16s\"\n"));
     let service = world.start_service();
     assert!(
         world.wait_for_seeds(12, Duration::from_secs(20)),

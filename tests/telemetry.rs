@@ -139,7 +139,7 @@ fn idle_telemetry_connections_cannot_starve_the_seeding() {
     let world = World::one_target("entropy", 1024, "1s", false);
     let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
     // Every round needs a fresh request (and so a socket) from the source.
-    world.write_config(&format!("[pool]\nhorizon = \"1s\"\n\n{config}"));
+    world.write_config(&config.replace("[pool]\n", "[pool]\nhorizon = \"1s\"\n"));
     let log = world.path("service.log");
     let mut child = std::process::Command::new("prlimit")
         .args(["--nofile=64:64", "--"])

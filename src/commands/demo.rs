@@ -136,10 +136,11 @@ pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error>
     say!("\nWhat went where:");
     for t in &outcome.targets {
         say!(
-            "  {:<8} {} injections, {} bytes{}",
+            "  {:<8} {} injections, {} bytes, then {} bytes left in the pool flushed in{}",
             t.name,
             t.injections,
             t.bytes_injected,
+            t.bytes_flushed,
             t.last_error
                 .as_deref()
                 .map(|e| format!(" (last error: {e})"))

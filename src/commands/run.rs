@@ -368,15 +368,18 @@ fn metrics_for<S: EntropySource + 'static>(pool: &Arc<Pool<S>>, modules: &Module
 
 fn summarize(outcome: &Outcome) {
     let injected: u64 = outcome.targets.iter().map(|t| t.bytes_injected).sum();
+    let flushed: u64 = outcome.targets.iter().map(|t| t.bytes_flushed).sum();
     let p = &outcome.pool;
     tracing::info!(
-        "done: {} requests ({} failed), {} bytes downloaded, {} injected, {} handed out but not \
-         injected (wiped), {} refused by health tests, {} expired, {} rounds skipped for want of \
-         entropy, {} left at shutdown (wiped)",
+        "done: {} requests ({} failed), {} bytes downloaded, {} injected in rounds, {} flushed \
+         into the targets at the stop, {} handed out but not injected (wiped), {} refused by \
+         health tests, {} expired, {} rounds skipped for want of entropy, {} left at shutdown \
+         (wiped)",
         p.requests,
         p.failed_requests,
         p.bytes_downloaded,
         injected,
+        flushed,
         p.bytes_handed_out.saturating_sub(injected),
         p.bytes_rejected,
         p.bytes_expired,

@@ -34,6 +34,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("pool", "max_bytes", Kind::Integer),
     ("pool", "max_age", Kind::Duration),
     ("pool", "horizon", Kind::Duration),
+    ("pool", "flush_timeout", Kind::Duration),
     ("pool", "min_entropy", Kind::Float),
     ("pool", "false_alarm", Kind::Float),
     ("telemetry", "listen", Kind::Text),

@@ -47,6 +47,9 @@ pub const MAX_AGE_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(60)..=Duration::from_secs(30 * 24 * 3600);
 pub const HORIZON_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+/// `[pool] flush_timeout`: `0s` (off) up to 30 s, well inside systemd's stop timeout.
+pub const FLUSH_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::ZERO..=Duration::from_secs(30);
 
 /// A checked configuration, ready to run.
 #[derive(Debug)]
@@ -380,6 +383,10 @@ fn resolve_pool(raw: RawPool) -> Result<PoolConfig, String> {
         None => defaults.horizon,
         Some(d) => in_range("pool.horizon", d.0, &HORIZON_RANGE)?,
     };
+    let flush_timeout = match raw.flush_timeout {
+        None => defaults.flush_timeout,
+        Some(d) => in_range("pool.flush_timeout", d.0, &FLUSH_TIMEOUT_RANGE)?,
+    };
     let min_entropy = match raw.min_entropy {
         None => defaults.health.min_entropy,
         Some(h) if h > crate::pool::health::MIN_ENTROPY_FLOOR && h <= 8.0 => h,
@@ -413,6 +420,7 @@ fn resolve_pool(raw: RawPool) -> Result<PoolConfig, String> {
             min_entropy,
             false_alarm,
         },
+        flush_timeout,
     })
 }
 

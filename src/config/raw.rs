@@ -42,6 +42,7 @@ pub struct RawPool {
     pub max_bytes: Option<i64>,
     pub max_age: Option<DurationValue>,
     pub horizon: Option<DurationValue>,
+    pub flush_timeout: Option<DurationValue>,
     pub min_entropy: Option<f64>,
     pub false_alarm: Option<f64>,
 }
@@ -75,7 +76,7 @@ macro_rules! merge {
     };
 }
 merge!(RawSource: url, dialect, auth, token_file, ca_file, timeout, allow_http, allow_simulated);
-merge!(RawPool: max_bytes, max_age, horizon, min_entropy, false_alarm);
+merge!(RawPool: max_bytes, max_age, horizon, flush_timeout, min_entropy, false_alarm);
 merge!(RawTelemetry: listen);
 merge!(RawService: state_dir);
 

@@ -44,6 +44,9 @@ pub struct PoolConfig {
     /// A request buys what the targets consume over this long.
     pub horizon: Duration,
     pub health: HealthConfig,
+    /// At a stop, the bytes left are injected into the targets for at most this long (`0`:
+    /// not at all) instead of being wiped unused.
+    pub flush_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -53,6 +56,7 @@ impl Default for PoolConfig {
             max_age: Duration::from_secs(3600),
             horizon: Duration::from_secs(600),
             health: HealthConfig::default(),
+            flush_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -74,8 +78,9 @@ struct Demand {
     /// Rounds left in a bounded run; `None` runs until stopped.
     rounds_left: Option<u64>,
     /// Whether the consumer reached its token in its last round; `None` before its first.
-    /// `Some(false)` does not count toward purchases (a target whose token is missing must not
-    /// drive them); untried consumers count, so that the first request is sized for everyone.
+    /// Only consumers that reached it count toward purchases (a target whose token is missing
+    /// must not drive them), and those whose first round is due but who have not finished
+    /// trying yet (see [`SETTLE`]).
     reachable: Option<bool>,
     /// When its first round is due.
     first_round: Instant,
@@ -87,7 +92,10 @@ const SETTLE: Duration = Duration::from_secs(1);
 
 /// Whether `d` counts toward purchases.
 fn counts(d: &&Demand) -> bool {
-    d.reachable != Some(false)
+    match d.reachable {
+        Some(reachable) => reachable,
+        None => d.first_round <= Instant::now(),
+    }
 }
 
 /// Byte and request counters since start.
@@ -102,6 +110,7 @@ struct Stats {
     bytes_expired: AtomicU64,
     takes_waited: AtomicU64,
     rounds_skipped: AtomicU64,
+    bytes_flushed: AtomicU64,
 }
 
 /// A copy of the pool's counters at one moment.
@@ -120,6 +129,8 @@ pub struct StatsSnapshot {
     pub takes_waited: u64,
     /// Rounds targets skipped for want of entropy.
     pub rounds_skipped: u64,
+    /// Bytes handed out for the flush at a stop (not counted in `bytes_handed_out`).
+    pub bytes_flushed: u64,
     /// Bytes held right now.
     pub bytes_held: u64,
 }
@@ -154,6 +165,8 @@ pub struct Pool<S> {
     /// Held across a request: one request in flight, so concurrent takers share it.
     fetching: tokio::sync::Mutex<()>,
     refill_wanted: tokio::sync::Notify,
+    /// Set when the flush at a stop begins: nothing more is bought.
+    closing: std::sync::atomic::AtomicBool,
     /// A consumer finished its first try to reach its token (see [`SETTLE`]).
     first_tries: tokio::sync::Notify,
     stats: Stats,
@@ -175,6 +188,7 @@ impl<S: EntropySource> Pool<S> {
             }),
             fetching: tokio::sync::Mutex::new(()),
             refill_wanted: tokio::sync::Notify::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
             first_tries: tokio::sync::Notify::new(),
             stats: Stats::default(),
             observer: std::sync::RwLock::new(None),
@@ -358,6 +372,9 @@ impl<S: EntropySource> Pool<S> {
     /// [`SourceError::Waiting`].
     async fn refill(&self, needed: usize) -> Result<(), SourceError> {
         let _one_request = self.fetching.lock().await;
+        if self.closing.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         self.settle_first_tries().await;
         let blocks = {
             let mut state = self.lock();
@@ -523,6 +540,38 @@ impl<S: EntropySource> Pool<S> {
     }
 
     /// Wipes every byte still held and returns how many there were.
+    /// How long the flush at a stop may take (see [`PoolConfig::flush_timeout`]).
+    pub fn flush_timeout(&self) -> Duration {
+        self.lock().config.flush_timeout
+    }
+
+    /// The service is stopping: nothing more is bought, and [`Pool::take_leftover`] hands out
+    /// what is left.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    /// Up to `len` of the bytes left (fewer when fewer are held), for the flush at a stop;
+    /// never buys. `None` when nothing is left.
+    pub fn take_leftover(&self, len: usize) -> Option<(EntropyBytes, String)> {
+        let mut state = self.lock();
+        self.expire(&mut state);
+        let n = len.min(state.buffer.available());
+        if n == 0 {
+            return None;
+        }
+        let (bytes, requests) = state.buffer.take_traced(n)?;
+        self.stats
+            .bytes_flushed
+            .fetch_add(n as u64, Ordering::Relaxed);
+        let requests = requests
+            .iter()
+            .map(|r| format!("r{r}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        Some((bytes, requests))
+    }
+
     pub fn drain(&self) -> usize {
         self.lock().buffer.clear()
     }
@@ -539,6 +588,7 @@ impl<S: EntropySource> Pool<S> {
             bytes_expired: self.stats.bytes_expired.load(Ordering::Relaxed),
             takes_waited: self.stats.takes_waited.load(Ordering::Relaxed),
             rounds_skipped: self.stats.rounds_skipped.load(Ordering::Relaxed),
+            bytes_flushed: self.stats.bytes_flushed.load(Ordering::Relaxed),
             bytes_held: held,
         }
     }

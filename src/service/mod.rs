@@ -6,6 +6,7 @@
 //! that target for good. Other targets carry on either way. A PKCS#11 call that hangs is left
 //! on its thread after the target's timeout (see [`worker`]).
 
+pub mod flush;
 pub mod shutdown;
 pub mod worker;
 
@@ -44,6 +45,8 @@ pub struct TargetOutcome {
     pub name: String,
     pub injections: u64,
     pub bytes_injected: u64,
+    /// Bytes left in the pool at the stop and injected then (see [`flush`]).
+    pub bytes_flushed: u64,
     pub failures: u64,
     /// Of `failures`, rounds skipped for want of entropy.
     pub source_failures: u64,
@@ -134,6 +137,8 @@ pub struct Service<S: EntropySource + 'static> {
     ended: Vec<TargetOutcome>,
     /// Targets whose loop ended on its own (stopped for good, or its rounds done).
     ended_names: HashSet<String>,
+    /// Loops still doing rounds; the flush at the stop waits for them.
+    gate: Arc<flush::RoundsGate>,
 }
 
 #[derive(Debug)]
@@ -187,6 +192,7 @@ impl<S: EntropySource + 'static> Service<S> {
             finished_rx,
             ended: Vec::new(),
             ended_names: HashSet::new(),
+            gate: Arc::default(),
         }
     }
 
@@ -283,11 +289,16 @@ impl<S: EntropySource + 'static> Service<S> {
         let id = self.next_id;
         let cancel = self.stop.child_token();
         let target = Target::new(config.clone(), self.modules.clone(), self.guard.clone());
+        self.gate.enter();
         let loop_task = target_loop(
             target,
             self.pool.clone(),
             self.rounds,
-            cancel.clone(),
+            Stops {
+                target: cancel.clone(),
+                service: self.stop.clone(),
+                gate: self.gate.clone(),
+            },
             self.metrics.clone(),
         );
         let finished = self.finished_tx.clone();
@@ -350,13 +361,22 @@ pub async fn teardown<S: EntropySource>(
     }
 }
 
+/// How a target loop learns that it must end, and whether the whole service ends with it.
+struct Stops {
+    /// This loop's own stop (a child of `service`: a reload cancels it alone).
+    target: CancellationToken,
+    service: CancellationToken,
+    gate: Arc<flush::RoundsGate>,
+}
+
 async fn target_loop<S: EntropySource + 'static>(
     target: Target,
     pool: Arc<Pool<S>>,
     rounds: Rounds,
-    stop: CancellationToken,
+    stops: Stops,
     metrics: Arc<Metrics>,
 ) -> TargetOutcome {
+    let stop = stops.target.clone();
     let config = target.config();
     let (name, period, offset, size) = (
         config.name.clone(),
@@ -472,6 +492,21 @@ async fn target_loop<S: EntropySource + 'static>(
         if next < now {
             next = now + period;
         }
+    }
+    // The service ends (not only this loop): what the pool holds goes into the targets.
+    let service_ends =
+        stops.service.is_cancelled() || matches!(rounds, Rounds::Limit(n) if done >= n);
+    stops.gate.leave();
+    if service_ends && outcome.stopped.is_none() {
+        flush::flush_leftover(
+            &mut worker,
+            &pool,
+            &stops.gate,
+            size,
+            &metrics,
+            &mut outcome,
+        )
+        .await;
     }
     pool.unregister(demand);
     match worker.finish(SHUTDOWN_GRACE).await {

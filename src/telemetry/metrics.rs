@@ -57,6 +57,7 @@ pub struct Metrics {
     registry: Registry,
     injections: Family<InjectionLabels, Counter>,
     injected_bytes: Family<TargetLabels, Counter>,
+    flushed_bytes: Family<TargetLabels, Counter>,
     last_injection: Family<TargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     target_state: Family<StateLabels, Gauge>,
     requests: Family<StatusLabels, Counter>,
@@ -96,6 +97,12 @@ impl Metrics {
             "Bytes injected with C_SeedRandom per target",
             injected_bytes.clone(),
         );
+        let flushed_bytes = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "flushed_bytes",
+            "Bytes left in the pool at a stop and injected then, per target (pool.flush_timeout)",
+            flushed_bytes.clone(),
+        );
         let last_injection = Family::<TargetLabels, Gauge<f64, _>>::default();
         registry.register(
             "last_injection_timestamp_seconds",
@@ -124,6 +131,7 @@ impl Metrics {
             registry,
             injections,
             injected_bytes,
+            flushed_bytes,
             last_injection,
             target_state,
             requests,
@@ -186,6 +194,15 @@ impl Metrics {
         );
         self.set_state(target, "active", "");
         self.changed();
+    }
+
+    /// `bytes` of the pool's leftovers went into `target` at a stop.
+    pub fn flushed(&self, target: &str, bytes: u64) {
+        self.flushed_bytes
+            .get_or_create(&TargetLabels {
+                target: target.into(),
+            })
+            .inc_by(bytes);
     }
 
     pub fn injected(&self, target: &str, bytes: u64) {

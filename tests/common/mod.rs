@@ -109,11 +109,12 @@ impl World {
         );
     }
 
-    /// The `[source]` table that points at this world's simulator, and a `[telemetry]` table
-    /// on a free loopback port (tests run in parallel).
+    /// The `[source]` table that points at this world's simulator, a `[telemetry]` table on a
+    /// free loopback port (tests run in parallel), and a `[pool]` table without the flush at
+    /// the stop (tests that count seeds count rounds; `tests/flush.rs` tests the flush).
     pub fn source(&self, dialect: &str) -> String {
         format!(
-            "[telemetry]\nlisten = \"127.0.0.1:0\"\n\n\
+            "[telemetry]\nlisten = \"127.0.0.1:0\"\n\n[pool]\nflush_timeout = \"0s\"\n\n\
              [source]\nurl = \"{}\"\ndialect = \"{dialect}\"\ntoken_file = \"api.token\"\n\
              ca_file = \"ca.pem\"\ntimeout = \"5s\"\nallow_simulated = true\n\n",
             self.sim.url()
