@@ -89,7 +89,7 @@ impl Target {
         }
         let pkcs11 = &call.pkcs11;
         let path = self.config.module.display().to_string();
-        let token = token::find(pkcs11, &path, &self.config.token)?;
+        let token = self.find_token(call, &path)?;
         let lease = self.modules.claim(
             &self.config.module,
             &token,
@@ -139,6 +139,30 @@ impl Target {
             _lease: lease,
         });
         Ok(token)
+    }
+
+    /// Finds the target's token through the module's shared discovery, then reads that token's
+    /// info afresh (its PIN flags decide whether a login is tried). A token missing from a
+    /// shared discovery is looked for once more in a fresh one.
+    fn find_token(&self, call: &module::ModuleCall, path: &str) -> Result<TokenIdentity, HsmError> {
+        let selector = &self.config.token;
+        let details = token::needs_slot_details(selector);
+        let mut fresh = false;
+        loop {
+            let tokens = call.tokens(details, fresh)?;
+            let found = token::select(&call.pkcs11, path, &tokens, selector);
+            let retry = !fresh;
+            match found {
+                Ok(found) => match token::refresh(&call.pkcs11, path, &found, details) {
+                    Some(current) => return Ok(current),
+                    // Its slot changed hands since the discovery.
+                    None if retry => fresh = true,
+                    None => return Ok(found),
+                },
+                Err(HsmError::TokenNotFound { .. }) if retry => fresh = true,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Most bytes per `C_SeedRandom` call: the target's `max_seed`, else the module's known

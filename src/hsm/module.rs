@@ -90,7 +90,23 @@ pub struct Module {
     profile: Option<&'static super::quirks::ModuleProfile>,
     state: Mutex<State>,
     changed: Condvar,
+    /// The last look at the module's tokens, shared by its targets (see [`ModuleCall::tokens`]).
+    discovered: Mutex<Option<Discovery>>,
 }
+
+/// The module's tokens as one discovery saw them.
+#[derive(Debug)]
+struct Discovery {
+    at: Instant,
+    generation: u64,
+    slot_details: bool,
+    tokens: Arc<Vec<super::TokenIdentity>>,
+}
+
+/// How long a discovery serves other targets: long enough that targets starting together
+/// share one (start-up linear in the number of tokens, not quadratic), short enough that a
+/// token that comes or goes is seen within the next round.
+const DISCOVERY_REUSE: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct State {
@@ -118,6 +134,41 @@ pub struct ModuleCall {
     module: Arc<Module>,
     pub pkcs11: Pkcs11,
     pub generation: u64,
+}
+
+impl ModuleCall {
+    /// The module's tokens: a recent discovery of this generation if there is one (and
+    /// `fresh` is not asked), else a new one, which the module's other targets then share.
+    /// Concurrent callers wait for one discovery instead of each making their own.
+    pub fn tokens(
+        &self,
+        slot_details: bool,
+        fresh: bool,
+    ) -> Result<Arc<Vec<super::TokenIdentity>>, HsmError> {
+        let mut discovered = self
+            .module
+            .discovered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(d) = discovered.as_ref() {
+            let usable = !fresh
+                && d.generation == self.generation
+                && (d.slot_details || !slot_details)
+                && d.at.elapsed() < DISCOVERY_REUSE;
+            if usable {
+                return Ok(d.tokens.clone());
+            }
+        }
+        let path = self.module.path.display().to_string();
+        let tokens = Arc::new(super::token::discover(&self.pkcs11, &path, slot_details)?);
+        *discovered = Some(Discovery {
+            at: Instant::now(),
+            generation: self.generation,
+            slot_details,
+            tokens: tokens.clone(),
+        });
+        Ok(tokens)
+    }
 }
 
 impl Drop for ModuleCall {
@@ -237,6 +288,7 @@ impl Modules {
                 recovery: None,
                 resets: 0,
             }),
+            discovered: Mutex::new(None),
             changed: Condvar::new(),
         });
         loaded.insert(path.to_path_buf(), module.clone());

@@ -42,14 +42,26 @@ pub fn find(
     module_path: &str,
     selector: &TokenSelector,
 ) -> Result<TokenIdentity, HsmError> {
+    let tokens = discover(module, module_path, needs_slot_details(selector))?;
+    select(module, module_path, &tokens, selector)
+}
+
+/// Whether finding a token by `selector` needs the slots' descriptions (only a URI's
+/// `slot-*` attributes do).
+pub fn needs_slot_details(selector: &TokenSelector) -> bool {
+    matches!(selector, TokenSelector::Uri(_))
+}
+
+/// Every token the module shows: one `C_GetTokenInfo` per slot with a token (and one
+/// `C_GetSlotInfo` with `slot_details`).
+pub fn discover(
+    module: &Pkcs11,
+    module_path: &str,
+    slot_details: bool,
+) -> Result<Vec<TokenIdentity>, HsmError> {
     let slots = module.get_slots_with_token().map_err(from_cryptoki)?;
-    let library = match selector {
-        TokenSelector::Uri(_) => Library::of(module),
-        _ => Library::default(),
-    };
     let mut tokens = Vec::with_capacity(slots.len());
     for slot in slots {
-        let slot_details = matches!(selector, TokenSelector::Uri(_));
         match identify(
             module,
             std::path::Path::new(module_path),
@@ -61,6 +73,38 @@ pub fn find(
             Err(e) => tracing::debug!("skipping slot {slot}: {e}"),
         }
     }
+    Ok(tokens)
+}
+
+/// Reads `token`'s info afresh (its flags, such as a PIN about to lock, may have changed since
+/// a shared discovery); `None` when its slot now holds another token or none.
+pub fn refresh(
+    module: &Pkcs11,
+    module_path: &str,
+    token: &TokenIdentity,
+    slot_details: bool,
+) -> Option<TokenIdentity> {
+    let fresh = identify(
+        module,
+        std::path::Path::new(module_path),
+        token.slot,
+        slot_details,
+    )
+    .ok()?;
+    (fresh.label == token.label && fresh.serial == token.serial).then_some(fresh)
+}
+
+/// The one token of `tokens` that `selector` names.
+pub fn select(
+    module: &Pkcs11,
+    module_path: &str,
+    tokens: &[TokenIdentity],
+    selector: &TokenSelector,
+) -> Result<TokenIdentity, HsmError> {
+    let library = match selector {
+        TokenSelector::Uri(_) => Library::of(module),
+        _ => Library::default(),
+    };
     let matches: Vec<&TokenIdentity> = tokens
         .iter()
         .filter(|t| match selector {
