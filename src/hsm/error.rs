@@ -90,6 +90,16 @@ pub enum HsmError {
 }
 
 impl HsmError {
+    /// The token could not be found or used as configured (its demand should not count).
+    pub fn is_token_missing(&self) -> bool {
+        matches!(
+            self,
+            HsmError::TokenNotFound { .. }
+                | HsmError::Ambiguous { .. }
+                | HsmError::TokenBusy { .. }
+        )
+    }
+
     /// Failures that will not go away by trying again: the target must stop, and for PIN
     /// errors trying again could lock the user out of the HSM.
     pub fn is_permanent(&self) -> bool {

@@ -221,6 +221,11 @@ impl Target {
         }
     }
 
+    /// Whether a session is open (it may still have died with its module; `connect` checks).
+    pub fn is_connected(&self) -> bool {
+        self.open.is_some()
+    }
+
     /// Closes the session (which also logs out if it was the last one on the token).
     pub fn close(&mut self) {
         let Ok(module) = self

@@ -538,6 +538,29 @@ async fn round<S: EntropySource>(
     timeout: Duration,
     stop: &CancellationToken,
 ) -> Result<(TokenIdentity, String), RoundError> {
+    // The usual round: a session is open, so one hand-off to the blocking thread does it all
+    // (`connect` is then a check). Should the session turn out dead, the bytes are wiped with
+    // the failed call, as any failed call's are.
+    if worker.is_connected() {
+        let (bytes, requests): (EntropyBytes, String) = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Err(RoundError::Call(CallError::Cancelled)),
+            taken = pool.take_traced(demand, size) => taken.map_err(RoundError::Source)?,
+        };
+        let seeded = worker
+            .call("C_SeedRandom", timeout, stop, move |t| {
+                t.connect()?;
+                t.seed(&bytes)
+            })
+            .await;
+        pool.set_reachable(
+            demand,
+            !matches!(&seeded, Err(CallError::Hsm(e)) if e.is_token_missing()),
+        );
+        return seeded
+            .map(|token| (token, requests))
+            .map_err(RoundError::Call);
+    }
     let connected = worker
         .call("C_OpenSession/C_Login", timeout, stop, |t| t.connect())
         .await;

@@ -99,6 +99,11 @@ impl Worker {
         }
     }
 
+    /// Whether the target is here (no call running) with a session open.
+    pub fn is_connected(&self) -> bool {
+        self.running.is_none() && self.target.as_ref().is_some_and(Target::is_connected)
+    }
+
     /// Takes the target back from a finished call; `Hung` while the call still runs.
     async fn reclaim(&mut self) -> Result<(), CallError> {
         let Some(running) = &mut self.running else {
