@@ -212,6 +212,8 @@ fn run(cli: Cli) -> Result<(), Error> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // PKCS#11 calls run here: threads bounded, not one per target (see service::worker).
+        .max_blocking_threads(crate::service::worker::BLOCKING_THREADS)
         .build()
         .map_err(|e| Error::Failed(format!("cannot start the async runtime: {e}")))?;
     let explicit = cli.config.as_deref();

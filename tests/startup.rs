@@ -35,3 +35,36 @@ fn targets_of_one_module_share_the_token_discovery() {
     );
     assert!(infos >= N, "{infos}");
 }
+
+#[test]
+fn threads_are_bounded_by_the_pool_not_by_the_number_of_targets() {
+    const N: usize = 48;
+    let world = World::new();
+    let mut config = world.source("entropy");
+    for i in 0..N {
+        world.add_token(&format!("t{i}"));
+        config.push_str(&world.target(&format!("t{i}"), &format!("t{i}"), 48, "1s", false));
+    }
+    world.write_config(&config);
+    let service = world.start_service();
+    assert!(
+        wait_until(std::time::Duration::from_secs(20), || service
+            .log()
+            .matches("INFO seeded t")
+            .count()
+            >= 3 * N),
+        "{}",
+        service.log()
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", service.pid())).unwrap();
+    let threads: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // 32 blocking threads at most, the runtime's workers, and a few of its own.
+    assert!(threads <= 32 + 8, "{threads} threads for {N} targets");
+    let _ = service.stop();
+}

@@ -4,11 +4,17 @@
 //! hang with it: after the target's `timeout` the call is reported as hung and left running on
 //! its thread; the target skips its rounds until the call returns, then carries on with its
 //! session. Shutdown waits for a running call only for a grace period.
+//!
+//! Calls run on the runtime's blocking threads, at most [`BLOCKING_THREADS`] of them (so
+//! hundreds of targets do not hold hundreds of threads). A hung call keeps its thread; once
+//! half of them are held by hung calls, new calls get threads of their own, so that hung calls
+//! never hold up the other targets.
 
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::hsm::{HsmError, Target};
@@ -33,6 +39,46 @@ pub enum CallError {
     Cancelled,
 }
 
+/// Most blocking threads of the runtime (see the module documentation).
+pub const BLOCKING_THREADS: usize = 32;
+
+/// Calls declared hung whose threads have not come back.
+static HUNG_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+const RUNNING: u8 = 0;
+const HUNG: u8 = 1;
+const DONE: u8 = 2;
+
+/// Runs `job` on a blocking thread of the runtime, or on a thread of its own while hung calls
+/// hold half of those.
+fn run_blocking(job: impl FnOnce() + Send + 'static) {
+    let job = Arc::new(std::sync::Mutex::new(Some(job)));
+    let take = |job: &std::sync::Mutex<Option<_>>| {
+        job.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    };
+    if HUNG_CALLS.load(Ordering::Relaxed) >= BLOCKING_THREADS / 2 {
+        let own = job.clone();
+        let spawned = std::thread::Builder::new()
+            .name("qseed-pkcs11".into())
+            .spawn(move || {
+                if let Some(job) = take(&own) {
+                    job();
+                }
+            });
+        if spawned.is_ok() {
+            return;
+        }
+        tracing::warn!("cannot start a thread for a PKCS#11 call; it waits for a free one");
+    }
+    tokio::task::spawn_blocking(move || {
+        if let Some(job) = take(&job) {
+            job();
+        }
+    });
+}
+
 /// Owns a target, or, while a call runs, the thread that has it.
 #[derive(Debug)]
 pub struct Worker {
@@ -44,7 +90,27 @@ pub struct Worker {
 struct Running {
     call: &'static str,
     since: Instant,
-    thread: JoinHandle<Target>,
+    /// The target, handed back when the call returns.
+    target: oneshot::Receiver<Target>,
+    /// RUNNING, HUNG (counted in [`HUNG_CALLS`]) or DONE.
+    state: Arc<AtomicU8>,
+}
+
+impl Running {
+    fn is_finished(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == DONE
+    }
+
+    /// Counts the call as hung (once) until its thread comes back.
+    fn mark_hung(&self) {
+        if self
+            .state
+            .compare_exchange(RUNNING, HUNG, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            HUNG_CALLS.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Worker {
@@ -68,15 +134,23 @@ impl Worker {
             return Err(CallError::Lost);
         };
         let (tx, mut rx) = oneshot::channel();
-        let thread = tokio::task::spawn_blocking(move || {
-            let _ = tx.send(f(&mut target));
-            target
+        let (target_tx, target_rx) = oneshot::channel();
+        let state = Arc::new(AtomicU8::new(RUNNING));
+        let job_state = state.clone();
+        run_blocking(move || {
+            let result = f(&mut target);
+            if job_state.swap(DONE, Ordering::SeqCst) == HUNG {
+                HUNG_CALLS.fetch_sub(1, Ordering::SeqCst);
+            }
+            let _ = tx.send(result);
+            let _ = target_tx.send(target);
         });
         let since = Instant::now();
         self.running = Some(Running {
             call: name,
             since,
-            thread,
+            target: target_rx,
+            state,
         });
         let result = tokio::select! {
             biased;
@@ -88,14 +162,19 @@ impl Worker {
             Some(r) => {
                 // The thread hands the target back right after the result.
                 let running = self.running.take().ok_or(CallError::Lost)?;
-                self.target = Some(running.thread.await.map_err(|_| CallError::Lost)?);
+                self.target = Some(running.target.await.map_err(|_| CallError::Lost)?);
                 r.map_err(CallError::Hsm)
             }
             None if stop.is_cancelled() => Err(CallError::Cancelled),
-            None => Err(CallError::Hung {
-                call: name,
-                waited: since.elapsed(),
-            }),
+            None => {
+                if let Some(running) = &self.running {
+                    running.mark_hung();
+                }
+                Err(CallError::Hung {
+                    call: name,
+                    waited: since.elapsed(),
+                })
+            }
         }
     }
 
@@ -109,14 +188,14 @@ impl Worker {
         let Some(running) = &mut self.running else {
             return Ok(());
         };
-        if !running.thread.is_finished() {
+        if !running.is_finished() {
             return Err(CallError::Hung {
                 call: running.call,
                 waited: running.since.elapsed(),
             });
         }
         let running = self.running.take().ok_or(CallError::Lost)?;
-        match running.thread.await {
+        match running.target.await {
             Ok(target) => {
                 self.target = Some(target);
                 Ok(())
@@ -128,11 +207,34 @@ impl Worker {
     /// Waits up to `grace` for a running call to end; returns the target when it is free.
     pub async fn finish(mut self, grace: Duration) -> Option<Target> {
         if let Some(running) = self.running.take() {
-            match tokio::time::timeout(grace, running.thread).await {
+            match tokio::time::timeout(grace, running.target).await {
                 Ok(Ok(target)) => self.target = Some(target),
                 _ => return None,
             }
         }
         self.target
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn with_half_the_threads_held_by_hung_calls_a_call_gets_a_thread_of_its_own() {
+        let thread_name = || std::thread::current().name().map(str::to_string);
+        let (tx, rx) = oneshot::channel();
+        run_blocking(move || {
+            let _ = tx.send(thread_name());
+        });
+        assert_ne!(rx.await.unwrap().as_deref(), Some("qseed-pkcs11"));
+        HUNG_CALLS.fetch_add(BLOCKING_THREADS / 2, Ordering::SeqCst);
+        let (tx, rx) = oneshot::channel();
+        run_blocking(move || {
+            let _ = tx.send(thread_name());
+        });
+        let name = rx.await.unwrap();
+        HUNG_CALLS.fetch_sub(BLOCKING_THREADS / 2, Ordering::SeqCst);
+        assert_eq!(name.as_deref(), Some("qseed-pkcs11"));
     }
 }
