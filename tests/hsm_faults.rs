@@ -143,9 +143,8 @@ fn a_token_that_refuses_seeds_or_has_no_rng_stops_only_its_target() {
     }
 }
 
-#[test]
-fn a_hung_call_does_not_stop_other_targets_or_the_shutdown() {
-    let world = two_targets("1s");
+/// Starts the service, lets "faulty" seed once, then hangs its next C_SeedRandom.
+fn start_and_hang(world: &World) -> Service {
     let service = world.start_service();
     assert!(world.wait_for_seeds(1, Duration::from_secs(5)));
     world.set_hsm_fault("hang");
@@ -157,6 +156,13 @@ fn a_hung_call_does_not_stop_other_targets_or_the_shutdown() {
         "{}",
         service.log()
     );
+    service
+}
+
+#[test]
+fn a_hung_call_does_not_stop_other_targets_or_the_shutdown() {
+    let world = two_targets("1s");
+    let service = start_and_hang(&world);
     let healthy_before = service.log().matches("seeded healthy:").count();
     std::thread::sleep(Duration::from_millis(2500));
     let log = service.log();
@@ -177,17 +183,7 @@ fn a_hung_call_does_not_stop_other_targets_or_the_shutdown() {
 #[test]
 fn a_reload_during_a_hung_call_neither_finalizes_nor_opens_a_second_session() {
     let world = two_targets("1s");
-    let service = world.start_service();
-    assert!(world.wait_for_seeds(1, Duration::from_secs(5)));
-    world.set_hsm_fault("hang");
-    assert!(
-        service.wait_for_log(
-            "C_SeedRandom has not returned after 1s",
-            Duration::from_secs(5)
-        ),
-        "{}",
-        service.log()
-    );
+    let service = start_and_hang(&world);
     assert_eq!(world.spy().count("C_OpenSession"), 1);
     let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
     world.write_config(&config.replacen("size = 48", "size = 64", 1));

@@ -18,7 +18,6 @@ use super::TargetOutcome;
 use crate::pool::Pool;
 use crate::source::EntropySource;
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::AUDIT;
 
 /// Most bytes one flush call injects, unless the target's rounds are larger: small enough
 /// that several targets share what is left, large enough that a few calls empty the pool.
@@ -112,21 +111,13 @@ pub async fn flush_leftover<S: EntropySource>(
             Ok(token) => {
                 outcome.bytes_flushed += len as u64;
                 metrics.flushed(&name, len as u64);
-                tracing::info!(
-                    target: AUDIT,
-                    event = "flush",
-                    target_name = %name,
-                    token_label = %token.label,
-                    token_serial = %token.serial,
-                    slot = token.slot.id(),
-                    bytes = len,
-                    source = %source,
-                    request_ids = %requests,
-                    "flushed into {name}: {len} bytes left at the stop into token {:?} (serial {}, \
-                     slot {})",
-                    token.label,
-                    token.serial,
-                    token.slot
+                super::audit(
+                    super::Injected::Flush,
+                    &name,
+                    &token,
+                    len,
+                    &source,
+                    &requests,
                 );
             }
             Err(e) => {

@@ -420,21 +420,7 @@ async fn target_loop<S: EntropySource + 'static>(
                 outcome.injections += 1;
                 outcome.bytes_injected += size as u64;
                 metrics.injected(&name, size as u64);
-                tracing::info!(
-                    target: AUDIT,
-                    event = "injection",
-                    target_name = %name,
-                    token_label = %token.label,
-                    token_serial = %token.serial,
-                    slot = token.slot.id(),
-                    bytes = size,
-                    source = %source,
-                    request_ids = %requests,
-                    "seeded {name}: {size} bytes into token {:?} (serial {}, slot {})",
-                    token.label,
-                    token.serial,
-                    token.slot
-                );
+                audit(Injected::Round, &name, &token, size, &source, &requests);
             }
             Err(RoundError::Call(CallError::Cancelled)) => break,
             Err(RoundError::Source(e)) => {
@@ -520,6 +506,49 @@ async fn target_loop<S: EntropySource + 'static>(
         None => outcome.hung_module = Some(module),
     }
     outcome
+}
+
+/// Why bytes went into a token, for its audit record.
+#[derive(Debug, Clone, Copy)]
+pub enum Injected {
+    /// A round on the target's period.
+    Round,
+    /// The flush at a stop (see [`flush`]).
+    Flush,
+}
+
+/// The audit record of one injection: where the bytes went and which requests bought them,
+/// never the bytes.
+pub fn audit(
+    why: Injected,
+    name: &str,
+    token: &TokenIdentity,
+    len: usize,
+    source: &str,
+    requests: &str,
+) {
+    let (event, what) = match why {
+        Injected::Round => ("injection", format!("seeded {name}: {len} bytes")),
+        Injected::Flush => (
+            "flush",
+            format!("flushed into {name}: {len} bytes left at the stop"),
+        ),
+    };
+    tracing::info!(
+        target: AUDIT,
+        event,
+        target_name = %name,
+        token_label = %token.label,
+        token_serial = %token.serial,
+        slot = token.slot.id(),
+        bytes = len,
+        source = %source,
+        request_ids = %requests,
+        "{what} into token {:?} (serial {}, slot {})",
+        token.label,
+        token.serial,
+        token.slot
+    );
 }
 
 enum RoundError {
