@@ -209,3 +209,30 @@ fn a_size_above_max_seed_goes_in_several_calls_each_byte_once() {
         "{text}"
     );
 }
+
+#[test]
+fn a_large_fetch_keeps_requests_in_flight_and_writes_each_served_block_once() {
+    let world = World::new();
+    world.write_config(&world.source("entropy"));
+    let file = world.path("big.bin");
+    let out = world.run(&[
+        "fetch",
+        "--bytes",
+        "1100000",
+        "--output",
+        file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let written = std::fs::read(&file).unwrap();
+    assert_eq!(written.len(), 1_100_000);
+    // 1,075 blocks in requests of at most 512, two in flight at a time.
+    assert_eq!(world.sim.requests(), 3);
+    let served = world.sim.served();
+    let blocks: std::collections::HashSet<&[u8]> = served.chunks(1024).collect();
+    assert_eq!(blocks.len(), 1075, "every served block is distinct");
+    let mut seen = std::collections::HashSet::new();
+    for chunk in written.chunks_exact(1024) {
+        assert!(blocks.contains(chunk), "a written block was served");
+        assert!(seen.insert(chunk), "and written once");
+    }
+}

@@ -11,6 +11,8 @@ use crate::source::{EntropySource, BLOCK_LEN, MAX_BLOCKS_PER_REQUEST};
 
 /// Above this size a progress bar is shown (when stderr is a terminal).
 const PROGRESS_FROM: u64 = 256 * 1024;
+/// Requests in flight at once: the next answer travels while this one is checked and written.
+const IN_FLIGHT: usize = 2;
 
 pub async fn fetch(
     config_path: &Path,
@@ -19,7 +21,7 @@ pub async fn fetch(
     output: Option<&Path>,
 ) -> Result<(), Error> {
     let (source, pool_config) = source_config(config_path, explicit)?;
-    let client = QryptClient::new(&source).map_err(|e| Error::Config(e.to_string()))?;
+    let client = QryptClient::for_bulk(&source).map_err(|e| Error::Config(e.to_string()))?;
     let mut sink = open_output(output)?;
     let progress = (bytes >= PROGRESS_FROM && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(bytes);
@@ -34,12 +36,28 @@ pub async fn fetch(
     let mut health = HealthTests::new(pool_config.health);
     let mut remaining = bytes;
     let mut refused_in_a_row = 0;
+    // Bytes asked for and not yet received or refused: what is in flight.
+    let mut requested: u64 = 0;
+    let mut in_flight = std::collections::VecDeque::new();
     while remaining > 0 {
-        let blocks = (remaining.div_ceil(BLOCK_LEN as u64) as usize).min(MAX_BLOCKS_PER_REQUEST);
-        let fetched = client
-            .fetch(blocks)
+        while in_flight.len() < IN_FLIGHT && requested < remaining {
+            let blocks = ((remaining - requested).div_ceil(BLOCK_LEN as u64) as usize)
+                .min(MAX_BLOCKS_PER_REQUEST);
+            requested += (blocks * BLOCK_LEN) as u64;
+            let client = client.clone();
+            in_flight.push_back((
+                blocks,
+                tokio::spawn(async move { client.fetch(blocks).await }),
+            ));
+        }
+        let Some((blocks, answer)) = in_flight.pop_front() else {
+            break;
+        };
+        let fetched = answer
             .await
+            .map_err(|e| Error::Failed(format!("the request failed: {e}")))?
             .map_err(|e| Error::Failed(e.to_string()))?;
+        requested -= (blocks * BLOCK_LEN) as u64;
         let (fetched, failures) = health::screen(&mut health, fetched, BLOCK_LEN);
         if let Some(first) = failures.first() {
             tracing::warn!(

@@ -19,6 +19,7 @@ const MAX_ANSWER_BYTES_PER_BLOCK: usize = 2 * 1368;
 const MAX_ANSWER_OVERHEAD: usize = 16 * 1024;
 
 /// One HTTP client for one API base URL and token.
+#[derive(Clone)]
 pub struct QryptClient {
     http: reqwest::Client,
     base: Url,
@@ -45,7 +46,18 @@ impl std::fmt::Debug for QryptClient {
 pub struct ClientSetupError(String);
 
 impl QryptClient {
+    /// A client for the service: no idle connection is kept between its requests (see below).
     pub fn new(config: &SourceConfig) -> Result<Self, ClientSetupError> {
+        Self::build(config, false)
+    }
+
+    /// A client for bulk downloads (`qseed fetch`): connections are kept for the next request,
+    /// whose answer follows at once.
+    pub fn for_bulk(config: &SourceConfig) -> Result<Self, ClientSetupError> {
+        Self::build(config, true)
+    }
+
+    fn build(config: &SourceConfig, keep_alive: bool) -> Result<Self, ClientSetupError> {
         install_crypto_provider();
         let mut builder = reqwest::Client::builder()
             .https_only(!config.allow_http)
@@ -55,11 +67,11 @@ impl QryptClient {
             .connect_timeout(config.timeout)
             .read_timeout(config.timeout)
             .user_agent(concat!("qseed/", env!("CARGO_PKG_VERSION")))
-            // No idle connection is kept: its read and TLS buffers would hold the last
-            // answer's base64 until the next request, minutes later. A closed connection's
-            // buffers are freed, and the allocator wipes them. A request every few minutes
-            // can afford its own handshake.
-            .pool_max_idle_per_host(0);
+            // The service keeps no idle connection: its read and TLS buffers would hold the
+            // last answer's base64 until the next request, minutes later. A closed
+            // connection's buffers are freed, and the allocator wipes them. A request every
+            // few minutes can afford its own handshake.
+            .pool_max_idle_per_host(if keep_alive { 4 } else { 0 });
         if let Some(ca) = &config.ca_file {
             let (pem, _) = crate::files::read_bounded(ca, crate::files::CA_LIMIT).map_err(|e| {
                 ClientSetupError(format!(
