@@ -54,6 +54,12 @@ fn metrics_match_the_spy_log_and_the_simulator() {
         "{text}"
     );
     assert!(text.contains("qseed_pool_bytes "));
+    assert!(text.contains("qseed_source_up 1"), "{text}");
+    assert!(text.contains(&format!(
+        "qseed_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    )));
+    assert!(metric(&text, "qseed_source_last_success_timestamp_seconds ") > 1_700_000_000);
     assert!(!text.contains(API_TOKEN));
     assert_eq!(
         http_get(&format!("{base}/healthz")),

@@ -38,6 +38,17 @@ struct StatusLabels {
     status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// What readiness needs to know of a target.
 #[derive(Debug, Clone)]
 struct TargetStatus {
@@ -62,6 +73,9 @@ pub struct Metrics {
     target_state: Family<StateLabels, Gauge>,
     requests: Family<StatusLabels, Counter>,
     request_seconds: Histogram,
+    /// 1 when the last request to the entropy source succeeded, else 0.
+    source_up: Gauge,
+    last_source_success: Gauge<f64, std::sync::atomic::AtomicU64>,
     targets: Mutex<HashMap<String, TargetStatus>>,
     round_done: tokio::sync::Notify,
     /// Bumped whenever a target starts, stops or goes away: watchers refresh systemd's STATUS=.
@@ -127,8 +141,34 @@ impl Metrics {
             "Time from sending a request to the entropy source to its checked answer",
             request_seconds.clone(),
         );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "Always 1; the version of qseed running",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        let source_up = Gauge::default();
+        registry.register(
+            "source_up",
+            "1 when the last request to the entropy source succeeded, 0 when it failed or none \
+             was made yet",
+            source_up.clone(),
+        );
+        let last_source_success = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "source_last_success_timestamp_seconds",
+            "When the last request to the entropy source succeeded (Unix time; 0: never)",
+            last_source_success.clone(),
+        );
         Arc::new(Self {
             registry,
+            source_up,
+            last_source_success,
             injections,
             injected_bytes,
             flushed_bytes,
@@ -212,9 +252,7 @@ impl Metrics {
                 target: target.into(),
             })
             .inc_by(bytes);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
+        let now = unix_now();
         self.last_injection
             .get_or_create(&TargetLabels {
                 target: target.into(),
@@ -359,6 +397,12 @@ impl RequestObserver for Metrics {
             })
             .inc();
         self.request_seconds.observe(seconds);
+        if outcome == "200" {
+            self.source_up.set(1);
+            self.last_source_success.set(unix_now());
+        } else {
+            self.source_up.set(0);
+        }
     }
 }
 
@@ -474,6 +518,41 @@ impl Collector for PoolCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_info_and_source_health() {
+        let metrics = Metrics::new(None);
+        let text = metrics.render();
+        assert!(
+            text.contains(&format!(
+                "qseed_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        assert!(text.contains("qseed_source_up 0"), "{text}");
+        assert!(
+            text.contains("qseed_source_last_success_timestamp_seconds 0"),
+            "{text}"
+        );
+        metrics.request("200", 0.02);
+        let text = metrics.render();
+        assert!(text.contains("qseed_source_up 1"), "{text}");
+        let last_success = |text: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix("qseed_source_last_success_timestamp_seconds "))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let stamp = last_success(&text);
+        assert!(stamp > 1.7e9, "{stamp}");
+        metrics.request("503", 0.02);
+        let text = metrics.render();
+        assert!(text.contains("qseed_source_up 0"), "{text}");
+        // The last success stays when a request fails.
+        assert_eq!(last_success(&text), stamp);
+    }
 
     #[test]
     fn renders_prometheus_names_and_readiness() {
