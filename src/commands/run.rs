@@ -111,7 +111,12 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
                 let (path, modules) = (config_path.to_path_buf(), modules.clone());
                 pending_reload = Some(tokio::spawn(async move { reload(&path, &modules).await }));
             }
-            reloaded = async { pending_reload.as_mut().expect("guarded").await },
+            reloaded = async {
+                match pending_reload.as_mut() {
+                    Some(reload) => reload.await,
+                    None => std::future::pending().await,
+                }
+            },
                 if pending_reload.is_some() =>
             {
                 pending_reload = None;

@@ -114,11 +114,10 @@ impl HealthTests {
         self.replay = replay;
     }
 
-    /// Writes the blocks accepted since the last call to the record's folder, if it has one.
-    pub fn persist(&mut self) {
-        if let Err(e) = self.replay.persist() {
-            tracing::warn!("the replay record could not be saved: {e}");
-        }
+    /// The blocks accepted since the last call, for the record's folder if it has one (see
+    /// [`ReplayRecord::take_pending`]).
+    pub fn take_pending(&mut self) -> Option<super::replay::PendingDigests> {
+        self.replay.take_pending()
     }
 
     /// New cutoffs; the replay memory stays.
@@ -203,7 +202,6 @@ pub fn screen(
     }
     bytes.expose_mut()[kept * block_len..].zeroize();
     bytes.truncate(kept * block_len);
-    tests.persist();
     (bytes, failures)
 }
 

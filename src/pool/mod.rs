@@ -415,8 +415,28 @@ impl<S: EntropySource> Pool<S> {
         self.stats
             .bytes_downloaded
             .fetch_add(fetched.len() as u64, Ordering::Relaxed);
+        let (accepted, pending) = self.accept(fetched, blocks, request, &*source);
+        // Written after the pool's lock is released: takers never wait for the disk.
+        if let Some(pending) = pending {
+            let written = tokio::task::spawn_blocking(move || pending.write()).await;
+            if let Ok(Err(e)) = written {
+                tracing::warn!("the replay record could not be saved: {e}");
+            }
+        }
+        accepted
+    }
+
+    /// Screens an answer and keeps what passes; also returns the replay digests to save.
+    fn accept(
+        &self,
+        fetched: EntropyBytes,
+        blocks: usize,
+        request: u64,
+        source: &S,
+    ) -> (Result<(), SourceError>, Option<replay::PendingDigests>) {
         let mut state = self.lock();
         let (kept, failures) = health::screen(&mut state.health, fetched, BLOCK_LEN);
+        let pending = state.health.take_pending();
         if let Some(first) = failures.first() {
             self.stats
                 .blocks_rejected
@@ -442,10 +462,10 @@ impl<S: EntropySource> Pool<S> {
                 first: failures.first().map(|f| f.to_string()).unwrap_or_default(),
             };
             self.failed(&e);
-            return Err(e);
+            return (Err(e), pending);
         }
         state.buffer.push_from(kept, Instant::now(), request);
-        Ok(())
+        (Ok(()), pending)
     }
 
     /// Backs off and reports the outage: loudly when it starts or changes kind, quietly after.

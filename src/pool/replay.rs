@@ -116,14 +116,37 @@ impl ReplayRecord {
         }
     }
 
+    /// What was accepted since the last call, to be appended to the folder's record (by the
+    /// caller, outside any lock it holds: the write may wait for another process's
+    /// compaction); `None` without a folder or when nothing is new.
+    pub fn take_pending(&mut self) -> Option<PendingDigests> {
+        let folder = self.disk.clone()?;
+        if self.pending.is_empty() {
+            return None;
+        }
+        Some(PendingDigests {
+            folder,
+            digests: std::mem::take(&mut self.pending),
+        })
+    }
+
     /// Appends what was accepted since the last call to the folder's record.
     pub fn persist(&mut self) -> Result<(), String> {
-        let Some(folder) = &self.disk else {
-            return Ok(());
-        };
-        if self.pending.is_empty() {
-            return Ok(());
-        }
+        self.take_pending().map_or(Ok(()), PendingDigests::write)
+    }
+}
+
+/// Digests of accepted blocks not yet in the folder's record.
+#[derive(Debug)]
+pub struct PendingDigests {
+    folder: PathBuf,
+    digests: Vec<Digest>,
+}
+
+impl PendingDigests {
+    /// Appends them, under the folder's shared lock.
+    pub fn write(self) -> Result<(), String> {
+        let folder = &self.folder;
         let lock = lock_file(folder)?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared)
             .map_err(|e| format!("cannot lock {}: {e}", folder.display()))?;
@@ -135,14 +158,14 @@ impl ReplayRecord {
             .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&path)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        let bytes: Vec<u8> = self.pending.iter().flatten().copied().collect();
+        let bytes: Vec<u8> = self.digests.iter().flatten().copied().collect();
         // One write of whole records: appends of other processes never split one.
         file.write_all(&bytes)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        self.pending.clear();
-        Ok(())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
+}
 
+impl ReplayRecord {
     /// Rewrites the file with the remembered digests only (caller holds the exclusive lock).
     fn compact(&self, path: &Path) -> Result<(), String> {
         let folder = path.parent().unwrap_or(Path::new("."));
