@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::commands;
 use crate::error::{exit, Error};
+use crate::telemetry::LogFormat;
 
 const AFTER_HELP: &str = "\
 Exit codes:
@@ -54,8 +55,9 @@ pub struct Cli {
     #[arg(short, long, global = true)]
     pub quiet: bool,
 
-    /// Log lines as text (default) or as JSON objects, one per line.
-    #[arg(long, global = true, value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
+    /// Where and how to log: `auto` is the journal under systemd (stderr connected to it),
+    /// text elsewhere; `json` is one JSON object per line, the final error included.
+    #[arg(long, global = true, value_enum, default_value_t = crate::telemetry::LogFormat::Auto)]
     pub log_format: crate::telemetry::LogFormat,
 
     /// What to do; without one, `run` (as Qrypt's qseed and other daemons start).
@@ -191,11 +193,17 @@ pub fn main() -> ExitCode {
     } else {
         "info"
     };
-    crate::telemetry::init(level, cli.log_format);
+    let format = crate::telemetry::init(level, cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
-            tell!("qseed: error: {e}");
+            match format {
+                // A log pipeline or the journal gets the final error as one of its records.
+                LogFormat::Json | LogFormat::Journal => {
+                    tracing::error!(exit_status = e.exit_status(), "qseed: error: {e}")
+                }
+                LogFormat::Auto | LogFormat::Text => tell!("qseed: error: {e}"),
+            }
             e.exit_code()
         }
     }

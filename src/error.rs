@@ -30,13 +30,17 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn exit_code(&self) -> ExitCode {
-        ExitCode::from(match self {
+    pub fn exit_status(&self) -> u8 {
+        match self {
             Error::Config(_) => exit::CONFIG,
             Error::Failed(_) => exit::FAILURE,
             Error::Source(_) => exit::SOURCE,
             Error::Target(_) => exit::TARGET,
-        })
+        }
+    }
+
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(self.exit_status())
     }
 }
 

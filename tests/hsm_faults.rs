@@ -61,7 +61,8 @@ fn a_lost_session_is_reopened_and_its_bytes_never_reused() {
         let (status, _) = service.stop();
         assert!(status.success(), "{log}");
         assert!(
-            log.contains("round failed, trying again in 1s: C_SeedRandom")
+            log.contains("round failed, trying again every 1s: C_SeedRandom")
+                && log.contains("seeding again after")
                 && log.contains("the session or device was lost; a new session is needed"),
             "{log}"
         );

@@ -49,10 +49,20 @@ fn sighup_applies_a_changed_size_and_period() {
             >= 2
     }));
     assert!(service.alive());
-    let log = service.log();
+    let log_file = world.path("service.log");
     let (status, _) = service.stop();
+    let log = std::fs::read_to_string(log_file).unwrap();
     assert!(status.success(), "{log}");
     let seeds = world.spy().seeds();
+    // The exit summary counts the bytes injected under the first configuration too.
+    let injected: usize = seeds.iter().map(Vec::len).sum();
+    assert!(
+        log.contains(&format!(
+            "{injected} injected in rounds, 0 flushed into the targets at the stop, 0 handed \
+             out but not injected"
+        )),
+        "{log}"
+    );
     // After the reload only 100-byte seeds, and one request served both configurations.
     let first_new = seeds.iter().position(|s| s.len() == 100).unwrap();
     assert!(seeds[first_new..].iter().all(|s| s.len() == 100));

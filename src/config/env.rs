@@ -39,6 +39,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("pool", "false_alarm", Kind::Float),
     ("telemetry", "listen", Kind::Text),
     ("service", "state_dir", Kind::Text),
+    ("service", "log_repeat", Kind::Duration),
 ];
 
 /// One key set from the environment.

@@ -61,6 +61,8 @@ pub struct Config {
     /// `[service] state_dir` as written (made absolute); where the PIN guard keeps its records
     /// when systemd's `$STATE_DIRECTORY` is not set. `None`: the default places.
     pub state_dir: Option<PathBuf>,
+    /// `[service] log_repeat`: how often a failure that goes on is logged again.
+    pub log_repeat: Duration,
     pub targets: Vec<TargetConfig>,
     /// Keys set by `QSEED_<TABLE>_<KEY>` environment variables.
     pub overrides: Vec<env::Override>,
@@ -296,8 +298,19 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
 
 fn resolve(raw: RawConfig, base: &Path, origin: &str) -> Result<Config, String> {
     let source = resolve_source(raw.source, base)?;
-    let RawService { state_dir } = raw.service;
+    let RawService {
+        state_dir,
+        log_repeat,
+    } = raw.service;
     let state_dir = state_dir.map(|dir| absolute(base, &dir));
+    let log_repeat = match log_repeat {
+        None => crate::telemetry::logs::DEFAULT_LOG_REPEAT,
+        Some(d) => in_range(
+            "service.log_repeat",
+            d.0,
+            &crate::telemetry::logs::LOG_REPEAT_RANGE,
+        )?,
+    };
     let pool = resolve_pool(raw.pool)?;
     let telemetry_listen = match raw.telemetry.listen.as_deref() {
         None => Some(std::net::SocketAddr::from((
@@ -354,6 +367,7 @@ fn resolve(raw: RawConfig, base: &Path, origin: &str) -> Result<Config, String> 
         pool,
         telemetry_listen,
         state_dir,
+        log_repeat,
         targets,
         overrides: Vec::new(),
         legacy: false,

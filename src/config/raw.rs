@@ -34,6 +34,7 @@ pub struct RawTelemetry {
 #[serde(deny_unknown_fields)]
 pub struct RawService {
     pub state_dir: Option<PathBuf>,
+    pub log_repeat: Option<DurationValue>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -78,7 +79,7 @@ macro_rules! merge {
 merge!(RawSource: url, dialect, auth, token_file, ca_file, timeout, allow_http, allow_simulated);
 merge!(RawPool: max_bytes, max_age, horizon, flush_timeout, min_entropy, false_alarm);
 merge!(RawTelemetry: listen);
-merge!(RawService: state_dir);
+merge!(RawService: state_dir, log_repeat);
 
 /// How requests authenticate: Qrypt's cloud needs a bearer token; an appliance may need none.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

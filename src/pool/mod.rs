@@ -153,6 +153,8 @@ struct Outage {
     failed_requests: u64,
     skipped_rounds: u64,
     kind: &'static str,
+    /// When the outage was last logged as a warning (see `[service] log_repeat`).
+    logged: Instant,
 }
 
 /// A buffer shared by all targets, refilled from one source.
@@ -491,6 +493,7 @@ impl<S: EntropySource> Pool<S> {
                     failed_requests: 1,
                     skipped_rounds: 0,
                     kind: error.kind(),
+                    logged: now,
                 });
                 tracing::warn!(
                     "entropy source failing: {error}. Targets are served from the {held} bytes \
@@ -499,9 +502,23 @@ impl<S: EntropySource> Pool<S> {
             }
             Some(outage) => {
                 outage.failed_requests += 1;
+                let every = crate::telemetry::logs::log_repeat();
                 if outage.kind != error.kind() {
                     outage.kind = error.kind();
+                    outage.logged = now;
                     tracing::warn!("entropy source still failing, now: {error}{next_try}");
+                } else if now.duration_since(outage.logged) >= every {
+                    outage.logged = now;
+                    tracing::warn!(
+                        "entropy source still failing after {} ({} failed request(s), {} \
+                         round(s) skipped; next report in {}): {error}{next_try}",
+                        crate::units::short_duration(Duration::from_secs(
+                            now.duration_since(outage.since).as_secs().max(1)
+                        )),
+                        outage.failed_requests,
+                        outage.skipped_rounds,
+                        crate::units::short_duration(every)
+                    );
                 } else {
                     tracing::debug!("entropy source still failing: {error}{next_try}");
                 }

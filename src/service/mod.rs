@@ -23,6 +23,7 @@ use crate::config::TargetConfig;
 use crate::hsm::{HsmError, Modules, PinGuard, Target, TokenIdentity};
 use crate::pool::{DemandId, EntropyBytes, Pool, StatsSnapshot};
 use crate::source::{EntropySource, SourceError};
+use crate::telemetry::logs::{self, FailureRun, Report};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::AUDIT;
 use worker::{CallError, Worker};
@@ -404,7 +405,7 @@ async fn target_loop<S: EntropySource + 'static>(
     };
     let mut next = Instant::now() + offset;
     let mut done = 0u32;
-    let mut hung_reported = false;
+    let mut failing = FailureRun::default();
     loop {
         tokio::select! {
             biased;
@@ -413,9 +414,15 @@ async fn target_loop<S: EntropySource + 'static>(
         }
         match round(&mut worker, &pool, demand, size, timeout, &stop).await {
             Ok((token, requests)) => {
-                if hung_reported {
-                    tracing::info!("{name}: the hung PKCS#11 call returned; seeding again");
-                    hung_reported = false;
+                if let Some(recovery) = failing.succeeded(Instant::now()) {
+                    tracing::info!(
+                        target_name = %name,
+                        "{name}: seeding again after {} of failures ({} round(s) failed)",
+                        crate::units::short_duration(Duration::from_secs(
+                            recovery.lasted.as_secs().max(1)
+                        )),
+                        recovery.failures
+                    );
                 }
                 outcome.injections += 1;
                 outcome.bytes_injected += size as u64;
@@ -438,7 +445,7 @@ async fn target_loop<S: EntropySource + 'static>(
                 outcome.stopped = Some(e.to_string());
                 metrics.failed(&name, "hsm_error");
                 metrics.target_stopped(&name, e.reason(), &e.to_string());
-                tracing::error!("{name}: target stopped: {e}");
+                tracing::error!(target_name = %name, reason = e.reason(), "{name}: target stopped: {e}");
                 break;
             }
             Err(RoundError::Call(CallError::Lost)) => {
@@ -446,25 +453,26 @@ async fn target_loop<S: EntropySource + 'static>(
                 outcome.stopped = Some("its PKCS#11 thread failed".into());
                 metrics.failed(&name, "hsm_error");
                 metrics.target_stopped(&name, "thread_failed", "its PKCS#11 thread failed");
-                tracing::error!("{name}: target stopped: its PKCS#11 thread failed");
+                tracing::error!(target_name = %name, "{name}: target stopped: its PKCS#11 thread failed");
                 break;
             }
             Err(RoundError::Call(e @ CallError::Hung { .. })) => {
                 outcome.failures += 1;
                 outcome.last_error = Some(e.to_string());
                 metrics.failed(&name, "hsm_error");
-                if !hung_reported {
-                    tracing::error!("{name}: {e}");
-                    hung_reported = true;
-                }
+                report_failure(&mut failing, &name, "hung", &e.to_string(), period, true);
             }
             Err(RoundError::Call(CallError::Hsm(e))) => {
                 outcome.failures += 1;
                 outcome.last_error = Some(e.to_string());
                 metrics.failed(&name, "hsm_error");
-                tracing::warn!(
-                    "{name}: round failed, trying again in {}: {e}",
-                    crate::config::short_duration(period)
+                report_failure(
+                    &mut failing,
+                    &name,
+                    e.reason(),
+                    &e.to_string(),
+                    period,
+                    false,
                 );
             }
         }
@@ -515,6 +523,46 @@ pub enum Injected {
     Round,
     /// The flush at a stop (see [`flush`]).
     Flush,
+}
+
+/// Logs a failed round as the failure run it belongs to (see [`FailureRun`]): a warning when
+/// the failures start or change reason, again every `[service] log_repeat` while they go on
+/// (the count is in `qseed_target_failures_total` meanwhile), debug lines in between.
+fn report_failure(
+    run: &mut FailureRun,
+    name: &str,
+    reason: &str,
+    error: &str,
+    period: Duration,
+    hung: bool,
+) {
+    let every = logs::log_repeat();
+    let next = crate::units::short_duration(period);
+    match run.failed(reason, Instant::now(), every) {
+        Report::Started | Report::Changed if hung => {
+            tracing::error!(target_name = %name, reason, "{name}: {error}")
+        }
+        Report::Started => tracing::warn!(
+            target_name = %name,
+            reason,
+            "{name}: round failed, trying again every {next}: {error}"
+        ),
+        Report::Changed => tracing::warn!(
+            target_name = %name,
+            reason,
+            "{name}: still failing, now: {error}"
+        ),
+        Report::Repeated { since, failures } => tracing::warn!(
+            target_name = %name,
+            reason,
+            "{name}: still failing after {} ({failures} rounds; next report in {}): {error}",
+            crate::units::short_duration(Duration::from_secs(since.as_secs().max(1))),
+            crate::units::short_duration(every)
+        ),
+        Report::Quiet => {
+            tracing::debug!(target_name = %name, reason, "{name}: round failed: {error}")
+        }
+    }
 }
 
 /// The audit record of one injection: where the bytes went and which requests bought them,
