@@ -117,7 +117,7 @@ pub fn stderr_is_journal() -> bool {
         return false;
     };
     rustix::fs::fstat(std::io::stderr())
-        .is_ok_and(|stat| stat.st_dev as u64 == device && stat.st_ino as u64 == inode)
+        .is_ok_and(|stat| stat.st_dev == device && stat.st_ino == inode)
 }
 
 /// `[service] log_repeat`: how often a failure that goes on is logged again.
