@@ -112,10 +112,13 @@ pub enum Command {
         The [source] table of the configuration file is used when the file exists; otherwise \
         the Qrypt cloud service with the token in QRYPT_TOKEN.")]
     Fetch {
-        /// How many bytes (1 to 1 GiB).
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+        /// How many bytes, 1 to 1 GiB: 4096, 1K, 64KiB, 4MiB, 1G (K, M, G are 1024-based; KB,
+        /// MB, GB 1000-based).
+        #[arg(long, value_name = "N", value_parser = fetch_size)]
         bytes: u64,
-        /// Write here (created with mode 0600) instead of standard output.
+        /// Write here instead of standard output: to a temporary file beside it (mode 0600)
+        /// renamed over FILE once complete, so a failed fetch leaves FILE as it was. FILE must
+        /// be a regular file or absent; a symbolic link is refused.
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
     },
@@ -171,6 +174,15 @@ pub enum Command {
         #[arg(long)]
         plain_http: bool,
     },
+}
+
+/// `fetch --bytes`: a byte count with units, 1 byte to 1 GiB.
+fn fetch_size(text: &str) -> Result<u64, String> {
+    let bytes = crate::units::parse_bytes(text)?;
+    if !(1..=1 << 30).contains(&bytes) {
+        return Err(format!("{text} is out of range: 1 byte to 1 GiB"));
+    }
+    Ok(bytes)
 }
 
 /// Parses the command line, runs the command and maps the outcome to an exit code.

@@ -22,7 +22,30 @@ pub async fn fetch(
 ) -> Result<(), Error> {
     let (source, pool_config) = source_config(config_path, explicit)?;
     let client = QryptClient::for_bulk(&source).map_err(|e| Error::Config(e.to_string()))?;
-    let mut sink = open_output(output)?;
+    let mut sink = Output::open(output)?;
+    // SIGINT/SIGTERM end the transfer through the normal path, so the temporary file is
+    // removed and `--output` keeps its old content.
+    tokio::select! {
+        done = transfer(&client, pool_config.health, bytes, &mut sink) => done?,
+        _ = crate::service::shutdown::wait_for_signal() => {
+            return Err(Error::Failed(match output {
+                Some(path) => format!("interrupted; {} is left as it was", path.display()),
+                None => "interrupted".into(),
+            }));
+        }
+    }
+    sink.finish()?;
+    tracing::info!("fetched {bytes} bytes from {}", client.describe());
+    Ok(())
+}
+
+/// Downloads `bytes` health-tested bytes into `sink`, [`IN_FLIGHT`] requests at a time.
+async fn transfer(
+    client: &QryptClient,
+    health: crate::pool::HealthConfig,
+    bytes: u64,
+    sink: &mut Output,
+) -> Result<(), Error> {
     let progress = (bytes >= PROGRESS_FROM && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(bytes);
         bar.set_style(
@@ -33,7 +56,7 @@ pub async fn fetch(
         );
         bar
     });
-    let mut health = HealthTests::new(pool_config.health);
+    let mut health = HealthTests::new(health);
     let mut remaining = bytes;
     let mut refused_in_a_row = 0;
     // Bytes asked for and not yet received or refused: what is in flight.
@@ -84,12 +107,9 @@ pub async fn fetch(
             bar.inc(n as u64);
         }
     }
-    sink.flush()
-        .map_err(|e| Error::Failed(format!("cannot write the entropy: {e}")))?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    tracing::info!("fetched {bytes} bytes from {}", client.describe());
     Ok(())
 }
 
@@ -110,26 +130,102 @@ fn source_config(config_path: &Path, explicit: bool) -> Result<(SourceConfig, Po
         .map_err(Error::Config)
 }
 
-fn open_output(output: Option<&Path>) -> Result<Box<dyn Write>, Error> {
-    match output {
-        Some(path) => {
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let file = options.open(path).map_err(|e| {
-                Error::Config(format!("cannot create --output {}: {e}", path.display()))
-            })?;
-            Ok(Box::new(std::io::BufWriter::new(file)))
-        }
-        None => {
+/// Where the entropy goes: standard output, or a temporary file beside `--output` that
+/// [`Output::finish`] renames over it once every byte is written (dropping it unfinished
+/// removes it, so a failed fetch leaves the old file as it was).
+enum Output {
+    Stdout(std::io::BufWriter<std::io::StdoutLock<'static>>),
+    File {
+        file: std::io::BufWriter<tempfile::NamedTempFile>,
+        path: std::path::PathBuf,
+    },
+}
+
+impl Output {
+    fn open(output: Option<&Path>) -> Result<Self, Error> {
+        let Some(path) = output else {
             if std::io::stdout().is_terminal() {
                 return Err(Error::Config(
                     "refusing to write binary entropy to a terminal; use --output FILE or a pipe"
                         .into(),
                 ));
             }
-            Ok(Box::new(std::io::BufWriter::new(std::io::stdout().lock())))
+            return Ok(Output::Stdout(std::io::BufWriter::new(
+                std::io::stdout().lock(),
+            )));
+        };
+        // Renaming over a link replaces the link, never its target; still, a link where the
+        // entropy should go is a mistake or a trap, and a device (`/dev/sda`) must never be
+        // replaced by a file: only a regular file, or nothing, is replaced.
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(Error::Config(format!(
+                    "--output {} is a symbolic link; qseed does not write through links: name                      the file itself, or remove the link",
+                    path.display()
+                )))
+            }
+            Ok(meta) if !meta.is_file() => {
+                return Err(Error::Config(format!(
+                    "--output {} is {}, not a regular file; name a file (it is replaced when                      the fetch completes), or leave out --output for standard output",
+                    path.display(),
+                    crate::files::kind_of(meta.file_type())
+                )))
+            }
+            _ => {}
+        }
+        let name = path
+            .file_name()
+            .ok_or_else(|| Error::Config(format!("--output {} names no file", path.display())))?;
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        // NamedTempFile is created 0600 (O_EXCL, never an existing file), whatever umask
+        // says; the rename keeps that mode, whatever the old file had.
+        let file = tempfile::Builder::new()
+            .prefix(&format!(".{}.", name.to_string_lossy()))
+            .suffix(".part")
+            .tempfile_in(folder)
+            .map_err(|e| {
+                Error::Config(format!(
+                    "cannot create a file in {} for --output ({e}); check that the folder                      exists and that you may write to it",
+                    folder.display()
+                ))
+            })?;
+        Ok(Output::File {
+            file: std::io::BufWriter::new(file),
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Output::Stdout(out) => out.write_all(bytes),
+            Output::File { file, .. } => file.write_all(bytes),
+        }
+    }
+
+    /// Flushes, and for a file: syncs it and renames it over `--output`.
+    fn finish(self) -> Result<(), Error> {
+        let failed =
+            |e: &dyn std::fmt::Display| Error::Failed(format!("cannot write the entropy: {e}"));
+        match self {
+            Output::Stdout(mut out) => out.flush().map_err(|e| failed(&e)),
+            Output::File { file, path } => {
+                let file = file
+                    .into_inner()
+                    .map_err(|e| failed(&e.error().to_string()))?;
+                file.as_file().sync_all().map_err(|e| failed(&e))?;
+                file.persist(&path).map_err(|e| {
+                    Error::Failed(format!(
+                        "cannot put the entropy in place as {} ({}); the old file, if any, is \
+                         unchanged",
+                        path.display(),
+                        e.error
+                    ))
+                })?;
+                Ok(())
+            }
         }
     }
 }
