@@ -196,6 +196,9 @@ async fn check_source(list: &mut Checklist, config: &Config) -> Vec<EntropyBytes
         }
     };
     let describe = client.describe();
+    if let Some(route) = client.route() {
+        list.ok(&format!("route to the entropy API: {route}"));
+    }
     let pool = Arc::new(Pool::new(client, config.pool));
     let ids: Vec<_> = config
         .targets

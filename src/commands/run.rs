@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::hsm::{Modules, PinGuard};
 use crate::pool::Pool;
 use crate::service::{self, shutdown, Outcome, Rounds, Service, TargetOutcome};
+use crate::source::proxy::Route;
 use crate::source::qrypt::QryptClient;
 use crate::source::EntropySource;
 use crate::state::StateDir;
@@ -311,8 +312,17 @@ fn make_client(config: &Config) -> Result<QryptClient, Error> {
 }
 
 fn announce(config: &Config, source: &impl EntropySource) {
+    // A proxy is worth a word at start; the direct route only with -v.
+    let via = match source.route() {
+        Some(route @ Route::Proxy { .. }) => format!(" {route}"),
+        Some(route) => {
+            tracing::debug!("entropy API route: {route}");
+            String::new()
+        }
+        None => String::new(),
+    };
     tracing::info!(
-        "qseed {} seeding {} target(s) from {}",
+        "qseed {} seeding {} target(s) from {}{via}",
         env!("CARGO_PKG_VERSION"),
         config.targets.len(),
         source.describe()

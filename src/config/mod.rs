@@ -21,6 +21,7 @@ use secrecy::SecretString;
 use url::Url;
 
 use crate::pool::{HealthConfig, PoolConfig};
+use crate::source::proxy::ProxySetting;
 pub use crate::source::SourceConfig;
 pub use crate::units::short_duration;
 use raw::{Auth, Login, RawConfig, RawPool, RawService, RawSource, RawTarget};
@@ -512,6 +513,13 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
         timeout,
         allow_http,
         allow_simulated: raw.allow_simulated.unwrap_or(false),
+        proxy: match raw.proxy.as_deref().map(str::trim) {
+            None => ProxySetting::Environment,
+            Some("none") => ProxySetting::Off,
+            Some(value) => {
+                ProxySetting::Url(crate::source::proxy::parse_proxy(value, "source.proxy")?)
+            }
+        },
     })
 }
 

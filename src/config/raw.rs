@@ -59,6 +59,8 @@ pub struct RawSource {
     pub timeout: Option<DurationValue>,
     pub allow_http: Option<bool>,
     pub allow_simulated: Option<bool>,
+    /// An HTTP proxy URL, or "none"; unset: the environment's (HTTPS_PROXY, NO_PROXY).
+    pub proxy: Option<String>,
     /// Only from Qrypt's old YAML file (`qrypt_token`), never from TOML.
     #[serde(skip)]
     pub inline_token: Option<InlineSecret>,
@@ -76,6 +78,7 @@ macro_rules! merge {
         }
     };
 }
+// `proxy` is not among them: a proxy URL may hold a password, and overrides are shown.
 merge!(RawSource: url, dialect, auth, token_file, ca_file, timeout, allow_http, allow_simulated);
 merge!(RawPool: max_bytes, max_age, horizon, flush_timeout, min_entropy, false_alarm);
 merge!(RawTelemetry: listen);

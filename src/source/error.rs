@@ -37,8 +37,13 @@ pub enum SourceError {
     WrongContentType(String),
     #[error("the entropy API's answer is larger than the {limit} bytes it can be; refused")]
     TooLarge { limit: usize },
-    #[error("could not reach the entropy API at {url}: {reason}")]
-    Transport { url: String, reason: String },
+    #[error("could not reach the entropy API at {url}{via}: {reason}")]
+    Transport {
+        url: String,
+        /// ` via proxy URL (VARIABLE)`, or empty for a direct connection.
+        via: String,
+        reason: String,
+    },
     #[error(
         "reached {host}, but its certificate is not trusted: {reason}; set source.ca_file to the \
          CA that signed it, or check for a TLS-inspecting proxy between qseed and the API"

@@ -7,6 +7,7 @@
 pub mod answer;
 pub mod backoff;
 pub mod error;
+pub mod proxy;
 pub mod qrypt;
 
 use std::future::Future;
@@ -35,6 +36,8 @@ pub struct SourceConfig {
     pub allow_http: bool,
     /// Accept answers marked as coming from qseed's API simulator (tests, the demo).
     pub allow_simulated: bool,
+    /// `[source] proxy`; the route itself is decided when the client is built (see [`proxy`]).
+    pub proxy: proxy::ProxySetting,
 }
 
 /// Which of the two request forms the server speaks (see `entropy-api.md`).
@@ -70,4 +73,10 @@ pub trait EntropySource: Send + Sync {
 
     /// A short, secret-free description for logs (e.g. the base URL).
     fn describe(&self) -> String;
+
+    /// The way requests take to the source (see [`proxy::Route`]), for sources that go
+    /// over the network.
+    fn route(&self) -> Option<&proxy::Route> {
+        None
+    }
 }

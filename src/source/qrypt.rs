@@ -7,6 +7,7 @@ use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 use zeroize::Zeroizing;
 
+use super::proxy::{self, Route};
 use super::SourceConfig;
 use super::{answer, Dialect, EntropySource, SourceError, BLOCK_LEN, MAX_BLOCKS_PER_REQUEST};
 use crate::secret::EntropyBytes;
@@ -28,6 +29,7 @@ pub struct QryptClient {
     authorization: Option<HeaderValue>,
     timeout: Duration,
     allow_simulated: bool,
+    route: Route,
 }
 
 impl std::fmt::Debug for QryptClient {
@@ -36,6 +38,7 @@ impl std::fmt::Debug for QryptClient {
             .field("base", &self.base.as_str())
             .field("dialect", &self.dialect)
             .field("token", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .field("route", &self.route)
             .finish()
     }
 }
@@ -72,6 +75,20 @@ impl QryptClient {
             // connection's buffers are freed, and the allocator wipes them. A request every
             // few minutes can afford its own handshake.
             .pool_max_idle_per_host(if keep_alive { 4 } else { 0 });
+        let route = proxy::route(&config.proxy, &config.url, |name| std::env::var(name).ok())
+            .map_err(ClientSetupError)?;
+        // The route was decided above; the HTTP client must not read the environment again.
+        builder = builder.no_proxy();
+        if let Some(url) = route.proxy() {
+            // Credentials in the URL become the Proxy-Authorization header.
+            let proxy = reqwest::Proxy::all(url.as_str()).map_err(|e| {
+                ClientSetupError(format!(
+                    "cannot use the proxy {}: {e}",
+                    proxy::redacted(url)
+                ))
+            })?;
+            builder = builder.proxy(proxy);
+        }
         if let Some(ca) = &config.ca_file {
             let (pem, _) = crate::files::read_bounded(ca, crate::files::CA_LIMIT).map_err(|e| {
                 ClientSetupError(format!(
@@ -112,6 +129,7 @@ impl QryptClient {
             authorization,
             timeout: config.timeout,
             allow_simulated: config.allow_simulated,
+            route,
         })
     }
 
@@ -257,6 +275,10 @@ impl QryptClient {
         }
         SourceError::Transport {
             url: self.base.to_string(),
+            via: match &self.route {
+                Route::Proxy { .. } => format!(" {}", self.route),
+                Route::Direct(_) => String::new(),
+            },
             reason,
         }
     }
@@ -271,6 +293,10 @@ impl EntropySource for QryptClient {
 
     fn describe(&self) -> String {
         format!("{} ({})", self.base, self.dialect.as_str())
+    }
+
+    fn route(&self) -> Option<&Route> {
+        Some(&self.route)
     }
 }
 

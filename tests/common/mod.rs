@@ -177,6 +177,17 @@ impl World {
             .env_remove("QRYPT_TOKEN")
             .env_remove("QSEED_LOG")
             .stdin(Stdio::null());
+        // The simulator is on this machine: a proxy of the machine running the tests must not
+        // be in the way (tests/proxy.rs sets its own).
+        for var in [
+            "HTTPS_PROXY",
+            "HTTP_PROXY",
+            "ALL_PROXY",
+            "NO_PROXY",
+            "JOURNAL_STREAM",
+        ] {
+            cmd.env_remove(var).env_remove(var.to_ascii_lowercase());
+        }
         cmd
     }
 
