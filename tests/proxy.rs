@@ -11,10 +11,13 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 
+/// Each tunnel: its target (`host:port`) and its `Proxy-Authorization` header.
+type Tunnels = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 /// An HTTP CONNECT proxy: records each tunnel's target and `Proxy-Authorization` header.
 struct ConnectProxy {
     port: u16,
-    seen: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    seen: Tunnels,
 }
 
 impl ConnectProxy {
@@ -41,7 +44,7 @@ impl ConnectProxy {
     }
 }
 
-fn tunnel(client: TcpStream, log: &Mutex<Vec<(String, Option<String>)>>) {
+fn tunnel(client: TcpStream, log: &Tunnels) {
     let mut reader = BufReader::new(client.try_clone().unwrap());
     let mut request = String::new();
     if reader.read_line(&mut request).is_err() {
