@@ -93,16 +93,26 @@ pub enum Command {
         retry_pin: Option<String>,
     },
 
-    /// List a PKCS#11 module's slots and tokens, to fill in the configuration.
-    #[command(after_help = "Example:\n  qseed slots --module /usr/lib/softhsm/libsofthsm2.so")]
+    /// List PKCS#11 slots and tokens: a module's, to fill in a target; without --module,
+    /// those of every module the configuration uses, with the token each target finds.
+    /// Shows whether each token requires a login and the state of its user PIN.
+    #[command(after_help = "Examples:\n  \
+        qseed slots --module /usr/lib/softhsm/libsofthsm2.so\n  \
+        qseed slots                      # the configuration's modules and targets\n  \
+        qseed slots --json | jq '.modules[].slots[].token.label'\n\n\
+        USER-PIN: ok, low (wrong PINs were given), final-try (one more wrong PIN locks it), \
+        locked, not-set, change (the token asks for a new PIN), pin-pad (entered on the device).")]
     Slots {
-        /// The HSM vendor's PKCS#11 library.
+        /// The HSM vendor's PKCS#11 library [default: the modules of the configuration].
         #[arg(long, value_name = "PATH")]
-        module: PathBuf,
+        module: Option<PathBuf>,
         /// Initialization parameters for modules that need them (NSS's softoken), passed to
         /// C_Initialize as pReserved.
-        #[arg(long, value_name = "STRING")]
+        #[arg(long, value_name = "STRING", requires = "module")]
         init_args: Option<String>,
+        /// One JSON document, for scripts.
+        #[arg(long)]
+        json: bool,
     },
 
     /// Download entropy to a file or to standard output (binary).
@@ -245,8 +255,12 @@ fn run(cli: Cli) -> Result<(), Error> {
             Command::Doctor { retry_pin } => {
                 commands::doctor::doctor(&config, retry_pin.as_deref()).await
             }
-            Command::Slots { module, init_args } => {
-                commands::slots::slots(&module, init_args.as_deref()).await
+            Command::Slots {
+                module,
+                init_args,
+                json,
+            } => {
+                commands::slots::slots(module.as_deref(), init_args.as_deref(), &config, json).await
             }
             Command::GenerateAssets { out } => commands::assets::generate(&out),
             Command::Fetch { bytes, output } => {

@@ -158,15 +158,76 @@ fn slots_lists_tokens_with_label_serial_and_rng() {
         .lines()
         .find(|l| l.contains("listed-token"))
         .unwrap_or_else(|| panic!("{text}"));
-    // ... SoftHSM v2, RNG yes, no known per-call seed limit.
+    // ... SoftHSM v2, RNG yes, no known per-call seed limit, login required, user PIN set
+    // and not counting failures, no target (no configuration names it).
     let columns: Vec<&str> = row.split_whitespace().collect();
     assert!(
-        row.contains("SoftHSM v2") && columns.ends_with(&["yes", "-"]),
+        row.contains("SoftHSM v2") && columns.ends_with(&["yes", "-", "required", "ok", "-"]),
         "{row}"
     );
     assert!(
         text.lines().any(|l| l.contains("uninit")),
         "the free slot: {text}"
+    );
+}
+
+#[test]
+fn slots_without_a_module_lists_the_configurations_modules_and_targets() {
+    let world = World::new();
+    world.add_token("tok");
+    world.add_token("spare");
+    world.write_config(&format!(
+        "{}{}{}",
+        world.source("entropy"),
+        world.target("seeder", "tok", 48, "10s", true),
+        world.target("lost", "no-such-token", 48, "10s", false)
+    ));
+    let out = world.run(&["slots"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(text.starts_with(&format!("{SPY}:\n")), "{text}");
+    let row = |label: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().nth(2) == Some(label))
+            .unwrap_or_else(|| panic!("{text}"))
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(row("tok"), "seeder", "the TARGET column");
+    assert_eq!(row("spare"), "-");
+    assert!(
+        text.contains("target lost: no token with token_label \"no-such-token\""),
+        "{text}"
+    );
+
+    let out = world.run(&["slots", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let module = &doc["modules"][0];
+    assert_eq!(module["module"], SPY);
+    let tok = module["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["token"]["label"] == "tok")
+        .unwrap();
+    assert_eq!(tok["token"]["login_required"], true);
+    assert_eq!(tok["token"]["user_pin"], "ok");
+    assert_eq!(tok["token"]["user_pin_locked"], false);
+    assert!(tok["token"]["uri"].as_str().unwrap().starts_with("pkcs11:"));
+    assert_eq!(module["targets"][0]["name"], "seeder");
+    assert_eq!(module["targets"][0]["slot_id"], tok["slot_id"]);
+    assert_eq!(module["targets"][1]["slot_id"], serde_json::Value::Null);
+
+    std::fs::remove_file(world.path("qseed.toml")).unwrap();
+    let out = world.run(&["slots"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("no --module and no configuration at"),
+        "{}",
+        stderr(&out)
     );
 }
 

@@ -508,6 +508,11 @@ mod tests {
             has_rng: true,
             user_pin_final_try: false,
             user_pin_locked: false,
+            login_required: true,
+            user_pin_initialized: true,
+            user_pin_count_low: false,
+            user_pin_to_be_changed: false,
+            protected_authentication_path: false,
             partly_unknown: None,
         }
     }

@@ -22,6 +22,13 @@ pub struct TokenIdentity {
     pub has_rng: bool,
     pub user_pin_final_try: bool,
     pub user_pin_locked: bool,
+    /// The token's flags an operator needs to plan logins (`qseed slots`).
+    pub login_required: bool,
+    pub user_pin_initialized: bool,
+    pub user_pin_count_low: bool,
+    pub user_pin_to_be_changed: bool,
+    /// The PIN is entered on the device (a PIN pad), not given by the caller.
+    pub protected_authentication_path: bool,
     /// Set when cryptoki could not convert the token's info and it was read raw: what failed
     /// (the fields above are known; the rest, such as the clock, is not).
     pub partly_unknown: Option<String>,
@@ -182,7 +189,9 @@ fn identify(
             })?;
             tracing::debug!("slot {slot}: token info read raw ({conversion})");
             use cryptoki_sys::{
-                CKF_RNG, CKF_TOKEN_INITIALIZED, CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED,
+                CKF_LOGIN_REQUIRED, CKF_PROTECTED_AUTHENTICATION_PATH, CKF_RNG,
+                CKF_TOKEN_INITIALIZED, CKF_USER_PIN_COUNT_LOW, CKF_USER_PIN_FINAL_TRY,
+                CKF_USER_PIN_INITIALIZED, CKF_USER_PIN_LOCKED, CKF_USER_PIN_TO_BE_CHANGED,
             };
             let has = |flag: cryptoki_sys::CK_FLAGS| raw.flags & flag != 0;
             return Ok(TokenIdentity {
@@ -197,6 +206,11 @@ fn identify(
                 has_rng: has(CKF_RNG),
                 user_pin_final_try: has(CKF_USER_PIN_FINAL_TRY),
                 user_pin_locked: has(CKF_USER_PIN_LOCKED),
+                login_required: has(CKF_LOGIN_REQUIRED),
+                user_pin_initialized: has(CKF_USER_PIN_INITIALIZED),
+                user_pin_count_low: has(CKF_USER_PIN_COUNT_LOW),
+                user_pin_to_be_changed: has(CKF_USER_PIN_TO_BE_CHANGED),
+                protected_authentication_path: has(CKF_PROTECTED_AUTHENTICATION_PATH),
                 partly_unknown: Some(conversion.to_string()),
             });
         }
@@ -213,6 +227,11 @@ fn identify(
         has_rng: info.rng(),
         user_pin_final_try: info.user_pin_final_try(),
         user_pin_locked: info.user_pin_locked(),
+        login_required: info.login_required(),
+        user_pin_initialized: info.user_pin_initialized(),
+        user_pin_count_low: info.user_pin_count_low(),
+        user_pin_to_be_changed: info.user_pin_to_be_changed(),
+        protected_authentication_path: info.protected_authentication_path(),
         partly_unknown: None,
     })
 }
@@ -256,6 +275,27 @@ impl TokenIdentity {
     /// The RFC 7512 URI of this token, for `token = "..."`.
     pub fn uri(&self) -> String {
         Pkcs11Uri::for_token(self)
+    }
+
+    /// The user PIN's state in one word, the most urgent first: `locked`, `final-try`
+    /// (one more wrong PIN locks it), `low` (wrong PINs were given), `not-set`, `change` (the
+    /// token asks for a new one), `pin-pad` (entered on the device), `ok`.
+    pub fn user_pin_state(&self) -> &'static str {
+        if self.user_pin_locked {
+            "locked"
+        } else if self.user_pin_final_try {
+            "final-try"
+        } else if self.user_pin_count_low {
+            "low"
+        } else if !self.user_pin_initialized {
+            "not-set"
+        } else if self.user_pin_to_be_changed {
+            "change"
+        } else if self.protected_authentication_path {
+            "pin-pad"
+        } else {
+            "ok"
+        }
     }
 }
 
