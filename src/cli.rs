@@ -9,56 +9,98 @@ use crate::commands;
 use crate::error::{exit, Error};
 use crate::telemetry::LogFormat;
 
-const AFTER_HELP: &str = "\
-Exit codes:
-  0  everything asked for was done
+/// The sections `qseed --help` ends with and `qseed(8)` has, in one place: (man page
+/// heading, text as `--help` shows it).
+pub const SECTIONS: &[(&str, &str)] = &[
+    (
+        "EXIT STATUS",
+        "  0  everything asked for was done
   1  another run-time failure
   2  a configuration or command-line error; nothing was attempted
   3  `once`: a target was not seeded because no entropy could be had from the source
   4  `once`: a target failed on the HSM side; `run`: every target has stopped (the packaged
-     unit does not restart on it: fix the cause, then start it)
-Signals (`run`): SIGINT/SIGTERM stop cleanly; SIGHUP reloads the configuration file (a
-burst counts once; at most one reload every 2 s; unchanged targets keep their schedule).
-
-Files:
-  /etc/qseed/qseed.toml     the configuration (QSEED_CONFIG_FILE, --config)
-  /var/lib/qseed/pin-guard  PINs a token refused, by token and PIN source (never the PIN);
-                            $STATE_DIRECTORY or [service] state_dir, else ~/.local/state/qseed
-                            for users who may not write /var/lib/qseed
-
-Configuration: --config, QSEED_CONFIG_FILE, else /etc/qseed/qseed.toml, else Qrypt's qseed's
-/etc/qseed/qseed_config.yml. QSEED_<TABLE>_<KEY> environment variables override the keys of
-[source], [pool], [telemetry] and [service] (e.g. QSEED_SOURCE_URL, QSEED_TELEMETRY_LISTEN).
-
-Examples:
-  qseed                                        # the service (`qseed run`)
-  qseed demo                                   # try it: throwaway SoftHSM token + local simulator
+     unit does not restart on it: fix the cause, then start it)",
+    ),
+    (
+        "SIGNALS",
+        "  SIGINT, SIGTERM  (`run`) stop cleanly: in-flight calls finish (or are left after 1.5 s),
+                   the bytes left in the pool are flushed into the targets ([pool]
+                   flush_timeout), sessions close, modules are finalized
+  SIGHUP           (`run`) reload the configuration file; a burst counts once, at most one
+                   reload every 2 s; unchanged targets keep their session and schedule",
+    ),
+    (
+        "ENVIRONMENT",
+        "  QSEED_CONFIG_FILE      the configuration file (as --config)
+  QSEED_<TABLE>_<KEY>    overrides a key of [source], [pool], [telemetry] or [service]
+                         (e.g. QSEED_SOURCE_URL, QSEED_TELEMETRY_LISTEN); see qseed.toml(5)
+  QRYPT_TOKEN            the API token, when source.token_file is not set
+  QSEED_LOG              a log filter, e.g. qseed=debug (instead of -v/-q)
+  CREDENTIALS_DIRECTORY  systemd's credentials (token_file/pin_file \"credential:NAME\")
+  STATE_DIRECTORY        systemd's state folder: the PIN guard and the replay record
+  JOURNAL_STREAM         set by systemd: logs go to the journal when it names stderr
+  HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY (either case)
+                         the HTTP proxy to the entropy API, unless source.proxy is set",
+    ),
+    (
+        "FILES",
+        "  /etc/qseed/qseed.toml         the configuration (qseed.toml(5))
+  /etc/qseed/qseed_config.yml   Qrypt's qseed's configuration, read when the TOML is absent
+  /var/lib/qseed/pin-guard/     PINs a token refused, by token and PIN source (never a PIN)
+  /var/lib/qseed/replay/        keyed hashes of recent blocks, to refuse a replayed answer
+                                ($STATE_DIRECTORY or [service] state_dir, else
+                                ~/.local/state/qseed for users who may not write
+                                /var/lib/qseed)",
+    ),
+    (
+        "EXAMPLES",
+        "  qseed                                        # the service (`qseed run`)
+  qseed demo                                   # try it: throwaway SoftHSM token + simulator
   qseed slots --module /usr/lib/softhsm/libsofthsm2.so
-  qseed --config /etc/qseed/qseed.toml once    # one round over all targets, for cron or timers
-  qseed run                                    # the service, with /etc/qseed/qseed.toml
-  QRYPT_TOKEN=... qseed fetch --bytes 4096 --output seed.bin";
+  qseed --config /etc/qseed/qseed.toml once    # one round over all targets (cron, timers)
+  qseed doctor                                 # check a configuration, with fixes
+  QRYPT_TOKEN=... qseed fetch --bytes 4K --output seed.bin",
+    ),
+];
+
+/// `qseed --help`'s closing text: [`SECTIONS`], headed as `--help` heads them.
+fn after_help() -> String {
+    SECTIONS
+        .iter()
+        .map(|(heading, text)| {
+            let mut heading = heading.to_lowercase();
+            heading[..1].make_ascii_uppercase();
+            format!("{heading}:\n{text}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+/// The heading global options have in every subcommand's help.
+const GLOBAL: &str = "Global options";
 
 /// qseed: seeds PKCS#11 HSM random generators with quantum entropy from Qrypt's API.
 #[derive(Debug, Parser)]
-#[command(name = "qseed", version, about, after_help = AFTER_HELP)]
+#[command(name = "qseed", version, about, after_help = after_help())]
 pub struct Cli {
     /// Configuration file: qseed's TOML, or Qrypt's qseed's YAML (told apart by content).
     /// [default: /etc/qseed/qseed.toml, else /etc/qseed/qseed_config.yml]
-    #[arg(long, global = true, env = "QSEED_CONFIG_FILE", value_name = "PATH")]
+    #[arg(long, global = true, env = "QSEED_CONFIG_FILE", value_name = "PATH", help_heading = GLOBAL)]
     pub config: Option<PathBuf>,
 
     /// More detail in the log (debug level).
-    #[arg(short, long, global = true, conflicts_with = "quiet")]
+    #[arg(short, long, global = true, conflicts_with = "quiet", help_heading = GLOBAL)]
     pub verbose: bool,
 
     /// Only warnings and errors in the log.
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, help_heading = GLOBAL)]
     pub quiet: bool,
 
-    /// Where and how to log: `auto` is the journal under systemd (stderr connected to it),
-    /// text elsewhere; `json` is one JSON object per line, the final error included.
-    #[arg(long, global = true, value_enum, default_value_t = crate::telemetry::LogFormat::Auto)]
-    pub log_format: crate::telemetry::LogFormat,
+    /// How to log: auto (the journal under systemd, text elsewhere), text, json (one object
+    /// per line, the final error included) or journal.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto, help_heading = GLOBAL,
+          hide_possible_values = true, value_name = "FORMAT")]
+    pub log_format: LogFormat,
 
     /// What to do; without one, `run` (as Qrypt's qseed and other daemons start).
     #[command(subcommand)]
@@ -145,11 +187,21 @@ pub enum Command {
         module: PathBuf,
     },
 
-    /// Write the man page and shell completions, generated from this command line, into a
+    /// Print the shell completion script for SHELL (the package installs bash's, zsh's and
+    /// fish's).
+    #[command(after_help = "Examples:\n  \
+        qseed completions bash > ~/.local/share/bash-completion/completions/qseed\n  \
+        qseed completions zsh > \"${fpath[1]}/_qseed\"")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+
+    /// Write the man pages and shell completions, generated from this command line, into a
     /// folder (for packagers).
     #[command(hide = true)]
     GenerateAssets {
-        /// Folder to write qseed.8 and the completions into.
+        /// Folder to write the man pages and the completions into.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
@@ -263,6 +315,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 commands::slots::slots(module.as_deref(), init_args.as_deref(), &config, json).await
             }
             Command::GenerateAssets { out } => commands::assets::generate(&out),
+            Command::Completions { shell } => commands::assets::completions(shell),
             Command::Fetch { bytes, output } => {
                 commands::fetch::fetch(&config, explicit.is_some(), bytes, output.as_deref()).await
             }

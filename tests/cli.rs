@@ -86,7 +86,7 @@ fn fetch_with_a_named_config_file_that_is_missing_is_an_error() {
 }
 
 #[test]
-fn the_man_page_and_completions_follow_the_cli() {
+fn the_man_pages_and_completions_follow_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let out = qseed(&["generate-assets", "--out", dir.path().to_str().unwrap()]);
     assert!(
@@ -94,19 +94,99 @@ fn the_man_page_and_completions_follow_the_cli() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // A daemon's page: section 8.
+    // A daemon's page: section 8, with the sections a daemon's page has.
     let man = std::fs::read_to_string(dir.path().join("qseed.8")).unwrap();
     assert!(man.contains(".TH qseed 8"), "{man}");
     for text in [
-        "run",
-        "once",
-        "doctor",
-        "slots",
-        "fetch",
-        "demo",
+        ".SH ENVIRONMENT",
+        ".SH FILES",
+        ".SH \"EXIT STATUS\"",
+        ".SH SIGNALS",
+        "QSEED_CONFIG_FILE",
+        "CREDENTIALS_DIRECTORY",
+        "STATE_DIRECTORY",
+        "HTTPS_PROXY",
         "PINs a token refused",
     ] {
-        assert!(man.contains(text), "{text} in the man page");
+        assert!(man.contains(text), "{text} in qseed(8)");
+    }
+    // One page per command the help lists, and qseed.toml(5).
+    let help = String::from_utf8(qseed(&["--help"]).stdout).unwrap();
+    let commands: Vec<&str> = help
+        .split_once("Commands:\n")
+        .unwrap()
+        .1
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(
+        commands.contains(&"completions") && commands.contains(&"run"),
+        "{help}"
+    );
+    let mut pages = vec!["qseed.8".to_string(), "qseed.toml.5".to_string()];
+    pages.extend(commands.iter().map(|c| format!("qseed-{c}.8")));
+    for page in &pages {
+        let path = dir.path().join(page);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("{page} exists"));
+        // Every page it refers to is one of them: no dangling references.
+        let plain = text
+            .replace("\\fB", "")
+            .replace("\\fR", "")
+            .replace("\\-", "-");
+        for (at, _) in plain.match_indices("qseed") {
+            let rest = &plain[at..];
+            let name_end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+                .unwrap_or(rest.len());
+            let (name, after) = rest.split_at(name_end);
+            if let Some(section) = after.strip_prefix('(').and_then(|s| s.get(..1)) {
+                if section.chars().all(|c| c.is_ascii_digit()) {
+                    let target = format!("{}.{section}", name.trim_end_matches('.'));
+                    assert!(
+                        pages.contains(&target),
+                        "{page} refers to {name}({section})"
+                    );
+                }
+            }
+        }
+        // man renders it without complaint (beyond a line too long to justify: a URI).
+        if let Ok(out) = Command::new("man")
+            .args(["--warnings", "-l"])
+            .arg(&path)
+            .env("MANWIDTH", "100")
+            .output()
+        {
+            let warnings = String::from_utf8_lossy(&out.stderr);
+            let real: Vec<&str> = warnings
+                .lines()
+                .filter(|l| !l.contains("cannot adjust line"))
+                .collect();
+            assert!(
+                out.status.success() && real.is_empty(),
+                "{page}: {warnings}"
+            );
+        }
+        // lexgrog finds the NAME line that whatis and apropos index.
+        if let Ok(out) = Command::new("lexgrog").arg(&path).output() {
+            assert!(
+                out.status.success(),
+                "{page}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+    let configuration = std::fs::read_to_string(dir.path().join("qseed.toml.5")).unwrap();
+    for key in [
+        "flush_timeout",
+        "log_repeat",
+        "proxy",
+        "false_alarm",
+        "max_seed",
+    ] {
+        assert!(configuration.contains(&format!("\\fB{key}\\fR")), "{key}");
     }
     let bash = std::fs::read_to_string(dir.path().join("qseed.bash")).unwrap();
     assert!(bash.contains("doctor") && bash.contains("--log-format"));

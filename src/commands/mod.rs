@@ -5,6 +5,7 @@ pub mod assets;
 pub mod demo;
 pub mod doctor;
 pub mod fetch;
+pub mod manual;
 pub mod migrate;
 pub mod run;
 pub mod simulator;

@@ -152,6 +152,18 @@ fn typed(name: &str, text: &str, kind: Kind) -> Result<toml::Value, String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_readme_names_every_variable() {
+        let readme = include_str!("../../README.md");
+        for (table, key, _) in KEYS {
+            let name = variable(table, key);
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "{name} in the README"
+            );
+        }
+    }
+
     fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
         list.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

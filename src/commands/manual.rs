@@ -1,0 +1,265 @@
+//! The man pages, generated so they never drift from what they describe: `qseed(8)` and one
+//! `qseed-COMMAND(8)` per command from the clap definition (`--help`), `qseed.toml(5)` from
+//! the README's configuration reference. Every page they refer to is one of them.
+
+use clap::CommandFactory;
+use roff::{bold, roman, Inline, Roff};
+
+use crate::cli::{Cli, SECTIONS};
+
+/// The README, whose "Configuration reference" becomes `qseed.toml(5)`.
+const README: &str = include_str!("../../README.md");
+
+/// The footer's source and the header's manual name, on every page.
+const SOURCE: &str = concat!("qseed ", env!("CARGO_PKG_VERSION"));
+const MANUAL: &str = "qseed manual";
+
+/// Every page: (file name, roff source).
+pub fn pages() -> Result<Vec<(String, Vec<u8>)>, std::io::Error> {
+    let mut command = Cli::command().disable_help_subcommand(true);
+    command.build();
+    let mut pages = vec![("qseed.8".to_string(), main_page(&command)?)];
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        pages.push((format!("qseed-{}.8", sub.get_name()), command_page(sub)?));
+    }
+    pages.push(("qseed.toml.5".to_string(), configuration_page()?));
+    Ok(pages)
+}
+
+fn main_page(command: &clap::Command) -> Result<Vec<u8>, std::io::Error> {
+    let man = clap_mangen::Man::new(command.clone())
+        .section("8")
+        .source(SOURCE)
+        .manual(MANUAL);
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    man.render_subcommands_section(&mut page)?;
+    let mut roff = Roff::default();
+    for (heading, text) in SECTIONS {
+        preformatted(&mut roff, heading, text);
+    }
+    let mut see_also: Vec<String> = command
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .map(|s| format!("qseed-{}(8)", s.get_name()))
+        .collect();
+    see_also.push("qseed.toml(5)".into());
+    see_also_section(&mut roff, &see_also);
+    roff.to_writer(&mut page)?;
+    Ok(page)
+}
+
+fn command_page(sub: &clap::Command) -> Result<Vec<u8>, std::io::Error> {
+    let man = clap_mangen::Man::new(sub.clone())
+        .section("8")
+        .source(SOURCE)
+        .manual(MANUAL);
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    let mut roff = Roff::default();
+    if let Some(examples) = sub.get_after_help() {
+        // The help text heads its examples itself ("Examples:"); the page has a section.
+        let text = examples.to_string();
+        let body = text
+            .split_once(":\n")
+            .map_or(text.as_str(), |(_, rest)| rest);
+        preformatted(&mut roff, "EXAMPLES", body);
+    }
+    if let Some((heading, text)) = SECTIONS.iter().find(|(h, _)| *h == "EXIT STATUS") {
+        preformatted(&mut roff, heading, text);
+    }
+    see_also_section(&mut roff, &["qseed(8)".into(), "qseed.toml(5)".into()]);
+    roff.to_writer(&mut page)?;
+    Ok(page)
+}
+
+/// A section whose text keeps its lines and columns (tables of codes, variables, files).
+fn preformatted(roff: &mut Roff, heading: &str, text: &str) {
+    roff.control("SH", [heading]);
+    roff.control("nf", []);
+    for line in text.lines() {
+        roff.text([roman(line)]);
+    }
+    roff.control("fi", []);
+}
+
+fn see_also_section(roff: &mut Roff, pages: &[String]) {
+    roff.control("SH", ["SEE ALSO"]);
+    let mut inlines = Vec::new();
+    for (i, page) in pages.iter().enumerate() {
+        if i > 0 {
+            inlines.push(roman(", "));
+        }
+        let (name, section) = page.split_once('(').unwrap_or((page, ""));
+        inlines.push(bold(name));
+        inlines.push(roman(format!("({section}")));
+    }
+    roff.text(inlines);
+}
+
+/// `qseed.toml(5)`: the README's "Configuration reference", its tables as tagged paragraphs.
+fn configuration_page() -> Result<Vec<u8>, std::io::Error> {
+    let mut roff = Roff::default();
+    roff.control("TH", ["qseed.toml", "5", "", SOURCE, MANUAL]);
+    roff.control("SH", ["NAME"]);
+    roff.text([roman("qseed.toml - the configuration file of qseed(8)")]);
+    roff.control("SH", ["SYNOPSIS"]);
+    roff.text([bold("/etc/qseed/qseed.toml")]);
+    roff.control("SH", ["DESCRIPTION"]);
+    let reference = README
+        .split_once("\n## Configuration reference\n")
+        .map(|(_, rest)| {
+            rest.split_once("\n## ")
+                .map_or(rest, |(section, _)| section)
+        })
+        .unwrap_or_default();
+    let mut paragraph: Vec<&str> = Vec::new();
+    let flush = |roff: &mut Roff, paragraph: &mut Vec<&str>| {
+        if !paragraph.is_empty() {
+            roff.control("PP", []);
+            roff.text(inline_markdown(&paragraph.join(" ")));
+            paragraph.clear();
+        }
+    };
+    for line in reference.lines() {
+        let line = line.trim_end();
+        if let Some(heading) = line.strip_prefix("### ") {
+            flush(&mut roff, &mut paragraph);
+            let heading = heading.replace('`', "");
+            roff.control("SH", [heading.as_str()]);
+        } else if line.starts_with('|') {
+            flush(&mut roff, &mut paragraph);
+            let cells: Vec<&str> = line.trim_matches('|').split(" | ").map(str::trim).collect();
+            // The header row and the |---| row are the table's, not keys.
+            if cells.len() < 3 || cells[0] == "key" || cells[0].starts_with("---") {
+                continue;
+            }
+            roff.control("TP", []);
+            let mut tag = inline_markdown(cells[0]);
+            tag.push(roman(" (default: "));
+            tag.extend(inline_markdown(cells[1]));
+            tag.push(roman(")"));
+            roff.text(tag);
+            roff.text(inline_markdown(&cells[2..].join(" | ")));
+        } else if line.is_empty() {
+            flush(&mut roff, &mut paragraph);
+        } else {
+            paragraph.push(line);
+        }
+    }
+    flush(&mut roff, &mut paragraph);
+    for heading in ["ENVIRONMENT", "FILES"] {
+        if let Some((heading, text)) = SECTIONS.iter().find(|(h, _)| *h == heading) {
+            preformatted(&mut roff, heading, text);
+        }
+    }
+    see_also_section(&mut roff, &["qseed(8)".into(), "qseed-doctor(8)".into()]);
+    let mut page = Vec::new();
+    roff.to_writer(&mut page)?;
+    Ok(page)
+}
+
+/// Markdown's inline marks in roff: `code` and **strong** in bold, [text](link) as text.
+fn inline_markdown(text: &str) -> Vec<Inline> {
+    let mut plain = String::with_capacity(text.len());
+    let mut rest = text;
+    // Links: keep the text, drop the address (a README anchor means nothing in a man page).
+    while let Some(open) = rest.find('[') {
+        match rest[open..].find("](").and_then(|close| {
+            let after = open + close + 2;
+            rest[after..]
+                .find(')')
+                .map(|end| (open + close, after + end))
+        }) {
+            Some((close, end)) if !rest[open + 1..close].contains(']') => {
+                plain.push_str(&rest[..open]);
+                plain.push_str(&rest[open + 1..close]);
+                rest = &rest[end + 1..];
+            }
+            _ => {
+                plain.push_str(&rest[..=open]);
+                rest = &rest[open + 1..];
+            }
+        }
+    }
+    plain.push_str(rest);
+    let plain = plain.replace("**", "`").replace("\\|", "|");
+    plain
+        .split('`')
+        .enumerate()
+        .filter(|(_, piece)| !piece.is_empty())
+        .map(|(i, piece)| {
+            if i % 2 == 1 {
+                bold(piece)
+            } else {
+                roman(piece)
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_marks_become_roff_fonts() {
+        let text = Roff::new()
+            .text(inline_markdown(
+                "see [examples/qseed.toml](examples/qseed.toml), `size` and **The guard.** a|b",
+            ))
+            .to_roff();
+        assert!(text.contains("see examples/qseed.toml, \\fBsize\\fR and \\fBThe guard.\\fR"));
+        assert!(!text.contains("]("), "{text}");
+    }
+
+    /// The keys a table of the configuration accepts, as serde lists them when it meets an
+    /// unknown one (so a key added to the code and not to the README fails this test).
+    fn accepted_keys(table: &str) -> Vec<String> {
+        let text = format!("{table}\nno_such_key_zz = 1\n");
+        let e = toml::from_str::<crate::config::raw::RawConfig>(&text)
+            .unwrap_err()
+            .to_string();
+        // "expected one of `a`, `b`", or "expected `a`" for a table of one key.
+        let expected = e.split_once("expected").map_or("", |(_, keys)| keys);
+        let keys: Vec<String> = expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect();
+        assert!(!keys.is_empty(), "{e}");
+        keys
+    }
+
+    #[test]
+    fn every_configuration_key_is_in_the_manual() {
+        let page = String::from_utf8(configuration_page().unwrap()).unwrap();
+        for table in [
+            "[source]",
+            "[pool]",
+            "[telemetry]",
+            "[service]",
+            "[[target]]",
+        ] {
+            assert!(
+                page.contains(&format!(".SH {table}")) || page.contains(&format!(".SH \"{table} ")),
+                "{table}"
+            );
+            for key in accepted_keys(table) {
+                assert!(
+                    page.contains(&format!("\\fB{key}\\fR")),
+                    "{table} {key}: {page}"
+                );
+            }
+        }
+    }
+}
