@@ -22,6 +22,7 @@ fn every_command_has_help_with_an_example() {
         "demo",
         "migrate",
         "simulator",
+        "completions",
     ] {
         let out = qseed(&[command, "--help"]);
         let text = String::from_utf8_lossy(&out.stdout);
@@ -31,11 +32,17 @@ fn every_command_has_help_with_an_example() {
             "{command} --help has an example:\n{text}"
         );
         assert!(text.contains("qseed "), "{command}");
+        // Global options under their own heading, after the command's own.
+        let global = text
+            .find("Global options:")
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(text[global..].contains("--config <PATH>"), "{text}");
+        assert!(!text[..global].contains("--config <PATH>"), "{text}");
     }
     let out = qseed(&["--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("Exit codes:") && text.contains("Examples:"),
+        text.contains("Exit status:") && text.contains("Examples:"),
         "{text}"
     );
 }

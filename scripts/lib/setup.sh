@@ -34,12 +34,22 @@ if [ "${QSEED_SETUP:-}" = "test" ]; then
     command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
     # scripts/fuzz builds libFuzzer (C++) through libfuzzer-sys.
     command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
+    # The man pages are rendered and indexed as man-db would (tests/cli.rs).
+    command -v lexgrog >/dev/null 2>&1 || need_apt+=(man-db groff-base)
 fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> apt-get install ${need_apt[*]}"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# The monitoring kit's tests run promtool and a real Prometheus (tests/monitoring.rs); without
+# its recommends, so no node exporter or web assets come along.
+if [ "${QSEED_SETUP:-}" = "test" ] && ! command -v prometheus >/dev/null 2>&1; then
+    echo "==> apt-get install prometheus"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then

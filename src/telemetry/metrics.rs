@@ -71,6 +71,10 @@ pub struct Metrics {
     flushed_bytes: Family<TargetLabels, Counter>,
     last_injection: Family<TargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     target_state: Family<StateLabels, Gauge>,
+    /// Each target's period and the start of its loop: with the last injection's time, the
+    /// alerting rules find a target not seeded within twice its period (never seeded too).
+    target_period: Family<TargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    target_started: Family<TargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     requests: Family<StatusLabels, Counter>,
     request_seconds: Histogram,
     /// 1 when the last request to the entropy source succeeded, else 0.
@@ -129,6 +133,18 @@ impl Metrics {
             "1 for the target's current state (active or stopped, with the reason)",
             target_state.clone(),
         );
+        let target_period = Family::<TargetLabels, Gauge<f64, _>>::default();
+        registry.register(
+            "target_period_seconds",
+            "Each target's period: time between injections",
+            target_period.clone(),
+        );
+        let target_started = Family::<TargetLabels, Gauge<f64, _>>::default();
+        registry.register(
+            "target_started_timestamp_seconds",
+            "Unix time the target's loop started (at the start, or when a reload changed it)",
+            target_started.clone(),
+        );
         let requests = Family::<StatusLabels, Counter>::default();
         registry.register(
             "source_requests",
@@ -174,6 +190,8 @@ impl Metrics {
             flushed_bytes,
             last_injection,
             target_state,
+            target_period,
+            target_started,
             requests,
             request_seconds,
             targets: Mutex::new(HashMap::new()),
@@ -186,6 +204,12 @@ impl Metrics {
     /// Forgets a target a reload removed.
     pub fn forget_target(&self, target: &str) {
         self.targets_lock().remove(target);
+        let labels = TargetLabels {
+            target: target.into(),
+        };
+        self.target_period.remove(&labels);
+        self.target_started.remove(&labels);
+        self.last_injection.remove(&labels);
         self.clear_state(target);
         self.changed();
     }
@@ -232,6 +256,17 @@ impl Metrics {
                 rounds: 0,
             },
         );
+        let labels = TargetLabels {
+            target: target.into(),
+        };
+        self.target_period
+            .get_or_create(&labels)
+            .set(period.as_secs_f64());
+        self.target_started.get_or_create(&labels).set(unix_now());
+        // Counters exist from the start (at 0), so rate() and the dashboard see them before
+        // the first injection, and the flush's bytes, which come at the stop, have a baseline.
+        self.injected_bytes.get_or_create(&labels);
+        self.flushed_bytes.get_or_create(&labels);
         self.set_state(target, "active", "");
         self.changed();
     }
