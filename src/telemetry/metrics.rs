@@ -265,8 +265,8 @@ impl Metrics {
         self.target_started.get_or_create(&labels).set(unix_now());
         // Counters exist from the start (at 0), so rate() and the dashboard see them before
         // the first injection, and the flush's bytes, which come at the stop, have a baseline.
-        self.injected_bytes.get_or_create(&labels);
-        self.flushed_bytes.get_or_create(&labels);
+        let _ = self.injected_bytes.get_or_create(&labels);
+        let _ = self.flushed_bytes.get_or_create(&labels);
         self.set_state(target, "active", "");
         self.changed();
     }
