@@ -40,7 +40,7 @@ async fn utilization() {
             "[source]\nurl = \"{}\"\ndialect = \"{dialect}\"\ntoken_file = \"token\"\nca_file = \"ca.pem\"\nallow_simulated = true\n",
             sim.url()
         );
-        parse(&text, dir.path()).unwrap().source
+        parse(&text, dir.path()).unwrap().qrypt().unwrap().clone()
     };
 
     println!("## Utilization: {INJECTIONS} injections of {SIZE} bytes against the simulator (TLS)");

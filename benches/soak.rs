@@ -75,7 +75,7 @@ async fn soak(dir: &Path, module: &Path, sizes: &[usize], length: Duration) {
         "[source]\nurl = \"{}\"\ntoken_file = \"token\"\nca_file = \"ca.pem\"\ntimeout = \"1s\"\nallow_simulated = true\n",
         sim.url()
     );
-    let source = parse(&text, dir).unwrap().source;
+    let source = parse(&text, dir).unwrap().qrypt().unwrap().clone();
     let targets: Vec<TargetConfig> = sizes
         .iter()
         .enumerate()

@@ -173,6 +173,10 @@ pub enum Command {
         /// be a regular file or absent; a symbolic link is refused.
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
+        /// From this source of the configuration only ([[source]] name); by default the
+        /// sources as the service uses them (failover or mix).
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
     },
 
     /// Try qseed on a throwaway SoftHSM token and the local API simulator (or the real
@@ -316,8 +320,19 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Command::GenerateAssets { out } => commands::assets::generate(&out),
             Command::Completions { shell } => commands::assets::completions(shell),
-            Command::Fetch { bytes, output } => {
-                commands::fetch::fetch(&config, explicit.is_some(), bytes, output.as_deref()).await
+            Command::Fetch {
+                bytes,
+                output,
+                source,
+            } => {
+                commands::fetch::fetch(
+                    &config,
+                    explicit.is_some(),
+                    bytes,
+                    output.as_deref(),
+                    source.as_deref(),
+                )
+                .await
             }
             Command::Migrate { file, write } => {
                 let file = file.unwrap_or_else(|| match explicit {

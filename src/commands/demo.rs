@@ -18,7 +18,6 @@ use crate::hsm::error::from_cryptoki;
 use crate::hsm::{token, HsmError, Modules, PinGuard};
 use crate::service::{shutdown, Rounds};
 use crate::simulator::{Options, Simulator, LABEL};
-use crate::source::qrypt::QryptClient;
 use crate::state::StateDir;
 
 /// Where Debian and Ubuntu install SoftHSMv2's module.
@@ -118,7 +117,7 @@ pub async fn demo(dir: TempDir, rounds: u32, module: &Path) -> Result<(), Error>
     write_private(&config_path, &text)?;
     say!("  configuration: {}\n", config_path.display());
     let config = config::load(&config_path)?;
-    let client = QryptClient::new(&config.source).map_err(|e| Error::Config(e.to_string()))?;
+    let client = super::run::make_sources(&config, false)?;
 
     // The throwaway tokens' PIN guard lives and goes with the demo's folder.
     let guard = PinGuard::new(&StateDir::Folder(dir.path().to_path_buf()));

@@ -11,7 +11,7 @@ use crate::config::{self, Config};
 use crate::error::Error;
 use crate::hsm::{token, HsmError, Modules, PinGuard, Target};
 use crate::pool::{EntropyBytes, Pool};
-use crate::source::qrypt::QryptClient;
+use crate::source::set::SourceSet;
 use crate::source::EntropySource;
 
 #[derive(Debug, Default)]
@@ -188,7 +188,7 @@ fn check_permissions(list: &mut Checklist, path: &Path, config: &Config) {
 /// One request for what the targets need for one seed each; the bytes are returned, one
 /// buffer per target, for the seeding checks.
 async fn check_source(list: &mut Checklist, config: &Config) -> Vec<EntropyBytes> {
-    let client = match QryptClient::new(&config.source) {
+    let client = match super::run::make_sources(config, false) {
         Ok(c) => c,
         Err(e) => {
             list.fail("entropy source", &e.to_string());
@@ -217,7 +217,8 @@ async fn check_source(list: &mut Checklist, config: &Config) -> Vec<EntropyBytes
         }
     }
     let stats = pool.stats();
-    if stats.requests > 0 {
+    let set = pool.source();
+    if stats.requests > 0 && set.members().len() == 1 {
         list.ok(&format!(
             "entropy API {describe} accepted the token: {} bytes in {} request(s), {} ms, \
              health tests passed",
@@ -226,7 +227,52 @@ async fn check_source(list: &mut Checklist, config: &Config) -> Vec<EntropyBytes
             started.elapsed().as_millis()
         ));
     }
+    if set.members().len() > 1 {
+        check_each_source(list, &set, config).await;
+        if let Some(in_use) = set.in_use() {
+            list.ok(&format!(
+                "sources in use ({}): {in_use}",
+                match set.mode() {
+                    crate::source::set::Mode::Failover => "failover",
+                    crate::source::set::Mode::Mix { .. } => "mix",
+                }
+            ));
+        }
+    }
     seeds
+}
+
+/// Each of several sources on its own: one block (1 KiB, then wiped) through its own health
+/// tests, and what an appliance says of itself.
+async fn check_each_source(list: &mut Checklist, set: &SourceSet, config: &Config) {
+    use crate::source::set::AnySource;
+    for member in set.members() {
+        let label = format!("source {} ({})", member.name, member.source.describe());
+        if let AnySource::Qrypt(client) = &member.source {
+            if let Some(capabilities) = client.capabilities().await {
+                list.ok(&format!("{label}: /api/v1/capabilities: {capabilities}"));
+            }
+        }
+        let started = std::time::Instant::now();
+        match member.source.fetch(1).await {
+            Ok(block) => {
+                let mut tests = crate::pool::HealthTests::new(config.pool.health);
+                let (_, failures) =
+                    crate::pool::health::screen(&mut tests, block, crate::source::BLOCK_LEN);
+                match failures.first() {
+                    None => list.ok(&format!(
+                        "{label}: 1 KiB in {} ms, health tests passed",
+                        started.elapsed().as_millis()
+                    )),
+                    Some(f) => list.fail(
+                        &label,
+                        &format!("its block failed the health tests ({f}): is it broken?"),
+                    ),
+                }
+            }
+            Err(e) => list.fail(&label, &e.to_string()),
+        }
+    }
 }
 
 enum Line {

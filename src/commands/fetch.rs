@@ -3,10 +3,9 @@
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 
-use crate::config::{self, SourceConfig};
+use crate::config;
 use crate::error::Error;
-use crate::pool::{health, HealthTests, PoolConfig};
-use crate::source::qrypt::QryptClient;
+use crate::pool::{health, HealthTests};
 use crate::source::{EntropySource, BLOCK_LEN, MAX_BLOCKS_PER_REQUEST};
 
 /// Above this size a progress bar is shown (when stderr is a terminal).
@@ -19,14 +18,40 @@ pub async fn fetch(
     explicit: bool,
     bytes: u64,
     output: Option<&Path>,
+    source: Option<&str>,
 ) -> Result<(), Error> {
-    let (source, pool_config) = source_config(config_path, explicit)?;
-    let client = QryptClient::for_bulk(&source).map_err(|e| Error::Config(e.to_string()))?;
+    let config = load_config(config_path, explicit)?;
+    let set = super::run::make_sources(&config, true)?;
+    match source {
+        None => fetch_from(set, config.pool.health, bytes, output).await,
+        Some(name) => {
+            let member = set.member(name).ok_or_else(|| {
+                Error::Config(format!(
+                    "--source {name:?}: no such source; the configuration has {}",
+                    set.members()
+                        .iter()
+                        .map(|m| format!("{:?}", m.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+            let one = member.source.clone();
+            fetch_from(one, config.pool.health, bytes, output).await
+        }
+    }
+}
+
+async fn fetch_from<S: EntropySource + Clone + 'static>(
+    client: S,
+    health: crate::pool::HealthConfig,
+    bytes: u64,
+    output: Option<&Path>,
+) -> Result<(), Error> {
     let mut sink = Output::open(output)?;
     // SIGINT/SIGTERM end the transfer through the normal path, so the temporary file is
     // removed and `--output` keeps its old content.
     tokio::select! {
-        done = transfer(&client, pool_config.health, bytes, &mut sink) => done?,
+        done = transfer(&client, health, bytes, &mut sink) => done?,
         _ = crate::service::shutdown::wait_for_signal() => {
             return Err(Error::Failed(match output {
                 Some(path) => format!("interrupted; {} is left as it was", path.display()),
@@ -40,8 +65,8 @@ pub async fn fetch(
 }
 
 /// Downloads `bytes` health-tested bytes into `sink`, [`IN_FLIGHT`] requests at a time.
-async fn transfer(
-    client: &QryptClient,
+async fn transfer<S: EntropySource + Clone + 'static>(
+    client: &S,
     health: crate::pool::HealthConfig,
     bytes: u64,
     sink: &mut Output,
@@ -116,18 +141,15 @@ async fn transfer(
 /// The file's `[source]` and `[pool]` when the file exists; else the cloud defaults with
 /// `QRYPT_TOKEN`. A file named with --config or QSEED_CONFIG_FILE must exist: a typo must not
 /// fall back to the cloud.
-fn source_config(config_path: &Path, explicit: bool) -> Result<(SourceConfig, PoolConfig), Error> {
+fn load_config(config_path: &Path, explicit: bool) -> Result<config::Config, Error> {
     if config_path.exists() || explicit {
-        let config = config::load(config_path)?;
-        return Ok((config.source, config.pool));
+        return Ok(config::load(config_path)?);
     }
     tracing::debug!(
         "{} does not exist; using the Qrypt cloud defaults",
         config_path.display()
     );
-    config::parse("", Path::new("."))
-        .map(|c| (c.source, c.pool))
-        .map_err(Error::Config)
+    config::parse("", Path::new(".")).map_err(Error::Config)
 }
 
 /// Where the entropy goes: standard output, or a temporary file beside `--output` that

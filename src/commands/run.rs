@@ -13,7 +13,7 @@ use crate::hsm::{Modules, PinGuard};
 use crate::pool::Pool;
 use crate::service::{self, shutdown, Outcome, Rounds, Service, TargetOutcome};
 use crate::source::proxy::Route;
-use crate::source::qrypt::QryptClient;
+use crate::source::set::SourceSet;
 use crate::source::EntropySource;
 use crate::state::StateDir;
 use crate::telemetry::{logs, metrics::Metrics, server, systemd};
@@ -78,7 +78,7 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
     service.apply(config.targets).await;
     let mut reload_due: Option<Instant> = None;
     let mut last_reload: Option<Instant> = None;
-    let mut pending_reload: Option<tokio::task::JoinHandle<Result<(Config, QryptClient), Error>>> =
+    let mut pending_reload: Option<tokio::task::JoinHandle<Result<(Config, SourceSet), Error>>> =
         None;
     loop {
         tokio::select! {
@@ -279,7 +279,7 @@ pub fn load(config_path: &Path) -> Result<Config, Error> {
 const RELOAD_READ_LIMIT: Duration = Duration::from_secs(10);
 
 /// A reload: the new file must pass every check a start does, modules included.
-async fn reload(config_path: &Path, modules: &Modules) -> Result<(Config, QryptClient), Error> {
+async fn reload(config_path: &Path, modules: &Modules) -> Result<(Config, SourceSet), Error> {
     let path = config_path.to_path_buf();
     let read = tokio::task::spawn_blocking(move || {
         let config = load(&path)?;
@@ -307,8 +307,46 @@ async fn reload(config_path: &Path, modules: &Modules) -> Result<(Config, QryptC
     Ok((config, client))
 }
 
-fn make_client(config: &Config) -> Result<QryptClient, Error> {
-    QryptClient::new(&config.source).map_err(|e| Error::Config(e.to_string()))
+fn make_client(config: &Config) -> Result<SourceSet, Error> {
+    make_sources(config, false)
+}
+
+/// The configured sources as one (see [`crate::source::set`]); `bulk` keeps HTTP connections
+/// open between requests (`qseed fetch`), which the service does not (see `QryptClient`).
+pub fn make_sources(config: &Config, bulk: bool) -> Result<SourceSet, Error> {
+    use crate::config::SourceSpecKind;
+    use crate::source::qrypt::QryptClient;
+    use crate::source::set::{AnySource, Member};
+    let state = StateDir::resolve(config.state_dir.as_deref());
+    let several = config.sources.len() > 1;
+    let mut members = Vec::with_capacity(config.sources.len());
+    for spec in &config.sources {
+        let source = match &spec.kind {
+            SourceSpecKind::Qrypt(api) => {
+                let client = if bulk {
+                    QryptClient::for_bulk(api)
+                } else {
+                    QryptClient::new(api)
+                };
+                AnySource::Qrypt(Box::new(client.map_err(|e| {
+                    Error::Config(if several {
+                        format!("source {:?}: {e}", spec.name)
+                    } else {
+                        e.to_string()
+                    })
+                })?))
+            }
+            SourceSpecKind::Device(device) => {
+                AnySource::Device(crate::source::device::DeviceSource::new(
+                    device.clone(),
+                    &spec.name,
+                    state.folder(),
+                ))
+            }
+        };
+        members.push(Member::new(spec.name.clone(), source, config.pool.health));
+    }
+    Ok(SourceSet::new(members, config.source_mode))
 }
 
 fn announce(config: &Config, source: &impl EntropySource) {
@@ -374,11 +412,19 @@ pub async fn serve_with<S: EntropySource + 'static>(
 /// Metrics that watch `pool` (held weakly: the pool's observer is these metrics).
 fn metrics_for<S: EntropySource + 'static>(pool: &Arc<Pool<S>>, modules: &Modules) -> Arc<Metrics> {
     let weak = Arc::downgrade(pool);
-    let metrics = Metrics::watching(
+    let sources = weak.clone();
+    // The pool's current source, so a reload's new sources are reported.
+    let metrics = Metrics::watching_sources(
         Some(Arc::new(move || {
             weak.upgrade().map(|p| p.stats()).unwrap_or_default()
         })),
         Some(modules.clone()),
+        Some(Arc::new(move || {
+            sources
+                .upgrade()
+                .map(|p| p.source().sources())
+                .unwrap_or_default()
+        })),
     );
     pool.set_observer(metrics.clone());
     metrics

@@ -31,12 +31,15 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("source", "timeout", Kind::Duration),
     ("source", "allow_http", Kind::Bool),
     ("source", "allow_simulated", Kind::Bool),
+    ("source", "path", Kind::Text),
     ("pool", "max_bytes", Kind::Integer),
     ("pool", "max_age", Kind::Duration),
     ("pool", "horizon", Kind::Duration),
     ("pool", "flush_timeout", Kind::Duration),
     ("pool", "min_entropy", Kind::Float),
     ("pool", "false_alarm", Kind::Float),
+    ("pool", "sources", Kind::Text),
+    ("pool", "mix_fallback", Kind::Text),
     ("telemetry", "listen", Kind::Text),
     ("service", "state_dir", Kind::Text),
     ("service", "log_repeat", Kind::Duration),
@@ -94,7 +97,16 @@ pub fn apply(
         one.insert((*key).to_string(), value);
         let fail = |e: toml::de::Error| format!("{name} = {text:?}: {}", e.message().trim());
         match table {
-            "source" => raw.source.merge(from_table(one).map_err(fail)?),
+            "source" => match raw.source.single_mut() {
+                Some(source) => source.merge(from_table(one).map_err(fail)?),
+                None => {
+                    return Err(format!(
+                        "{name} cannot say which of the {} [[source]] tables it sets; set the \
+                         key in the configuration file",
+                        raw.source.list.len()
+                    ))
+                }
+            },
             "pool" => raw.pool.merge(from_table(one).map_err(fail)?),
             "telemetry" => raw.telemetry.merge(from_table(one).map_err(fail)?),
             _ => raw.service.merge(from_table(one).map_err(fail)?),
@@ -191,9 +203,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(o.len(), 8);
-        assert_eq!(raw.source.url.as_deref(), Some("https://localhost:8443"));
         assert_eq!(
-            raw.source.timeout.map(|t| t.0),
+            raw.source.list[0].url.as_deref(),
+            Some("https://localhost:8443")
+        );
+        assert_eq!(
+            raw.source.list[0].timeout.map(|t| t.0),
             Some(std::time::Duration::from_secs(30))
         );
         assert_eq!(raw.pool.max_bytes, Some(131072));

@@ -139,8 +139,10 @@ impl LegacyConfig {
     /// the inline token, one target on the slot, a user login when a PIN is given.
     pub fn into_raw(self) -> RawConfig {
         let mut raw = RawConfig::default();
-        raw.source.dialect = Some(Dialect::Entropy);
-        raw.source.inline_token = Some(self.token);
+        if let Some(source) = raw.source.single_mut() {
+            source.dialect = Some(Dialect::Entropy);
+            source.inline_token = Some(self.token);
+        }
         let login = self.pin.as_ref().map(|_| Login::User);
         raw.targets.push(RawTarget {
             name: Some(TARGET_NAME.into()),

@@ -52,10 +52,26 @@ pub const HORIZON_RANGE: std::ops::RangeInclusive<Duration> =
 pub const FLUSH_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::ZERO..=Duration::from_secs(30);
 
+/// One configured entropy source (`[source]`, or one of the `[[source]]` tables).
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    pub name: String,
+    pub kind: SourceSpecKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum SourceSpecKind {
+    Qrypt(SourceConfig),
+    Device(crate::source::device::DeviceConfig),
+}
+
 /// A checked configuration, ready to run.
 #[derive(Debug)]
 pub struct Config {
-    pub source: SourceConfig,
+    /// The sources in the order written (failover tries them in this order).
+    pub sources: Vec<SourceSpec>,
+    /// `[pool] sources` (and `mix_fallback`).
+    pub source_mode: crate::source::set::Mode,
     pub pool: PoolConfig,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`qseed run`); `None`: off.
     pub telemetry_listen: Option<std::net::SocketAddr>,
@@ -297,8 +313,157 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
+impl Config {
+    /// The first of the Qrypt API sources (the only source of most configurations).
+    pub fn qrypt(&self) -> Option<&SourceConfig> {
+        self.sources.iter().find_map(|s| match &s.kind {
+            SourceSpecKind::Qrypt(config) => Some(config),
+            SourceSpecKind::Device(_) => None,
+        })
+    }
+}
+
+fn resolve_sources(
+    mut raw: raw::RawSources,
+    pool: &RawPool,
+    base: &Path,
+) -> Result<(Vec<SourceSpec>, crate::source::set::Mode), String> {
+    if raw.list.is_empty() {
+        raw.list.push(RawSource::default());
+    }
+    let several = raw.list.len() > 1;
+    let mut sources: Vec<SourceSpec> = Vec::with_capacity(raw.list.len());
+    for (index, raw_source) in raw.list.into_iter().enumerate() {
+        let spec = resolve_one_source(raw_source, base, index, several)?;
+        if sources.iter().any(|s| s.name == spec.name) {
+            return Err(format!(
+                "two sources are named {:?}; give each [[source]] its own name",
+                spec.name
+            ));
+        }
+        sources.push(spec);
+    }
+    use crate::source::set::Mode;
+    let mode = match (pool.sources, pool.mix_fallback) {
+        (None | Some(raw::SourcesMode::Failover), None) => Mode::Failover,
+        (None | Some(raw::SourcesMode::Failover), Some(_)) => {
+            return Err(
+                "pool.mix_fallback applies to pool.sources = \"mix\" only; remove it, \
+                        or set pool.sources = \"mix\""
+                    .into(),
+            )
+        }
+        (Some(raw::SourcesMode::Mix), fallback) => Mode::Mix {
+            fallback: fallback == Some(raw::MixFallback::Failover),
+        },
+    };
+    if matches!(mode, Mode::Mix { .. }) && sources.len() < 2 {
+        return Err(format!(
+            "pool.sources = \"mix\" XORs the bytes of at least two sources, and {} is \
+             configured; add [[source]] tables, or use pool.sources = \"failover\"",
+            sources.len()
+        ));
+    }
+    Ok((sources, mode))
+}
+
+fn resolve_one_source(
+    raw: RawSource,
+    base: &Path,
+    index: usize,
+    several: bool,
+) -> Result<SourceSpec, String> {
+    let label = match (&raw.name, several) {
+        (Some(name), _) => format!("source {name:?}"),
+        (None, true) => format!("source #{}", index + 1),
+        (None, false) => "source".to_string(),
+    };
+    if let Some(name) = &raw.name {
+        if !valid_name(name) {
+            return Err(format!(
+                "{label}: name = {name:?}; use letters, digits, '.', '_' and '-' only (it \
+                 appears in logs and metrics)"
+            ));
+        }
+    }
+    match raw.kind.unwrap_or_default() {
+        raw::SourceKind::Device => {
+            let api_keys: Vec<&str> = [
+                ("url", raw.url.is_some()),
+                ("dialect", raw.dialect.is_some()),
+                ("auth", raw.auth.is_some()),
+                ("token_file", raw.token_file.is_some()),
+                ("ca_file", raw.ca_file.is_some()),
+                ("allow_http", raw.allow_http.is_some()),
+                ("allow_simulated", raw.allow_simulated.is_some()),
+                ("proxy", raw.proxy.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(key, set)| set.then_some(key))
+            .collect();
+            if !api_keys.is_empty() {
+                return Err(format!(
+                    "{label}: kind = \"device\" takes path and timeout; {} belong(s) to \
+                     kind = \"qrypt\"",
+                    api_keys.join(", ")
+                ));
+            }
+            let path = raw.path.ok_or_else(|| {
+                format!(
+                    "{label}: kind = \"device\" needs path, the file or device to read \
+                     (e.g. path = \"/dev/qrandom0\")"
+                )
+            })?;
+            let path = absolute(base, &path);
+            crate::source::device::DeviceSource::check(&path)
+                .map_err(|e| format!("{label}: path: {e}"))?;
+            let timeout = match raw.timeout {
+                Some(t) => in_range(&format!("{label}: timeout"), t.0, &TIMEOUT_RANGE)?,
+                None => DEFAULT_TIMEOUT,
+            };
+            let name = raw.name.unwrap_or_else(|| {
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .filter(|n| valid_name(n))
+                    .unwrap_or_else(|| "device".into())
+            });
+            Ok(SourceSpec {
+                name,
+                kind: SourceSpecKind::Device(crate::source::device::DeviceConfig { path, timeout }),
+            })
+        }
+        raw::SourceKind::Qrypt => {
+            if raw.path.is_some() {
+                return Err(format!(
+                    "{label}: path belongs to kind = \"device\"; a Qrypt API source takes url"
+                ));
+            }
+            let name = raw.name.clone();
+            let config = resolve_source(raw, base).map_err(|e| {
+                if several {
+                    format!("{label}: {e}")
+                } else {
+                    e
+                }
+            })?;
+            let name = name.unwrap_or_else(|| {
+                config
+                    .url
+                    .host_str()
+                    .map(str::to_string)
+                    .filter(|n| valid_name(n))
+                    .unwrap_or_else(|| "api".into())
+            });
+            Ok(SourceSpec {
+                name,
+                kind: SourceSpecKind::Qrypt(config),
+            })
+        }
+    }
+}
+
 fn resolve(raw: RawConfig, base: &Path, origin: &str) -> Result<Config, String> {
-    let source = resolve_source(raw.source, base)?;
+    let (sources, source_mode) = resolve_sources(raw.source, &raw.pool, base)?;
     let RawService {
         state_dir,
         log_repeat,
@@ -364,7 +529,8 @@ fn resolve(raw: RawConfig, base: &Path, origin: &str) -> Result<Config, String> 
         targets.push(target);
     }
     Ok(Config {
-        source,
+        sources,
+        source_mode,
         pool,
         telemetry_listen,
         state_dir,

@@ -12,8 +12,9 @@ use crate::source::Dialect;
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    /// `[source]` (one source) or `[[source]]` tables (several).
     #[serde(default)]
-    pub source: RawSource,
+    pub source: RawSources,
     #[serde(default)]
     pub pool: RawPool,
     #[serde(default)]
@@ -46,11 +47,100 @@ pub struct RawPool {
     pub flush_timeout: Option<DurationValue>,
     pub min_entropy: Option<f64>,
     pub false_alarm: Option<f64>,
+    pub sources: Option<SourcesMode>,
+    pub mix_fallback: Option<MixFallback>,
+}
+
+/// The `source` key: one table, or an array of tables. Either way each table is read with
+/// [`RawSource`]'s own checks (unknown keys are errors, named as such).
+#[derive(Debug, Default)]
+pub struct RawSources {
+    pub list: Vec<RawSource>,
+    /// Written as `[[source]]`.
+    pub array: bool,
+}
+
+impl RawSources {
+    /// The one source (made if none was written); `None` when there are several.
+    pub fn single_mut(&mut self) -> Option<&mut RawSource> {
+        if self.list.is_empty() {
+            self.list.push(RawSource::default());
+        }
+        match &mut self.list[..] {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RawSources {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct OneOrMany;
+        impl<'de> serde::de::Visitor<'de> for OneOrMany {
+            type Value = RawSources;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a [source] table or [[source]] tables")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawSources, A::Error> {
+                let one =
+                    RawSource::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawSources {
+                    list: vec![one],
+                    array: false,
+                })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<RawSources, A::Error> {
+                let list = Vec::<RawSource>::deserialize(
+                    serde::de::value::SeqAccessDeserializer::new(seq),
+                )?;
+                Ok(RawSources { list, array: true })
+            }
+        }
+        deserializer.deserialize_any(OneOrMany)
+    }
+}
+
+/// What a source is.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    /// Qrypt's entropy API: the cloud service or an on-premises appliance.
+    #[default]
+    Qrypt,
+    /// A file, character device or FIFO read in whole blocks (a hardware QRNG).
+    Device,
+}
+
+/// `[pool] sources`: how several sources are used.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourcesMode {
+    Failover,
+    Mix,
+}
+
+/// `[pool] mix_fallback`: what mixing does with one healthy source.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MixFallback {
+    Skip,
+    Failover,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
+    /// In logs, metrics and audit records; needed with several sources.
+    pub name: Option<String>,
+    pub kind: Option<SourceKind>,
+    /// `kind = "device"`: the file, character device or FIFO.
+    pub path: Option<PathBuf>,
     pub url: Option<String>,
     pub dialect: Option<Dialect>,
     pub auth: Option<Auth>,
@@ -79,8 +169,8 @@ macro_rules! merge {
     };
 }
 // `proxy` is not among them: a proxy URL may hold a password, and overrides are shown.
-merge!(RawSource: url, dialect, auth, token_file, ca_file, timeout, allow_http, allow_simulated);
-merge!(RawPool: max_bytes, max_age, horizon, flush_timeout, min_entropy, false_alarm);
+merge!(RawSource: url, dialect, auth, token_file, ca_file, timeout, allow_http, allow_simulated, path);
+merge!(RawPool: max_bytes, max_age, horizon, flush_timeout, min_entropy, false_alarm, sources, mix_fallback);
 merge!(RawTelemetry: listen);
 merge!(RawService: state_dir, log_repeat);
 

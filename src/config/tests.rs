@@ -52,9 +52,18 @@ fn full_example_resolves() {
         slot_id = 3
     "#;
     let config = parse(text, dir.path()).unwrap();
-    assert_eq!(config.source.dialect, Dialect::Entropy);
-    assert_eq!(config.source.token.unwrap().expose_secret(), "tok-123");
-    assert_eq!(config.source.timeout, Duration::from_secs(30));
+    assert_eq!(config.qrypt().unwrap().dialect, Dialect::Entropy);
+    assert_eq!(
+        config
+            .qrypt()
+            .unwrap()
+            .token
+            .as_ref()
+            .unwrap()
+            .expose_secret(),
+        "tok-123"
+    );
+    assert_eq!(config.qrypt().unwrap().timeout, Duration::from_secs(30));
     let t = &config.targets[0];
     assert_eq!(t.token, TokenSelector::Label("qseed-test".into()));
     assert_eq!(t.login.as_ref().unwrap().pin.expose_secret(), "1234");
@@ -192,7 +201,7 @@ fn plain_http_needs_opt_in() {
     assert!(e.contains("allow_http = true"), "{e}");
     let c =
         parse_ok("[source]\nurl = \"http://127.0.0.1:8080\"\nallow_http = true\nauth = \"none\"\n");
-    assert_eq!(c.source.url.scheme(), "http");
+    assert_eq!(c.qrypt().unwrap().url.scheme(), "http");
 }
 
 #[test]

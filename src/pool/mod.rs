@@ -144,7 +144,12 @@ struct State {
     health: HealthTests,
     backoff: Backoff,
     outage: Option<Outage>,
+    /// Which of several sources served each recent request (for the audit records).
+    origins: std::collections::BTreeMap<u64, String>,
 }
+
+/// How many requests' origins are remembered: far more than the pool ever holds bytes of.
+const ORIGINS_KEPT: usize = 1024;
 
 /// A run of failed requests, reported once when it starts and once when it ends.
 #[derive(Debug)]
@@ -187,6 +192,7 @@ impl<S: EntropySource> Pool<S> {
                 health: HealthTests::new(config.health),
                 backoff: Backoff::default(),
                 outage: None,
+                origins: std::collections::BTreeMap::new(),
             }),
             fetching: tokio::sync::Mutex::new(()),
             refill_wanted: tokio::sync::Notify::new(),
@@ -353,7 +359,10 @@ impl<S: EntropySource> Pool<S> {
         let (bytes, requests) = state.buffer.take_traced(len)?;
         let requests = requests
             .iter()
-            .map(|r| format!("r{r}"))
+            .map(|r| match state.origins.get(r) {
+                Some(origin) => format!("r{r}@{origin}"),
+                None => format!("r{r}"),
+            })
             .collect::<Vec<_>>()
             .join(",");
         if let Some(d) = state.demand.get_mut(&id) {
@@ -400,11 +409,18 @@ impl<S: EntropySource> Pool<S> {
         let request = self.stats.requests.fetch_add(1, Ordering::Relaxed) + 1;
         let source = self.source();
         let started = std::time::Instant::now();
-        let fetched = source.fetch(blocks).await;
+        let fetched = source.fetch_from(blocks).await;
         let fetched = match fetched {
-            Ok(bytes) => {
+            Ok((bytes, origin)) => {
                 self.observe("200", started);
                 self.recovered();
+                if let Some(origin) = origin {
+                    let mut state = self.lock();
+                    state.origins.insert(request, origin);
+                    while state.origins.len() > ORIGINS_KEPT {
+                        state.origins.pop_first();
+                    }
+                }
                 bytes
             }
             Err(e) => {

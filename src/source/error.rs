@@ -75,6 +75,10 @@ pub enum SourceError {
     Simulated { url: String },
     #[error("the entropy API's answer was refused: {0}")]
     BadAnswer(#[from] AnswerError),
+    #[error("device source {path}: {reason}")]
+    Device { path: String, reason: String },
+    #[error("{0}")]
+    Sources(String),
 }
 
 impl SourceError {
@@ -112,6 +116,8 @@ impl SourceError {
             SourceError::Waiting { .. } => "waiting",
             SourceError::ShortDelivery { .. } => "short delivery",
             SourceError::Simulated { .. } => "simulated answer",
+            SourceError::Device { .. } => "device error",
+            SourceError::Sources(_) => "no source",
         }
     }
 }

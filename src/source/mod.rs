@@ -6,9 +6,11 @@
 
 pub mod answer;
 pub mod backoff;
+pub mod device;
 pub mod error;
 pub mod proxy;
 pub mod qrypt;
+pub mod set;
 
 use std::future::Future;
 
@@ -78,5 +80,20 @@ pub trait EntropySource: Send + Sync {
     /// over the network.
     fn route(&self) -> Option<&proxy::Route> {
         None
+    }
+
+    /// [`EntropySource::fetch`], and which of several sources the bytes came from (see
+    /// [`set::SourceSet`]), for the audit records. A source set may return fewer blocks than
+    /// asked when its sources' own health tests refused some.
+    fn fetch_from(
+        &self,
+        blocks: usize,
+    ) -> impl Future<Output = Result<(EntropyBytes, Option<String>), SourceError>> + Send {
+        async move { self.fetch(blocks).await.map(|bytes| (bytes, None)) }
+    }
+
+    /// Each source's figures, when there are several (for the metrics).
+    fn sources(&self) -> Vec<set::MemberSnapshot> {
+        Vec::new()
     }
 }

@@ -154,6 +154,37 @@ impl QryptClient {
         }
     }
 
+    /// What an appliance says of itself at `GET /api/v1/capabilities` (the top-level keys of
+    /// its JSON answer, and their values where they are short), for `doctor`; `None` where
+    /// nothing usable answers (the cloud API has no such endpoint).
+    pub async fn capabilities(&self) -> Option<String> {
+        let mut request = self
+            .http
+            .get(self.endpoint("api/v1/capabilities"))
+            .header(ACCEPT, "application/json");
+        if let Some(value) = &self.authorization {
+            request = request.header(AUTHORIZATION, value.clone());
+        }
+        let response = request.send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let body = self.read_excerpt(response).await;
+        let value: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let fields: Vec<String> = value
+            .as_object()?
+            .iter()
+            .take(8)
+            .map(|(key, value)| match value {
+                serde_json::Value::String(s) if s.len() <= 40 => format!("{key}={s}"),
+                serde_json::Value::Number(n) => format!("{key}={n}"),
+                serde_json::Value::Bool(b) => format!("{key}={b}"),
+                _ => key.clone(),
+            })
+            .collect();
+        Some(fields.join(", "))
+    }
+
     fn endpoint(&self, path: &str) -> Url {
         // The base always ends in '/', and `path` is relative, so this cannot fail.
         self.base.join(path).unwrap_or_else(|_| self.base.clone())

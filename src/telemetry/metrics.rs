@@ -96,7 +96,19 @@ impl Metrics {
 
     /// [`Metrics::new`], also reporting the PKCS#11 modules' re-initializations.
     pub fn watching(pool: Option<PoolStats>, modules: Option<crate::hsm::Modules>) -> Arc<Self> {
+        Self::watching_sources(pool, modules, None)
+    }
+
+    /// [`Metrics::watching`], also reporting each of several entropy sources.
+    pub fn watching_sources(
+        pool: Option<PoolStats>,
+        modules: Option<crate::hsm::Modules>,
+        sources: Option<SourceStats>,
+    ) -> Arc<Self> {
         let mut registry = Registry::with_prefix("qseed");
+        if let Some(sources) = sources {
+            registry.register_collector(Box::new(SourcesCollector(sources)));
+        }
         if let Some(stats) = pool {
             registry.register_collector(Box::new(PoolCollector(stats)));
         }
@@ -438,6 +450,96 @@ impl RequestObserver for Metrics {
         } else {
             self.source_up.set(0);
         }
+    }
+}
+
+/// Each of several entropy sources' figures (see `source::set`).
+pub type SourceStats = Arc<dyn Fn() -> Vec<crate::source::set::MemberSnapshot> + Send + Sync>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+}
+
+/// `qseed_entropy_source_*{source}`: present when several sources are configured.
+struct SourcesCollector(SourceStats);
+
+impl std::fmt::Debug for SourcesCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SourcesCollector")
+    }
+}
+
+impl Collector for SourcesCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use crate::source::set::MemberSnapshot;
+        let members = (self.0)();
+        if members.is_empty() {
+            return Ok(());
+        }
+        type Field = fn(&MemberSnapshot) -> u64;
+        type Flag = fn(&MemberSnapshot) -> bool;
+        let counters: [(&str, &str, Field); 4] = [
+            ("entropy_source_requests", "Requests to each source", |m| {
+                m.requests
+            }),
+            (
+                "entropy_source_failures",
+                "Failed requests to each source",
+                |m| m.failures,
+            ),
+            (
+                "entropy_source_bytes",
+                "Bytes each source delivered that passed its own health tests",
+                |m| m.bytes,
+            ),
+            (
+                "entropy_source_health_rejected_blocks",
+                "Blocks of each source refused by its own health tests",
+                |m| m.rejected_blocks,
+            ),
+        ];
+        for (name, help, field) in counters {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for m in &members {
+                let labels = SourceLabels {
+                    source: m.name.clone(),
+                };
+                ConstCounter::new(field(m)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let gauges: [(&str, &str, Flag); 2] = [
+            (
+                "entropy_source_up",
+                "1 when the source's last request succeeded (or none was made yet)",
+                |m| m.up,
+            ),
+            (
+                "entropy_source_in_use",
+                "1 for the source that served the last request (with mixing: each one mixed)",
+                |m| m.in_use,
+            ),
+        ];
+        for (name, help, field) in gauges {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for m in &members {
+                let labels = SourceLabels {
+                    source: m.name.clone(),
+                };
+                ConstGauge::new(i64::from(field(m))).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
