@@ -592,7 +592,7 @@ pub fn audit(
         bytes = len,
         source = %source,
         request_ids = %requests,
-        "{what} into token {:?} (serial {}, slot {})",
+        "{what} into token {:?} (serial {}, slot {}) from {requests}",
         token.label,
         token.serial,
         token.slot

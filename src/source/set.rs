@@ -319,9 +319,11 @@ impl SourceSet {
             }
         }
         if fresh.len() < 2 {
-            if let (true, Some((i, bytes))) = (fallback, fresh.pop()) {
-                self.served(Served::One(i), &errors);
-                return Ok((bytes, members[i].name.clone()));
+            if fallback {
+                if let Some((i, bytes)) = fresh.pop() {
+                    self.served(Served::One(i), &errors);
+                    return Ok((bytes, members[i].name.clone()));
+                }
             }
             self.served(Served::Mixed(Vec::new()), &errors);
             return Err(SourceError::Sources(format!(
