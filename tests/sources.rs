@@ -363,6 +363,13 @@ fn bad_sources_are_refused_with_what_to_do() {
             "",
             "two sources are named \"same\"",
         ),
+        (
+            "[[source]]\nname = \"x\"\nkind = \"device\"\npath = \"/dev/urandom\"\n\n\
+             [[source]]\nname = \"y\"\nkind = \"device\"\npath = \"/dev/../dev/urandom\"\n"
+                .into(),
+            "",
+            "sources \"x\" and \"y\" read the same file",
+        ),
     ] {
         configure(&world, pool, &sources, 48);
         let out = world.run(&["once"]);

@@ -341,6 +341,24 @@ fn resolve_sources(
                 spec.name
             ));
         }
+        // Two sources reading one file would each keep its own read position: the same
+        // bytes twice.
+        if let SourceSpecKind::Device(device) = &spec.kind {
+            let file = std::fs::canonicalize(&device.path).unwrap_or(device.path.clone());
+            if let Some(other) = sources.iter().find(|s| match &s.kind {
+                SourceSpecKind::Device(d) => {
+                    std::fs::canonicalize(&d.path).unwrap_or(d.path.clone()) == file
+                }
+                SourceSpecKind::Qrypt(_) => false,
+            }) {
+                return Err(format!(
+                    "sources {:?} and {:?} read the same file {}; read it from one source",
+                    other.name,
+                    spec.name,
+                    device.path.display()
+                ));
+            }
+        }
         sources.push(spec);
     }
     use crate::source::set::Mode;

@@ -70,10 +70,13 @@ impl DeviceSource {
                     path.display()
                 )
             })?;
+            // One reader at a time (a `run` and a cron `once` may share the file): the lock
+            // covers reading the position, the bytes, and writing the new position.
+            let lock = lock_positions(record)?;
             let start = read_position(record, &meta)?;
             file.seek(SeekFrom::Start(start))
                 .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
-            Some((record, start))
+            Some((record, start, lock))
         } else {
             None
         };
@@ -112,7 +115,7 @@ impl DeviceSource {
         }
         // The position is on disk before any byte is handed out: a crash after this loses
         // the bytes, never uses them twice.
-        if let Some((record, start)) = position {
+        if let Some((record, start, _lock)) = position {
             write_position(record, &meta, start + len as u64)?;
         }
         Ok(bytes)
@@ -143,6 +146,23 @@ fn unusable(path: &Path, what: &str) -> String {
          or a regular file",
         path.display()
     )
+}
+
+/// An exclusive lock beside the position record, held until the returned file is dropped.
+fn lock_positions(record: &Path) -> Result<std::fs::File, String> {
+    let lock_path = record.with_extension("lock");
+    let fail = |e: &dyn std::fmt::Display| format!("cannot lock {}: {e}", lock_path.display());
+    if let Some(folder) = lock_path.parent() {
+        std::fs::create_dir_all(folder).map_err(|e| fail(&e))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| fail(&e))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| fail(&e))?;
+    Ok(file)
 }
 
 /// The position recorded for this file (same device and inode), else 0.

@@ -308,14 +308,35 @@ impl SourceSet {
         fallback: bool,
     ) -> Result<(EntropyBytes, String), SourceError> {
         let members = &self.inner.members;
+        // Sources backing off after a failure sit out until their retry time: one that hangs
+        // must not make every request wait for its timeout.
+        let now = Instant::now();
+        let asked: Vec<usize> = (0..members.len())
+            .filter(|&i| members[i].ready(now))
+            .collect();
         let answers =
-            futures_util::future::join_all(members.iter().map(|m| m.fetch(blocks, true))).await;
+            futures_util::future::join_all(asked.iter().map(|&i| members[i].fetch(blocks, true)))
+                .await;
         let mut fresh = Vec::new();
         let mut errors = Vec::new();
-        for (i, answer) in answers.into_iter().enumerate() {
+        for (&i, answer) in asked.iter().zip(answers) {
             match answer {
                 Ok(bytes) => fresh.push((i, bytes)),
                 Err(e) => errors.push((i, e)),
+            }
+        }
+        for (i, member) in members.iter().enumerate() {
+            if !asked.contains(&i) {
+                errors.push((
+                    i,
+                    SourceError::Sources(format!(
+                        "backing off after a failure, tried again in {}s",
+                        member
+                            .retry_lock()
+                            .next_try
+                            .map_or(0, |t| t.saturating_duration_since(now).as_secs().max(1))
+                    )),
+                ));
             }
         }
         if fresh.len() < 2 {
