@@ -47,6 +47,19 @@ fn parse_entry(mut datagram: &[u8]) -> Entry {
     entry
 }
 
+/// Targets "tok" (seeded) and "lost" (its token does not exist): `once` exits 4.
+fn good_and_lost() -> World {
+    let world = World::new();
+    world.add_token("tok");
+    world.write_config(&format!(
+        "{}{}{}",
+        world.source("entropy"),
+        world.target("tok", "tok", 48, "10s", true),
+        world.target("lost", "no-such-token", 48, "10s", false)
+    ));
+    world
+}
+
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -60,14 +73,7 @@ fn under_systemd_the_journal_gets_priorities_and_fields_and_stderr_nothing() {
         eprintln!("skipped: needs root for a mount namespace with a journal socket of its own");
         return;
     }
-    let world = World::new();
-    world.add_token("tok");
-    world.write_config(&format!(
-        "{}{}{}",
-        world.source("entropy"),
-        world.target("tok", "tok", 48, "10s", true),
-        world.target("lost", "no-such-token", 48, "10s", false)
-    ));
+    let world = good_and_lost();
     let journal = world.path("journal");
     std::fs::create_dir(&journal).unwrap();
     let socket = UnixDatagram::bind(journal.join("socket")).unwrap();
@@ -157,14 +163,7 @@ fn under_systemd_the_journal_gets_priorities_and_fields_and_stderr_nothing() {
 
 #[test]
 fn json_logs_are_json_to_the_last_line() {
-    let world = World::new();
-    world.add_token("tok");
-    world.write_config(&format!(
-        "{}{}{}",
-        world.source("entropy"),
-        world.target("tok", "tok", 48, "10s", true),
-        world.target("lost", "no-such-token", 48, "10s", false)
-    ));
+    let world = good_and_lost();
     let out = world.run(&["--log-format", "json", "once"]);
     assert_eq!(out.status.code(), Some(4));
     let stderr = String::from_utf8(out.stderr).unwrap();

@@ -44,6 +44,21 @@ fn configure(world: &World, pool: &str, sources: &str, size: usize) {
     ));
 }
 
+/// A world with token "tok" seeded with 48 bytes a second from appliances "a" and "b".
+fn two_appliances(pool: &str) -> (World, Simulator, Simulator) {
+    let world = World::new();
+    world.add_token("tok");
+    let a = appliance(&world, any_port());
+    let b = appliance(&world, any_port());
+    configure(
+        &world,
+        pool,
+        &format!("{}{}", source_table("a", &a), source_table("b", &b)),
+        48,
+    );
+    (world, a, b)
+}
+
 /// Where each seed lies in one of `streams` (stream index, offset); panics if a seed is in
 /// none, and if two seeds share bytes of a stream.
 fn place(seeds: &[Vec<u8>], streams: &[&[u8]]) -> Vec<(usize, usize)> {
@@ -168,16 +183,7 @@ fn failover_switches_to_the_second_source_and_back_to_the_first() {
 
 #[test]
 fn mixing_seeds_the_xor_of_both_sources_each_byte_used_once() {
-    let world = World::new();
-    world.add_token("tok");
-    let a = appliance(&world, any_port());
-    let b = appliance(&world, any_port());
-    configure(
-        &world,
-        "sources = \"mix\"\n",
-        &format!("{}{}", source_table("a", &a), source_table("b", &b)),
-        48,
-    );
+    let (world, a, b) = two_appliances("sources = \"mix\"\n");
     let service = world.start_service();
     assert!(
         world.wait_for_seeds(3, Duration::from_secs(10)),
@@ -396,16 +402,7 @@ fn bad_sources_are_refused_with_what_to_do() {
 
 #[test]
 fn fetch_and_doctor_know_each_source() {
-    let world = World::new();
-    world.add_token("tok");
-    let a = appliance(&world, any_port());
-    let b = appliance(&world, any_port());
-    configure(
-        &world,
-        "",
-        &format!("{}{}", source_table("a", &a), source_table("b", &b)),
-        48,
-    );
+    let (world, a, b) = two_appliances("");
     let out = world
         .qseed()
         .args(["fetch", "--bytes", "1K", "--source", "b"])

@@ -26,7 +26,9 @@ pub fn pages() -> Result<Vec<(String, Vec<u8>)>, std::io::Error> {
     Ok(pages)
 }
 
-fn main_page(command: &clap::Command) -> Result<Vec<u8>, std::io::Error> {
+/// The sections clap describes (title to options, and the commands of `qseed` itself); the
+/// rest of a page is written here.
+fn clap_sections(command: &clap::Command) -> Result<Vec<u8>, std::io::Error> {
     let man = clap_mangen::Man::new(command.clone())
         .section("8")
         .source(SOURCE)
@@ -37,7 +39,14 @@ fn main_page(command: &clap::Command) -> Result<Vec<u8>, std::io::Error> {
     man.render_synopsis_section(&mut page)?;
     man.render_description_section(&mut page)?;
     man.render_options_section(&mut page)?;
-    man.render_subcommands_section(&mut page)?;
+    if command.has_subcommands() {
+        man.render_subcommands_section(&mut page)?;
+    }
+    Ok(page)
+}
+
+fn main_page(command: &clap::Command) -> Result<Vec<u8>, std::io::Error> {
+    let mut page = clap_sections(command)?;
     let mut roff = Roff::default();
     for (heading, text) in SECTIONS {
         preformatted(&mut roff, heading, text);
@@ -54,16 +63,7 @@ fn main_page(command: &clap::Command) -> Result<Vec<u8>, std::io::Error> {
 }
 
 fn command_page(sub: &clap::Command) -> Result<Vec<u8>, std::io::Error> {
-    let man = clap_mangen::Man::new(sub.clone())
-        .section("8")
-        .source(SOURCE)
-        .manual(MANUAL);
-    let mut page = Vec::new();
-    man.render_title(&mut page)?;
-    man.render_name_section(&mut page)?;
-    man.render_synopsis_section(&mut page)?;
-    man.render_description_section(&mut page)?;
-    man.render_options_section(&mut page)?;
+    let mut page = clap_sections(sub)?;
     let mut roff = Roff::default();
     if let Some(examples) = sub.get_after_help() {
         // The help text heads its examples itself ("Examples:"); the page has a section.
