@@ -16,7 +16,7 @@ use crate::source::proxy::Route;
 use crate::source::set::SourceSet;
 use crate::source::EntropySource;
 use crate::state::StateDir;
-use crate::telemetry::{logs, metrics::Metrics, server, systemd};
+use crate::telemetry::{metrics::Metrics, server, systemd};
 
 /// At most one reload per this interval: a burst of SIGHUPs becomes one reload (or two, the
 /// second at the end of the interval), so signals cannot be used to hammer the HSMs.
@@ -26,7 +26,7 @@ pub const RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 /// configuration that fails its checks is reported and the running one stays.
 pub async fn run(config_path: &Path) -> Result<(), Error> {
     let config = load(config_path)?;
-    logs::set_log_repeat(config.log_repeat);
+    crate::repeat::set_log_repeat(config.log_repeat);
     let client = make_client(&config)?;
     let guard = pin_guard(&config);
     let modules = Modules::new();
@@ -134,7 +134,7 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
                         if new.state_dir != config.state_dir {
                             tracing::warn!("service.state_dir changes take effect at the next start");
                         }
-                        logs::set_log_repeat(new.log_repeat);
+                        crate::repeat::set_log_repeat(new.log_repeat);
                         pool.reconfigure(new_client, new.pool);
                         let applied = service.apply(new.targets).await;
                         tracing::info!(
@@ -215,7 +215,7 @@ pub fn pin_guard(config: &Config) -> PinGuard {
 
 pub async fn once(config_path: &Path) -> Result<(), Error> {
     let config = load(config_path)?;
-    logs::set_log_repeat(config.log_repeat);
+    crate::repeat::set_log_repeat(config.log_repeat);
     let client = make_client(&config)?;
     let guard = pin_guard(&config);
     let replay = replay_record(&config);

@@ -488,12 +488,8 @@ fn resolve(raw: RawConfig, base: &Path, origin: &str) -> Result<Config, String> 
     } = raw.service;
     let state_dir = state_dir.map(|dir| absolute(base, &dir));
     let log_repeat = match log_repeat {
-        None => crate::telemetry::logs::DEFAULT_LOG_REPEAT,
-        Some(d) => in_range(
-            "service.log_repeat",
-            d.0,
-            &crate::telemetry::logs::LOG_REPEAT_RANGE,
-        )?,
+        None => crate::repeat::DEFAULT_LOG_REPEAT,
+        Some(d) => in_range("service.log_repeat", d.0, &crate::repeat::LOG_REPEAT_RANGE)?,
     };
     let pool = resolve_pool(raw.pool)?;
     let telemetry_listen = match raw.telemetry.listen.as_deref() {

@@ -13,8 +13,11 @@
 //! network; a stop throws away at most about one request's worth.
 
 mod buffer;
-pub mod health;
-pub mod replay;
+
+// The health tests sit below the sources (each of several sources is tested on its own); the
+// pool applies them to everything it receives.
+pub use crate::health;
+pub use crate::health::replay;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -518,7 +521,7 @@ impl<S: EntropySource> Pool<S> {
             }
             Some(outage) => {
                 outage.failed_requests += 1;
-                let every = crate::telemetry::logs::log_repeat();
+                let every = crate::repeat::log_repeat();
                 if outage.kind != error.kind() {
                     outage.kind = error.kind();
                     outage.logged = now;

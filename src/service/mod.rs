@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::TargetConfig;
 use crate::hsm::{HsmError, Modules, PinGuard, Target, TokenIdentity};
 use crate::pool::{DemandId, EntropyBytes, Pool, StatsSnapshot};
+use crate::repeat::{self, FailureRun, Report};
 use crate::source::{EntropySource, SourceError};
-use crate::telemetry::logs::{self, FailureRun, Report};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::AUDIT;
 use worker::{CallError, Worker};
@@ -536,7 +536,7 @@ fn report_failure(
     period: Duration,
     hung: bool,
 ) {
-    let every = logs::log_repeat();
+    let every = repeat::log_repeat();
     let next = crate::units::short_duration(period);
     match run.failed(reason, Instant::now(), every) {
         Report::Started | Report::Changed if hung => {

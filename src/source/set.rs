@@ -26,7 +26,7 @@ use super::device::DeviceSource;
 use super::proxy::Route;
 use super::qrypt::QryptClient;
 use super::{EntropySource, SourceError, BLOCK_LEN};
-use crate::pool::{health, HealthConfig, HealthTests};
+use crate::health::{self, HealthConfig, HealthTests};
 use crate::secret::EntropyBytes;
 
 /// `[pool] sources`.

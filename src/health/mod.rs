@@ -11,9 +11,11 @@
 //! (defaults and reasons in [`HealthConfig`]). On top of 90B, a block identical to one seen
 //! recently is refused (a replaying or stuck upstream); only keyed hashes of past blocks are
 //! kept, never the bytes, and with a state folder they outlive the process (see
-//! [`super::replay`]).
+//! [`replay`]).
 
-use super::replay::ReplayRecord;
+pub mod replay;
+
+use replay::ReplayRecord;
 
 /// Window of the Adaptive Proportion Test for non-binary samples (SP 800-90B 4.4.2).
 pub const APT_WINDOW: usize = 512;
@@ -116,7 +118,7 @@ impl HealthTests {
 
     /// The blocks accepted since the last call, for the record's folder if it has one (see
     /// [`ReplayRecord::take_pending`]).
-    pub fn take_pending(&mut self) -> Option<super::replay::PendingDigests> {
+    pub fn take_pending(&mut self) -> Option<replay::PendingDigests> {
         self.replay.take_pending()
     }
 
@@ -181,9 +183,9 @@ impl HealthTests {
 /// bytes and why each dropped block failed.
 pub fn screen(
     tests: &mut HealthTests,
-    mut bytes: super::EntropyBytes,
+    mut bytes: crate::secret::EntropyBytes,
     block_len: usize,
-) -> (super::EntropyBytes, Vec<HealthFailure>) {
+) -> (crate::secret::EntropyBytes, Vec<HealthFailure>) {
     use zeroize::Zeroize;
     let blocks = bytes.len() / block_len;
     let mut failures = Vec::new();
@@ -351,7 +353,7 @@ mod tests {
     fn screening_keeps_good_blocks_in_order_and_wipes_the_rest() {
         let mut tests = HealthTests::new(HealthConfig::default());
         let (a, b) = (random_block(), random_block());
-        let mut bytes = super::super::EntropyBytes::zeroed(3 * 1024);
+        let mut bytes = crate::secret::EntropyBytes::zeroed(3 * 1024);
         bytes.expose_mut()[..1024].copy_from_slice(&a);
         // Block 1 stays all zero: it fails.
         bytes.expose_mut()[2048..].copy_from_slice(&b);

@@ -4,7 +4,7 @@
 //! Only HMAC-SHA-256 values (truncated to 128 bits) under a random key are kept, never the
 //! bytes: without the key a hash says nothing about a block, and the key lives beside the
 //! record in the private state folder (`<state>/replay/key`, `<state>/replay/seen`). The record
-//! is bounded: the last [`super::health::REPLAY_MEMORY`] blocks are remembered; the file is
+//! is bounded: the last [`super::REPLAY_MEMORY`] blocks are remembered; the file is
 //! compacted when it holds twice that many. Writers append under a shared lock, compaction
 //! takes it exclusively, so a `run` and a cron `once` can share the folder.
 
