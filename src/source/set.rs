@@ -1,11 +1,12 @@
 //! Several entropy sources behind one: failover between them, or mixing (XOR) so that no
 //! single source must be trusted.
 //!
-//! - **failover** (default): the first source in the order written that is not backing off
-//!   serves; a failed request (or an answer the source's health tests refuse entirely) passes
-//!   the request on to the next source at once, and the failed one waits 5 s, doubling to at
-//!   most 60 s, before it is tried first again: the preferred source takes back over at the
-//!   first request after it recovers.
+//! - **failover** (default): the first healthy source in the order written serves; a failed
+//!   request (or an answer the source's health tests refuse entirely) passes the request on to
+//!   the next source at once. The failed source is then tried in the background, by a probe of
+//!   one block after 5 s, doubling to at most 60 s; requests do not wait for it meanwhile. When
+//!   a probe succeeds, the source is healthy again and, being earlier in the order, takes back
+//!   over at the next request, which also uses the probe's block (no byte bought is lost).
 //! - **mix**: every request goes to every source at once; each source's answer passes that
 //!   source's own health tests, and the bytes handed on are the XOR of at least two sources'
 //!   fresh bytes (each source's bytes used once, in one XOR). With fewer than two answers the
@@ -100,12 +101,16 @@ pub struct Member {
     up: AtomicBool,
     in_use: AtomicBool,
     retry: Mutex<Retry>,
+    /// A block a background probe fetched, handed out with the member's next answer.
+    spare: Mutex<Option<EntropyBytes>>,
 }
 
 #[derive(Debug, Default)]
 struct Retry {
     failures_in_row: u32,
     next_try: Option<Instant>,
+    /// A background probe is on its way (failover).
+    probing: bool,
 }
 
 /// A member's figures for the metrics.
@@ -135,7 +140,29 @@ impl Member {
             up: AtomicBool::new(true),
             in_use: AtomicBool::new(false),
             retry: Mutex::new(Retry::default()),
+            spare: Mutex::new(None),
         }
+    }
+
+    /// Not failing: no failure since its last success.
+    fn healthy(&self) -> bool {
+        self.retry_lock().failures_in_row == 0
+    }
+
+    /// The probe's block, if any, in front of `bytes`.
+    fn with_spare(&self, bytes: EntropyBytes) -> EntropyBytes {
+        let Some(spare) = self
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return bytes;
+        };
+        let mut joined = EntropyBytes::zeroed(spare.len() + bytes.len());
+        joined.expose_mut()[..spare.len()].copy_from_slice(spare.expose());
+        joined.expose_mut()[spare.len()..].copy_from_slice(bytes.expose());
+        joined
     }
 
     fn ready(&self, now: Instant) -> bool {
@@ -194,6 +221,43 @@ impl Member {
             }
         }
         result
+    }
+
+    /// When the retry time has come, one block from this failing source, in the background;
+    /// again later while it fails, until it answers (then its block waits in `spare`) or the
+    /// set is dropped (a reload).
+    fn start_probe(set: std::sync::Weak<Inner>, index: usize) {
+        tokio::spawn(async move {
+            loop {
+                let next_try = {
+                    let Some(inner) = set.upgrade() else { return };
+                    let member = &inner.members[index];
+                    let retry = member.retry_lock();
+                    if retry.failures_in_row == 0 {
+                        drop(retry);
+                        return member.stop_probing();
+                    }
+                    retry.next_try
+                };
+                if let Some(at) = next_try {
+                    tokio::time::sleep_until(at).await;
+                }
+                let Some(inner) = set.upgrade() else { return };
+                let member = &inner.members[index];
+                if let Ok(block) = member.fetch(1, true).await {
+                    *member.spare.lock().unwrap_or_else(PoisonError::into_inner) = Some(block);
+                    tracing::info!(
+                        source = %member.name,
+                        "entropy source {} answers again", member.name
+                    );
+                    return member.stop_probing();
+                }
+            }
+        });
+    }
+
+    fn stop_probing(&self) {
+        self.retry_lock().probing = false;
     }
 
     pub fn snapshot(&self) -> MemberSnapshot {
@@ -271,24 +335,34 @@ impl SourceSet {
 
     async fn failover(&self, blocks: usize) -> Result<(EntropyBytes, String), SourceError> {
         let members = &self.inner.members;
-        let now = Instant::now();
-        // Ready sources in the order written; when every one is backing off, all of them,
-        // the soonest ready first (the pool's own backoff paces the requests).
+        // Healthy sources in the order written; failing ones are probed in the background
+        // and asked here only when no healthy one is left (the soonest due first).
         let mut order: Vec<usize> = (0..members.len())
-            .filter(|&i| members[i].ready(now))
+            .filter(|&i| members[i].healthy())
             .collect();
-        if order.is_empty() {
-            order = (0..members.len()).collect();
-            order.sort_by_key(|&i| members[i].retry_lock().next_try);
-        }
+        let mut failing: Vec<usize> = (0..members.len())
+            .filter(|&i| !members[i].healthy())
+            .collect();
+        failing.sort_by_key(|&i| members[i].retry_lock().next_try);
+        order.extend(failing);
         let mut errors = Vec::new();
         for i in order {
             match members[i].fetch(blocks, self.several()).await {
                 Ok(bytes) => {
                     self.served(Served::One(i), &errors);
-                    return Ok((bytes, members[i].name.clone()));
+                    return Ok((members[i].with_spare(bytes), members[i].name.clone()));
                 }
-                Err(e) => errors.push((i, e)),
+                Err(e) => {
+                    if self.several() {
+                        let mut retry = members[i].retry_lock();
+                        if !retry.probing {
+                            retry.probing = true;
+                            drop(retry);
+                            Member::start_probe(Arc::downgrade(&self.inner), i);
+                        }
+                    }
+                    errors.push((i, e));
+                }
             }
         }
         if !self.several() {
