@@ -135,6 +135,10 @@ fn failover_switches_to_the_second_source_and_back_to_the_first() {
         "{}",
         service.log()
     );
+    // It was found by the background probe, whose block is not lost.
+    assert!(service
+        .log()
+        .contains("entropy source primary answers again"));
     // The backup's bytes are used once the primary's already bought ones are.
     let backup_served = backup.served();
     assert!(
