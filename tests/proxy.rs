@@ -86,6 +86,16 @@ fn tunnel(client: TcpStream, log: &Tunnels) {
     let _ = copy.join();
 }
 
+/// `qseed ARGS` in `world` with extra environment variables.
+fn run_with(world: &World, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    world
+        .qseed()
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// A port nothing listens on.
 fn dead_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -108,12 +118,7 @@ fn sim_host_port(world: &World) -> String {
 fn https_proxy_is_used_and_shown() {
     let world = World::one_target("entropy", 48, "10s", true);
     let proxy = ConnectProxy::start();
-    let out = world
-        .qseed()
-        .env("HTTPS_PROXY", proxy.url())
-        .arg("once")
-        .output()
-        .unwrap();
+    let out = run_with(&world, &[("HTTPS_PROXY", &proxy.url())], &["once"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let tunnels = proxy.tunnels();
     assert_eq!(tunnels.len(), 1, "{tunnels:?}");
@@ -124,12 +129,7 @@ fn https_proxy_is_used_and_shown() {
         "{}",
         stderr(&out)
     );
-    let doctor = world
-        .qseed()
-        .env("HTTPS_PROXY", proxy.url())
-        .arg("doctor")
-        .output()
-        .unwrap();
+    let doctor = run_with(&world, &[("HTTPS_PROXY", &proxy.url())], &["doctor"]);
     let report = String::from_utf8_lossy(&doctor.stdout);
     assert!(
         report.contains(&format!(
@@ -150,34 +150,25 @@ fn the_configured_proxy_wins_over_the_environment_and_none_goes_direct() {
         "[source]\n",
         &format!("[source]\nproxy = \"{}\"\n", proxy.url()),
     ));
-    let out = world
-        .qseed()
-        .env("HTTPS_PROXY", &dead)
-        .arg("once")
-        .output()
-        .unwrap();
+    let out = run_with(&world, &[("HTTPS_PROXY", &dead)], &["once"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(proxy.tunnels().len(), 1);
     assert!(stderr(&out).contains("(source.proxy)"), "{}", stderr(&out));
 
     world.write_config(&config.replace("[source]\n", "[source]\nproxy = \"none\"\n"));
-    let out = world
-        .qseed()
-        .env("HTTPS_PROXY", &dead)
-        .arg("once")
-        .output()
-        .unwrap();
+    let out = run_with(&world, &[("HTTPS_PROXY", &dead)], &["once"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(proxy.tunnels().len(), 1, "no new tunnel");
 
     world.write_config(&config);
-    let out = world
-        .qseed()
-        .env("HTTPS_PROXY", &dead)
-        .env("NO_PROXY", "example.com, .localhost")
-        .args(["-v", "once"])
-        .output()
-        .unwrap();
+    let out = run_with(
+        &world,
+        &[
+            ("HTTPS_PROXY", &dead),
+            ("NO_PROXY", "example.com, .localhost"),
+        ],
+        &["-v", "once"],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("entropy API route: direct (NO_PROXY names the host)"),
@@ -190,12 +181,7 @@ fn the_configured_proxy_wins_over_the_environment_and_none_goes_direct() {
 fn a_proxy_that_is_down_is_named_in_the_error() {
     let world = World::one_target("entropy", 48, "10s", true);
     let dead = format!("http://127.0.0.1:{}", dead_port());
-    let out = world
-        .qseed()
-        .env("https_proxy", &dead)
-        .arg("once")
-        .output()
-        .unwrap();
+    let out = run_with(&world, &[("https_proxy", &dead)], &["once"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("could not reach the entropy API at https://localhost:")
@@ -209,12 +195,11 @@ fn a_proxy_that_is_down_is_named_in_the_error() {
 #[test]
 fn a_bad_proxy_variable_is_refused_and_a_proxy_password_never_logged() {
     let world = World::one_target("entropy", 48, "10s", true);
-    let out = world
-        .qseed()
-        .env("HTTPS_PROXY", "http://user:hunter2@[not-a-host")
-        .arg("once")
-        .output()
-        .unwrap();
+    let out = run_with(
+        &world,
+        &[("HTTPS_PROXY", "http://user:hunter2@[not-a-host")],
+        &["once"],
+    );
     assert_eq!(out.status.code(), Some(2));
     let said = stderr(&out);
     assert!(
@@ -226,12 +211,7 @@ fn a_bad_proxy_variable_is_refused_and_a_proxy_password_never_logged() {
 
     let proxy = ConnectProxy::start();
     let with_password = format!("http://user:hunter2@127.0.0.1:{}", proxy.port);
-    let out = world
-        .qseed()
-        .env("HTTPS_PROXY", &with_password)
-        .args(["-v", "once"])
-        .output()
-        .unwrap();
+    let out = run_with(&world, &[("HTTPS_PROXY", &with_password)], &["-v", "once"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!stderr(&out).contains("hunter2"), "{}", stderr(&out));
     assert!(
