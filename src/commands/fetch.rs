@@ -47,12 +47,14 @@ async fn fetch_from<S: EntropySource + Clone + 'static>(
     bytes: u64,
     output: Option<&Path>,
 ) -> Result<(), Error> {
-    let mut sink = Output::open(output)?;
     // SIGINT/SIGTERM end the transfer through the normal path, so the temporary file is
-    // removed and `--output` keeps its old content.
+    // removed and `--output` keeps its old content: the handlers are in place before it
+    // exists.
+    let interrupted = crate::service::shutdown::interrupted();
+    let mut sink = Output::open(output)?;
     tokio::select! {
         done = transfer(&client, health, bytes, &mut sink) => done?,
-        _ = crate::service::shutdown::wait_for_signal() => {
+        _ = interrupted => {
             return Err(Error::Failed(match output {
                 Some(path) => format!("interrupted; {} is left as it was", path.display()),
                 None => "interrupted".into(),

@@ -5,8 +5,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Cancels `token` on the first SIGINT or SIGTERM.
 pub fn on_signals(token: CancellationToken) {
+    // Registered now, not when the task first runs: a signal that comes at once must not
+    // meet the default action (an exit without cleanup).
+    let signal = interrupted();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signal.await;
         // Stop first: nothing after this line may keep the process from ending.
         token.cancel();
         crate::telemetry::systemd::stopping();
@@ -14,26 +17,31 @@ pub fn on_signals(token: CancellationToken) {
     });
 }
 
-/// Returns at the first SIGINT or SIGTERM.
+/// A future that completes at the first SIGINT or SIGTERM; the handlers are installed when
+/// this is called, before the future is first polled.
 #[cfg(unix)]
-pub async fn wait_for_signal() {
+pub fn interrupted() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
         tracing::warn!("cannot install signal handlers; stop qseed with SIGKILL");
-        return std::future::pending().await;
+        return Box::pin(std::future::pending());
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    Box::pin(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 #[cfg(not(unix))]
-pub async fn wait_for_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+pub fn interrupted() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 /// SIGHUP, as a stream of reload requests. On platforms without SIGHUP it never fires.
