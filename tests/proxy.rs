@@ -190,6 +190,16 @@ fn a_proxy_that_is_down_is_named_in_the_error() {
         stderr(&out)
     );
     assert_eq!(world.sim.requests(), 0);
+    // The error about a proxy that is down never shows its password.
+    let with_password = dead.replace("http://", "http://user:hunter2@");
+    let out = run_with(&world, &[("https_proxy", &with_password)], &["once"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("via proxy http://user:***@127.0.0.1:"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("hunter2"), "{}", stderr(&out));
 }
 
 #[test]

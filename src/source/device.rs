@@ -167,9 +167,10 @@ fn lock_positions(record: &Path) -> Result<std::fs::File, String> {
 
 /// The position recorded for this file (same device and inode), else 0.
 fn read_position(record: &Path, meta: &std::fs::Metadata) -> Result<u64, String> {
-    let text = match std::fs::read_to_string(record) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+    // Three numbers on a line; read through a cap like every file qseed opens.
+    let text = match crate::files::read_text(record, 4096) {
+        Ok((text, _)) => text,
+        Err(e) if e.is_not_found() => return Ok(0),
         Err(e) => return Err(format!("cannot read {}: {e}", record.display())),
     };
     let fields: Vec<u64> = text

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use url::Url;
 
 /// `[source] proxy` as configured.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub enum ProxySetting {
     /// Unset: `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY` and `NO_PROXY` (either case) decide.
     #[default]
@@ -20,6 +20,17 @@ pub enum ProxySetting {
     Off,
     /// A proxy URL.
     Url(Url),
+}
+
+// A proxy URL may carry a password, and configurations are printed with `{:?}`.
+impl fmt::Debug for ProxySetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProxySetting::Environment => f.write_str("Environment"),
+            ProxySetting::Off => f.write_str("Off"),
+            ProxySetting::Url(url) => write!(f, "Url({})", redacted(url)),
+        }
+    }
 }
 
 /// The way requests take.
@@ -299,5 +310,8 @@ mod tests {
             Some("hunter2"),
             "kept for the proxy"
         );
+        let setting =
+            ProxySetting::Url(parse_proxy("http://user:hunter2@proxy:3128", "x").unwrap());
+        assert_eq!(format!("{setting:?}"), "Url(http://user:***@proxy:3128)");
     }
 }
