@@ -4,9 +4,17 @@
 //!
 //! Environment: QSEED_BENCH_MODULE (path), QSEED_BENCH_TOKEN (label), QSEED_BENCH_INIT_ARGS,
 //! QSEED_BENCH_CALLS (default 2000). Prints one line: module, calls, microseconds per call.
+//!
+//! Two more limits for `scripts/bench-injection`, each the least a client could spend:
+//! - QSEED_BENCH_PACED=S: S more calls, one per second with the thread asleep in between (as a
+//!   target with a 1 s period makes them), and the thread's CPU time per call. A call after a
+//!   second's sleep runs with cold caches and pays for its wake-up, which the tight loop does not.
+//! - QSEED_BENCH_ONCE=N: the calls `qseed once` needs to seed N of the module's tokens (load
+//!   and `C_Initialize`, the slot list, every token's info, and for N tokens a session and one
+//!   `C_SeedRandom`, then `C_Finalize`), timed from start to end.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use qseed::config::TokenSelector;
 use qseed::hsm::{module, token};
@@ -47,6 +55,52 @@ fn main() {
         path.display(),
         found.model.trim_end_matches('\0').trim()
     );
+    if let Some(seconds) = std::env::var("QSEED_BENCH_PACED")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+    {
+        // Wake-ups included, as in qseed's figure: all CPU time over the loop, per call.
+        let before = thread_cpu();
+        for _ in 0..seconds {
+            std::thread::sleep(Duration::from_secs(1));
+            session.seed_random(&seed).unwrap();
+        }
+        let cpu = thread_cpu() - before;
+        println!(
+            "paced: {seconds} x C_SeedRandom(48 B), one per second: {:.2} us CPU per call",
+            cpu.as_secs_f64() * 1e6 / f64::from(seconds.max(1))
+        );
+    }
     drop(session);
     let _ = pkcs11.finalize();
+    if let Some(wanted) = std::env::var("QSEED_BENCH_ONCE")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let start = Instant::now();
+        let pkcs11 = module::load(&path, init_args.as_deref()).unwrap();
+        let mut seeded = 0;
+        for slot in pkcs11.get_slots_with_token().unwrap() {
+            // SoftHSM always offers one free slot whose token is not initialized.
+            if !pkcs11.get_token_info(slot).unwrap().token_initialized() || seeded == wanted {
+                continue;
+            }
+            let session = pkcs11.open_ro_session(slot).unwrap();
+            session.seed_random(&seed).unwrap();
+            seeded += 1;
+        }
+        let _ = pkcs11.finalize();
+        println!(
+            "once: the raw calls over {seeded} tokens: {:.3} s",
+            start.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// This thread's CPU time (user and system), from the kernel's scheduler statistics: the
+/// wake-up's cost lands in the thread's own run time, which `Instant` between calls would miss.
+fn thread_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+    let nanos: u64 = stat.split_whitespace().next().unwrap().parse().unwrap();
+    Duration::from_nanos(nanos)
 }

@@ -143,12 +143,31 @@ struct State {
     config: PoolConfig,
     buffer: Buffer,
     demand: HashMap<DemandId, Demand>,
+    /// [`low_water`] as last computed, with the demand it was computed for: every take asks
+    /// for it, and summing hundreds of consumers on each take costs more than the take.
+    low_water: Option<usize>,
     next_id: usize,
     health: HealthTests,
     backoff: Backoff,
     outage: Option<Outage>,
     /// Which of several sources served each recent request (for the audit records).
     origins: std::collections::BTreeMap<u64, String>,
+}
+
+impl State {
+    /// [`low_water`], computed again only when the demand changed. A consumer that has not yet
+    /// reached its token counts from its first round on, a moment in time, so the figure is kept
+    /// only once every consumer's state is known.
+    fn low_water(&mut self) -> usize {
+        if let Some(low) = self.low_water {
+            return low;
+        }
+        let low = low_water(&self.demand, self.config.max_bytes);
+        if self.demand.values().all(|d| d.reachable.is_some()) {
+            self.low_water = Some(low);
+        }
+        low
+    }
 }
 
 /// How many requests' origins are remembered: far more than the pool ever holds bytes of.
@@ -191,6 +210,7 @@ impl<S: EntropySource> Pool<S> {
                 config,
                 buffer: Buffer::new(),
                 demand: HashMap::new(),
+                low_water: None,
                 next_id: 0,
                 health: HealthTests::new(config.health),
                 backoff: Backoff::default(),
@@ -222,6 +242,7 @@ impl<S: EntropySource> Pool<S> {
             state.health.set_config(config.health);
         }
         state.config = config;
+        state.low_water = None;
         state.backoff.succeeded();
     }
 
@@ -289,6 +310,7 @@ impl<S: EntropySource> Pool<S> {
         let mut state = self.lock();
         let id = DemandId(state.next_id);
         state.next_id += 1;
+        state.low_water = None;
         state.demand.insert(
             id,
             Demand {
@@ -307,7 +329,10 @@ impl<S: EntropySource> Pool<S> {
         let mut state = self.lock();
         if let Some(d) = state.demand.get_mut(&id) {
             let first = d.reachable.is_none();
-            d.reachable = Some(reachable);
+            if d.reachable != Some(reachable) {
+                d.reachable = Some(reachable);
+                state.low_water = None;
+            }
             if first {
                 self.first_tries.notify_waiters();
             }
@@ -316,7 +341,9 @@ impl<S: EntropySource> Pool<S> {
 
     /// The consumer stopped: its demand no longer counts.
     pub fn unregister(&self, id: DemandId) {
-        self.lock().demand.remove(&id);
+        let mut state = self.lock();
+        state.demand.remove(&id);
+        state.low_water = None;
     }
 
     /// Exactly `len` never-used bytes for consumer `id`, buying whole blocks when too few are
@@ -368,13 +395,18 @@ impl<S: EntropySource> Pool<S> {
             })
             .collect::<Vec<_>>()
             .join(",");
-        if let Some(d) = state.demand.get_mut(&id) {
-            d.rounds_left = d.rounds_left.map(|r| r.saturating_sub(1));
+        if let Some(rounds_left) = state
+            .demand
+            .get_mut(&id)
+            .and_then(|d| d.rounds_left.as_mut())
+        {
+            *rounds_left = rounds_left.saturating_sub(1);
+            state.low_water = None;
         }
         self.stats
             .bytes_handed_out
             .fetch_add(len as u64, Ordering::Relaxed);
-        if state.buffer.available() < low_water(&state.demand, state.config.max_bytes) {
+        if state.buffer.available() < state.low_water() {
             self.refill_wanted.notify_one();
         }
         Some((bytes, requests))
@@ -394,7 +426,7 @@ impl<S: EntropySource> Pool<S> {
             let mut state = self.lock();
             self.expire(&mut state);
             let available = state.buffer.available();
-            let low = low_water(&state.demand, state.config.max_bytes);
+            let low = state.low_water();
             if available >= needed && (needed > 0 || available >= low) {
                 return Ok(());
             }

@@ -7,6 +7,7 @@
 //! on its thread after the target's timeout (see [`worker`]).
 
 pub mod flush;
+mod lanes;
 pub mod shutdown;
 pub mod worker;
 

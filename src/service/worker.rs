@@ -5,10 +5,12 @@
 //! its thread; the target skips its rounds until the call returns, then carries on with its
 //! session. Shutdown waits for a running call only for a grace period.
 //!
-//! Calls run on the runtime's blocking threads, at most [`BLOCKING_THREADS`] of them (so
-//! hundreds of targets do not hold hundreds of threads). A hung call keeps its thread; once
-//! half of them are held by hung calls, new calls get threads of their own, so that hung calls
-//! never hold up the other targets.
+//! Calls are queued ([`lanes`]) for the runtime's blocking threads, at most
+//! [`BLOCKING_THREADS`] of them (so hundreds of targets do not hold hundreds of threads), and a
+//! thread takes queued calls one after another. A hung call keeps its thread; a caller waiting
+//! behind a stalled call has it taken by another thread; once half of them are held by hung
+//! calls, new threads are threads of their own, so that hung calls never hold up the other
+//! targets.
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::lanes;
 use crate::hsm::{HsmError, Target};
 
 /// Why a call gave no answer.
@@ -49,32 +52,38 @@ const RUNNING: u8 = 0;
 const HUNG: u8 = 1;
 const DONE: u8 = 2;
 
-/// Runs `job` on a blocking thread of the runtime, or on a thread of its own while hung calls
-/// hold half of those.
+/// Queues `job` for a blocking thread (see [`lanes`]).
 fn run_blocking(job: impl FnOnce() + Send + 'static) {
-    let job = Arc::new(std::sync::Mutex::new(Some(job)));
-    let take = |job: &std::sync::Mutex<Option<_>>| {
-        job.lock()
+    lanes::submit(Box::new(job), start_drainer);
+}
+
+/// Starts a drainer on a blocking thread of the runtime, or on a thread of its own while hung
+/// calls hold half of those.
+fn start_drainer(drain: Box<dyn FnOnce() + Send + 'static>) {
+    let drain = Arc::new(std::sync::Mutex::new(Some(drain)));
+    let take = |drain: &std::sync::Mutex<Option<_>>| {
+        drain
+            .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
     };
     if HUNG_CALLS.load(Ordering::Relaxed) >= BLOCKING_THREADS / 2 {
-        let own = job.clone();
+        let own = drain.clone();
         let spawned = std::thread::Builder::new()
             .name("qseed-pkcs11".into())
             .spawn(move || {
-                if let Some(job) = take(&own) {
-                    job();
+                if let Some(drain) = take(&own) {
+                    drain();
                 }
             });
         if spawned.is_ok() {
             return;
         }
-        tracing::warn!("cannot start a thread for a PKCS#11 call; it waits for a free one");
+        tracing::warn!("cannot start a thread for PKCS#11 calls; they wait for a free one");
     }
     tokio::task::spawn_blocking(move || {
-        if let Some(job) = take(&job) {
-            job();
+        if let Some(drain) = take(&drain) {
+            drain();
         }
     });
 }
@@ -152,11 +161,16 @@ impl Worker {
             target: target_rx,
             state,
         });
-        let result = tokio::select! {
-            biased;
-            r = &mut rx => r.ok(),
-            _ = tokio::time::sleep(timeout) => None,
-            _ = stop.cancelled() => None,
+        let deadline = since + timeout;
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = &mut rx => break r.ok(),
+                _ = tokio::time::sleep_until(deadline) => break None,
+                _ = stop.cancelled() => break None,
+                // Queued behind a call that stalled: another thread takes this one.
+                _ = tokio::time::sleep(lanes::STALL) => lanes::kick(start_drainer),
+            }
         };
         match result {
             Some(r) => {
@@ -221,18 +235,18 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn with_half_the_threads_held_by_hung_calls_a_call_gets_a_thread_of_its_own() {
+    async fn with_half_the_threads_held_by_hung_calls_a_drainer_gets_a_thread_of_its_own() {
         let thread_name = || std::thread::current().name().map(str::to_string);
         let (tx, rx) = oneshot::channel();
-        run_blocking(move || {
+        start_drainer(Box::new(move || {
             let _ = tx.send(thread_name());
-        });
+        }));
         assert_ne!(rx.await.unwrap().as_deref(), Some("qseed-pkcs11"));
         HUNG_CALLS.fetch_add(BLOCKING_THREADS / 2, Ordering::SeqCst);
         let (tx, rx) = oneshot::channel();
-        run_blocking(move || {
+        start_drainer(Box::new(move || {
             let _ = tx.send(thread_name());
-        });
+        }));
         let name = rx.await.unwrap();
         HUNG_CALLS.fetch_sub(BLOCKING_THREADS / 2, Ordering::SeqCst);
         assert_eq!(name.as_deref(), Some("qseed-pkcs11"));

@@ -1,0 +1,230 @@
+//! The queue that carries PKCS#11 calls to blocking threads, a few threads for many calls.
+//!
+//! Handing every call to a thread of its own wakes one thread per call, and waking a thread on
+//! another CPU is the dearest part of a round (an inter-processor interrupt; in a virtual
+//! machine an exit to the hypervisor). Here calls wait in one queue and a *drainer*, a blocking
+//! thread, takes them one after another until the queue is empty: the 256 calls of a round
+//! that falls on one instant wake a handful of threads, not 256.
+//!
+//! One drainer must never hold up the calls behind it, because a call can hang. Another
+//! drainer starts when a call is queued and no drainer is free (every one is inside a call
+//! that began more than [`STALL`] ago), and when the queue is longer than [`CALLS_PER_DRAINER`]
+//! per free drainer (slow HSMs get calls in parallel). A waiting caller [`kick`]s the queue
+//! every [`STALL`], so a call queued behind one that hangs later gets a drainer too.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// A drainer inside one call for longer than this no longer counts as free.
+pub const STALL: Duration = Duration::from_millis(50);
+/// Queued calls per free drainer before another starts.
+const CALLS_PER_DRAINER: usize = 16;
+
+/// One PKCS#11 call with what it reports back.
+pub type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// How a drainer thread is started: on the runtime's blocking threads, or on a thread of its
+/// own once hung calls hold half of those (see `worker`).
+pub type Spawn = fn(Box<dyn FnOnce() + Send + 'static>);
+
+static QUEUE: Mutex<Queue> = Mutex::new(Queue::new());
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    drainers: Vec<Drainer>,
+    next_id: u64,
+}
+
+struct Drainer {
+    id: u64,
+    /// When its current call began; `None` between calls.
+    in_call_since: Option<Instant>,
+}
+
+impl Queue {
+    const fn new() -> Self {
+        Self {
+            jobs: VecDeque::new(),
+            drainers: Vec::new(),
+            next_id: 0,
+        }
+    }
+
+    /// A drainer to start, if the queued calls need one.
+    fn drainer_needed(&mut self, now: Instant) -> Option<u64> {
+        if self.jobs.is_empty() {
+            return None;
+        }
+        let free = self
+            .drainers
+            .iter()
+            .filter(|d| {
+                d.in_call_since
+                    .is_none_or(|s| now.duration_since(s) < STALL)
+            })
+            .count();
+        if free > 0 && self.jobs.len() <= free * CALLS_PER_DRAINER {
+            return None;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.drainers.push(Drainer {
+            id,
+            in_call_since: None,
+        });
+        Some(id)
+    }
+
+    fn drainer(&mut self, id: u64) -> Option<&mut Drainer> {
+        self.drainers.iter_mut().find(|d| d.id == id)
+    }
+}
+
+fn queue() -> MutexGuard<'static, Queue> {
+    QUEUE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Queues `job`; starts a drainer with `spawn` if no free one will reach it soon.
+pub fn submit(job: Job, spawn: Spawn) {
+    let start = {
+        let mut queue = queue();
+        queue.jobs.push_back(job);
+        queue.drainer_needed(Instant::now())
+    };
+    if let Some(id) = start {
+        start_drainer(id, spawn);
+    }
+}
+
+/// Starts a drainer if the queued calls wait behind stalled ones.
+pub fn kick(spawn: Spawn) {
+    let start = queue().drainer_needed(Instant::now());
+    if let Some(id) = start {
+        start_drainer(id, spawn);
+    }
+}
+
+fn start_drainer(id: u64, spawn: Spawn) {
+    spawn(Box::new(move || drain(id)));
+}
+
+/// Takes calls until the queue is empty. A call that panics loses only its own answer (its
+/// caller sees the channel closed); the drainer goes on.
+fn drain(id: u64) {
+    // Leaves the list on every way out, so a drainer that is gone never counts as stalled.
+    struct Leave(u64);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            queue().drainers.retain(|d| d.id != self.0);
+        }
+    }
+    let _leave = Leave(id);
+    loop {
+        let job = {
+            let mut queue = queue();
+            let next = queue.jobs.pop_front();
+            if let Some(me) = queue.drainer(id) {
+                me.in_call_since = next.as_ref().map(|_| Instant::now());
+            }
+            match next {
+                Some(job) => job,
+                None => return,
+            }
+        };
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    fn job() -> Job {
+        Box::new(|| {})
+    }
+
+    #[test]
+    fn a_burst_of_calls_starts_one_drainer_per_sixteen_not_one_each() {
+        let now = Instant::now();
+        let mut queue = Queue::new();
+        let mut started = 0;
+        for _ in 0..64 {
+            queue.jobs.push_back(job());
+            started += usize::from(queue.drainer_needed(now).is_some());
+        }
+        // The first call starts one; more start only as the queue outgrows the free ones.
+        assert_eq!(started, 4);
+        assert_eq!(queue.drainers.len(), 4);
+    }
+
+    #[test]
+    fn calls_queued_behind_a_stalled_call_get_a_drainer_of_their_own() {
+        let now = Instant::now();
+        let mut queue = Queue::new();
+        queue.jobs.push_back(job());
+        let first = queue.drainer_needed(now).unwrap();
+        queue.jobs.clear();
+        queue.drainer(first).unwrap().in_call_since = Some(now);
+        queue.jobs.push_back(job());
+        assert_eq!(
+            queue.drainer_needed(now),
+            None,
+            "the drainer is busy but not stalled"
+        );
+        assert!(queue.drainer_needed(now + STALL).is_some());
+        assert_eq!(
+            queue.drainer_needed(now + STALL),
+            None,
+            "the new one is free"
+        );
+    }
+
+    #[test]
+    fn a_hanging_call_does_not_hold_up_the_next_one() {
+        fn spawn(drain: Box<dyn FnOnce() + Send + 'static>) {
+            std::thread::spawn(drain);
+        }
+        let (release, hang) = mpsc::channel::<()>();
+        let (done_tx, done) = mpsc::channel();
+        submit(
+            Box::new(move || {
+                let _ = hang.recv();
+            }),
+            spawn,
+        );
+        submit(Box::new(move || done_tx.send(()).unwrap()), spawn);
+        // As a waiting caller does: kick every STALL until the call has run.
+        let mut waited = Duration::ZERO;
+        while done.recv_timeout(STALL).is_err() {
+            waited += STALL;
+            assert!(
+                waited < Duration::from_secs(10),
+                "the second call never ran"
+            );
+            kick(spawn);
+        }
+        release.send(()).unwrap();
+    }
+
+    #[test]
+    fn a_call_that_panics_does_not_stop_the_calls_after_it() {
+        fn spawn(drain: Box<dyn FnOnce() + Send + 'static>) {
+            std::thread::spawn(drain);
+        }
+        let (done_tx, done) = mpsc::channel();
+        submit(Box::new(|| panic!("a module bug")), spawn);
+        submit(Box::new(move || done_tx.send(()).unwrap()), spawn);
+        let mut waited = Duration::ZERO;
+        while done.recv_timeout(STALL).is_err() {
+            waited += STALL;
+            assert!(
+                waited < Duration::from_secs(10),
+                "the call after the panic never ran"
+            );
+            kick(spawn);
+        }
+    }
+}
