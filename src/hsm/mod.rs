@@ -11,6 +11,8 @@ pub mod pin_guard;
 pub mod quirks;
 pub mod token;
 
+use std::sync::Arc;
+
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::session::{Session, UserType};
 
@@ -30,6 +32,10 @@ pub struct Target {
     /// Decides whether a PIN may be presented; shared by the process, kept across processes.
     guard: PinGuard,
     open: Option<OpenSession>,
+    /// The loaded module, once looked up: a module stays loaded for the process's life (a
+    /// re-initialization keeps it and bumps its generation), and looking it up by path on
+    /// every call cost more than the call.
+    module: Option<Arc<module::Module>>,
     /// Tells this instance from an earlier one of the same target (see [`module::TokenLease`]).
     instance: u64,
 }
@@ -55,6 +61,7 @@ impl Target {
             modules,
             guard,
             open: None,
+            module: None,
             instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -66,9 +73,7 @@ impl Target {
     /// Finds the token, opens a session and logs in if configured; a no-op while a session
     /// of the module's current generation is open.
     pub fn connect(&mut self) -> Result<TokenIdentity, HsmError> {
-        let module = self
-            .modules
-            .module(&self.config.module, self.config.init_args.as_deref())?;
+        let module = self.module()?;
         let call = module.enter(self.config.period)?;
         let generation = call.generation;
         let result = self.connect_in(&call);
@@ -169,11 +174,14 @@ impl Target {
     /// limit (see [`quirks`]), else none.
     pub fn max_seed(&self) -> Option<usize> {
         self.config.max_seed.or_else(|| {
-            self.modules
-                .module(&self.config.module, self.config.init_args.as_deref())
-                .ok()
-                .and_then(|m| m.profile())
-                .and_then(|p| p.max_seed)
+            let module = match &self.module {
+                Some(module) => Some(module.clone()),
+                None => self
+                    .modules
+                    .module(&self.config.module, self.config.init_args.as_deref())
+                    .ok(),
+            };
+            module.and_then(|m| m.profile()).and_then(|p| p.max_seed)
         })
     }
 
@@ -181,13 +189,18 @@ impl Target {
     /// [`Target::max_seed`] bytes, each byte once. A failed call ends the round (the bytes not
     /// yet injected are wiped with the buffer, never offered again).
     pub fn seed(&mut self, seed: &EntropyBytes) -> Result<TokenIdentity, HsmError> {
-        let token = self.connect()?;
-        let module = self
-            .modules
-            .module(&self.config.module, self.config.init_args.as_deref())?;
+        // One pass through the module's gate for the session check and the seed.
+        let module = self.module()?;
         let call = module.enter(self.config.period)?;
         let generation = call.generation;
-        self.forget_stale(generation);
+        let token = match self.connect_in(&call) {
+            Ok(token) => token,
+            Err(e) => {
+                drop(call);
+                module.failed(&e, generation, self.config.period);
+                return Err(e);
+            }
+        };
         let Some(open) = &self.open else {
             // The module was re-initialized between connecting and seeding.
             return Err(HsmError::Unexpected(
@@ -221,6 +234,18 @@ impl Target {
         }
     }
 
+    /// The target's module, loaded on first use.
+    fn module(&mut self) -> Result<Arc<module::Module>, HsmError> {
+        if let Some(module) = &self.module {
+            return Ok(module.clone());
+        }
+        let module = self
+            .modules
+            .module(&self.config.module, self.config.init_args.as_deref())?;
+        self.module = Some(module.clone());
+        Ok(module)
+    }
+
     /// Whether a session is open (it may still have died with its module; `connect` checks).
     pub fn is_connected(&self) -> bool {
         self.open.is_some()
@@ -228,10 +253,7 @@ impl Target {
 
     /// Closes the session (which also logs out if it was the last one on the token).
     pub fn close(&mut self) {
-        let Ok(module) = self
-            .modules
-            .module(&self.config.module, self.config.init_args.as_deref())
-        else {
+        let Ok(module) = self.module() else {
             self.forget_stale(u64::MAX);
             return;
         };
