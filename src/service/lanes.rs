@@ -29,7 +29,13 @@ pub type Job = Box<dyn FnOnce() + Send + 'static>;
 /// own once hung calls hold half of those (see `worker`).
 pub type Spawn = fn(Box<dyn FnOnce() + Send + 'static>);
 
-static QUEUE: Mutex<Queue> = Mutex::new(Queue::new());
+/// A queue of calls and the drainers that serve it. The process has one, [`LANES`].
+pub struct Lanes {
+    queue: Mutex<Queue>,
+}
+
+/// The process's queue: every target's calls, whatever their module.
+pub static LANES: Lanes = Lanes::new();
 
 struct Queue {
     jobs: VecDeque<Job>,
@@ -82,58 +88,62 @@ impl Queue {
     }
 }
 
-fn queue() -> MutexGuard<'static, Queue> {
-    QUEUE.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Queues `job`; starts a drainer with `spawn` if no free one will reach it soon.
-pub fn submit(job: Job, spawn: Spawn) {
-    let start = {
-        let mut queue = queue();
-        queue.jobs.push_back(job);
-        queue.drainer_needed(Instant::now())
-    };
-    if let Some(id) = start {
-        start_drainer(id, spawn);
-    }
-}
-
-/// Starts a drainer if the queued calls wait behind stalled ones.
-pub fn kick(spawn: Spawn) {
-    let start = queue().drainer_needed(Instant::now());
-    if let Some(id) = start {
-        start_drainer(id, spawn);
-    }
-}
-
-fn start_drainer(id: u64, spawn: Spawn) {
-    spawn(Box::new(move || drain(id)));
-}
-
-/// Takes calls until the queue is empty. A call that panics loses only its own answer (its
-/// caller sees the channel closed); the drainer goes on.
-fn drain(id: u64) {
-    // Leaves the list on every way out, so a drainer that is gone never counts as stalled.
-    struct Leave(u64);
-    impl Drop for Leave {
-        fn drop(&mut self) {
-            queue().drainers.retain(|d| d.id != self.0);
+impl Lanes {
+    pub const fn new() -> Self {
+        Self {
+            queue: Mutex::new(Queue::new()),
         }
     }
-    let _leave = Leave(id);
-    loop {
-        let job = {
-            let mut queue = queue();
-            let next = queue.jobs.pop_front();
-            if let Some(me) = queue.drainer(id) {
-                me.in_call_since = next.as_ref().map(|_| Instant::now());
-            }
-            match next {
-                Some(job) => job,
-                None => return,
-            }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `job`; starts a drainer with `spawn` if no free one will reach it soon.
+    pub fn submit(&'static self, job: Job, spawn: Spawn) {
+        let start = {
+            let mut queue = self.queue();
+            queue.jobs.push_back(job);
+            queue.drainer_needed(Instant::now())
         };
-        let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+        if let Some(id) = start {
+            spawn(Box::new(move || self.drain(id)));
+        }
+    }
+
+    /// Starts a drainer if the queued calls wait behind stalled ones.
+    pub fn kick(&'static self, spawn: Spawn) {
+        let start = self.queue().drainer_needed(Instant::now());
+        if let Some(id) = start {
+            spawn(Box::new(move || self.drain(id)));
+        }
+    }
+
+    /// Takes calls until the queue is empty. A call that panics loses only its own answer (its
+    /// caller sees the channel closed); the drainer goes on.
+    fn drain(&self, id: u64) {
+        // Leaves the list on every way out, so a drainer that is gone never counts as stalled.
+        struct Leave<'a>(&'a Lanes, u64);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.queue().drainers.retain(|d| d.id != self.1);
+            }
+        }
+        let _leave = Leave(self, id);
+        loop {
+            let job = {
+                let mut queue = self.queue();
+                let next = queue.jobs.pop_front();
+                if let Some(me) = queue.drainer(id) {
+                    me.in_call_since = next.as_ref().map(|_| Instant::now());
+                }
+                match next {
+                    Some(job) => job,
+                    None => return,
+                }
+            };
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+        }
     }
 }
 
@@ -182,20 +192,22 @@ mod tests {
         );
     }
 
+    fn on_a_thread(drain: Box<dyn FnOnce() + Send + 'static>) {
+        std::thread::spawn(drain);
+    }
+
     #[test]
     fn a_hanging_call_does_not_hold_up_the_next_one() {
-        fn spawn(drain: Box<dyn FnOnce() + Send + 'static>) {
-            std::thread::spawn(drain);
-        }
+        static LANES: Lanes = Lanes::new();
         let (release, hang) = mpsc::channel::<()>();
         let (done_tx, done) = mpsc::channel();
-        submit(
+        LANES.submit(
             Box::new(move || {
                 let _ = hang.recv();
             }),
-            spawn,
+            on_a_thread,
         );
-        submit(Box::new(move || done_tx.send(()).unwrap()), spawn);
+        LANES.submit(Box::new(move || done_tx.send(()).unwrap()), on_a_thread);
         // As a waiting caller does: kick every STALL until the call has run.
         let mut waited = Duration::ZERO;
         while done.recv_timeout(STALL).is_err() {
@@ -204,27 +216,21 @@ mod tests {
                 waited < Duration::from_secs(10),
                 "the second call never ran"
             );
-            kick(spawn);
+            LANES.kick(on_a_thread);
         }
         release.send(()).unwrap();
     }
 
     #[test]
-    fn a_call_that_panics_does_not_stop_the_calls_after_it() {
-        fn spawn(drain: Box<dyn FnOnce() + Send + 'static>) {
-            std::thread::spawn(drain);
-        }
+    fn a_call_that_panics_leaves_its_drainer_taking_the_next() {
+        static LANES: Lanes = Lanes::new();
         let (done_tx, done) = mpsc::channel();
-        submit(Box::new(|| panic!("a module bug")), spawn);
-        submit(Box::new(move || done_tx.send(()).unwrap()), spawn);
-        let mut waited = Duration::ZERO;
-        while done.recv_timeout(STALL).is_err() {
-            waited += STALL;
-            assert!(
-                waited < Duration::from_secs(10),
-                "the call after the panic never ran"
-            );
-            kick(spawn);
-        }
+        LANES.submit(Box::new(|| panic!("a module bug")), on_a_thread);
+        LANES.submit(Box::new(move || done_tx.send(()).unwrap()), on_a_thread);
+        // No kick: only a drainer that survived the panic can take the second call.
+        assert!(
+            done.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the call after the panic never ran"
+        );
     }
 }

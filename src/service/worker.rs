@@ -54,7 +54,7 @@ const DONE: u8 = 2;
 
 /// Queues `job` for a blocking thread (see [`lanes`]).
 fn run_blocking(job: impl FnOnce() + Send + 'static) {
-    lanes::submit(Box::new(job), start_drainer);
+    lanes::LANES.submit(Box::new(job), start_drainer);
 }
 
 /// Starts a drainer on a blocking thread of the runtime, or on a thread of its own while hung
@@ -169,7 +169,7 @@ impl Worker {
                 _ = tokio::time::sleep_until(deadline) => break None,
                 _ = stop.cancelled() => break None,
                 // Queued behind a call that stalled: another thread takes this one.
-                _ = tokio::time::sleep(lanes::STALL) => lanes::kick(start_drainer),
+                _ = tokio::time::sleep(lanes::STALL) => lanes::LANES.kick(start_drainer),
             }
         };
         match result {
