@@ -33,8 +33,8 @@ pub struct Target {
     guard: PinGuard,
     open: Option<OpenSession>,
     /// The loaded module, once looked up: a module stays loaded for the process's life (a
-    /// re-initialization keeps it and bumps its generation), and looking it up by path on
-    /// every call cost more than the call.
+    /// re-initialization keeps it and bumps its generation), and the lookup by path (a lock
+    /// and a hash of the path) showed in profiles when made for every call.
     module: Option<Arc<module::Module>>,
     /// Tells this instance from an earlier one of the same target (see [`module::TokenLease`]).
     instance: u64,
@@ -202,7 +202,7 @@ impl Target {
             }
         };
         let Some(open) = &self.open else {
-            // The module was re-initialized between connecting and seeding.
+            // Not expected: a successful connect leaves a session open.
             return Err(HsmError::Unexpected(
                 "the module was re-initialized; the session is gone".into(),
             ));
