@@ -264,12 +264,13 @@ pub fn main() -> ExitCode {
             });
         }
     };
+    use tracing::level_filters::LevelFilter;
     let level = if cli.verbose {
-        "debug"
+        LevelFilter::DEBUG
     } else if cli.quiet {
-        "warn"
+        LevelFilter::WARN
     } else {
-        "info"
+        LevelFilter::INFO
     };
     let format = crate::telemetry::init(level, cli.log_format);
     match run(cli) {

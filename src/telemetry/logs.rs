@@ -8,9 +8,9 @@
 
 use std::io::IsTerminal;
 
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
 
 /// The name journald files qseed's events under (`journalctl -t qseed`).
 pub const SYSLOG_IDENTIFIER: &str = "qseed";
@@ -30,15 +30,46 @@ pub enum LogFormat {
     Journal,
 }
 
-/// Installs the logger and returns the format in use (`Auto` resolved). `default_level`
-/// applies where `QSEED_LOG` is not set.
-pub fn init(default_level: &str, format: LogFormat) -> LogFormat {
+/// Installs the logger and returns the format in use (`Auto` resolved). `default_level` is
+/// qseed's own level where `QSEED_LOG` is not set.
+///
+/// `QSEED_LOG` takes `target=level` directives and a bare default level, comma-separated
+/// (`qseed=debug,warn`); a filter that does not parse is reported and the default used.
+pub fn init(default_level: LevelFilter, format: LogFormat) -> LogFormat {
+    let (filter, refused) = filter(std::env::var("QSEED_LOG").ok(), default_level);
+    let filter = || filter.clone();
+    let format = install(filter, format);
+    if let Some(problem) = refused {
+        tracing::warn!("{problem}");
+    }
+    format
+}
+
+/// The filter from `QSEED_LOG` (`value`), and why it was refused if it was.
+fn filter(value: Option<String>, default_level: LevelFilter) -> (Targets, Option<String>) {
     // cryptoki logs only when dropping a session fails to close it, which qseed does on
     // purpose for sessions it knows are dead: noise for an operator.
-    let filter = || {
-        EnvFilter::try_from_env("QSEED_LOG")
-            .unwrap_or_else(|_| EnvFilter::new(format!("qseed={default_level},cryptoki=off,warn")))
-    };
+    let default = Targets::new()
+        .with_target("qseed", default_level)
+        .with_target("cryptoki", LevelFilter::OFF)
+        .with_default(LevelFilter::WARN);
+    match value.as_deref().map(str::trim) {
+        None | Some("") => (default, None),
+        Some(text) => match text.parse::<Targets>() {
+            Ok(targets) => (targets, None),
+            Err(e) => (
+                default,
+                Some(format!(
+                    "QSEED_LOG is not a log filter ({e}); using the default. \
+                     Write target=level pairs and a default level, comma-separated, \
+                     e.g. QSEED_LOG=qseed=debug,warn"
+                )),
+            ),
+        },
+    }
+}
+
+fn install(filter: impl Fn() -> Targets, format: LogFormat) -> LogFormat {
     let wanted = match format {
         LogFormat::Auto if stderr_is_journal() => LogFormat::Journal,
         LogFormat::Auto => LogFormat::Text,
@@ -69,11 +100,10 @@ pub fn init(default_level: &str, format: LogFormat) -> LogFormat {
     wanted
 }
 
-fn init_stderr(filter: EnvFilter, format: LogFormat) {
+fn init_stderr(filter: Targets, format: LogFormat) {
     // A closed stderr (`qseed run 2>&1 | head`) must not matter: by default the subscriber
     // reports its own write errors with `eprintln!`, which panics on that same closed stderr.
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .log_internal_errors(false);
     let _ = match format {
@@ -82,6 +112,8 @@ fn init_stderr(filter: EnvFilter, format: LogFormat) {
             .flatten_event(true)
             .with_current_span(false)
             .with_target(true)
+            .finish()
+            .with(filter)
             .try_init(),
         // Fields repeat what the message says (the target's name, the audit record's
         // figures): text lines show the message only.
@@ -97,6 +129,8 @@ fn init_stderr(filter: EnvFilter, format: LogFormat) {
             ))
             .with_ansi(std::io::stderr().is_terminal())
             .with_target(false)
+            .finish()
+            .with(filter)
             .try_init(),
     };
 }
@@ -116,4 +150,46 @@ pub fn stderr_is_journal() -> bool {
     };
     rustix::fs::fstat(std::io::stderr())
         .is_ok_and(|stat| stat.st_dev == device && stat.st_ino == inode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+
+    #[test]
+    fn without_qseed_log_qseed_logs_at_its_level_and_cryptoki_not_at_all() {
+        let (targets, refused) = filter(None, LevelFilter::INFO);
+        assert!(refused.is_none());
+        assert!(targets.would_enable("qseed::audit", &Level::INFO));
+        assert!(!targets.would_enable("qseed::service", &Level::DEBUG));
+        assert!(!targets.would_enable("cryptoki::session", &Level::ERROR));
+        assert!(targets.would_enable("hyper", &Level::WARN));
+        assert!(!targets.would_enable("hyper", &Level::INFO));
+    }
+
+    #[test]
+    fn qseed_log_replaces_the_default() {
+        let (targets, refused) = filter(Some("qseed=debug,rustls=trace".into()), LevelFilter::WARN);
+        assert!(refused.is_none());
+        assert!(targets.would_enable("qseed::service", &Level::DEBUG));
+        assert!(targets.would_enable("rustls::client", &Level::TRACE));
+        assert!(!targets.would_enable("hyper", &Level::ERROR));
+    }
+
+    #[test]
+    fn a_filter_that_does_not_parse_is_named_and_the_default_kept() {
+        let (targets, refused) = filter(Some("qseed=loud".into()), LevelFilter::INFO);
+        let problem = refused.expect("refused");
+        assert!(
+            problem.contains("QSEED_LOG is not a log filter"),
+            "{problem}"
+        );
+        assert!(
+            problem.contains("e.g. QSEED_LOG=qseed=debug,warn"),
+            "{problem}"
+        );
+        assert!(targets.would_enable("qseed", &Level::INFO));
+        assert!(!targets.would_enable("qseed", &Level::DEBUG));
+    }
 }
