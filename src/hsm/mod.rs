@@ -46,7 +46,8 @@ static NEXT_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 #[derive(Debug)]
 struct OpenSession {
     session: Session,
-    token: TokenIdentity,
+    /// Shared with every round's audit record: a round clones the pointer, not the strings.
+    token: Arc<TokenIdentity>,
     /// The module generation the session belongs to (see [`module`]): after a
     /// re-initialization its handle is dead, and may even name another target's new session.
     generation: u64,
@@ -72,7 +73,7 @@ impl Target {
 
     /// Finds the token, opens a session and logs in if configured; a no-op while a session
     /// of the module's current generation is open.
-    pub fn connect(&mut self) -> Result<TokenIdentity, HsmError> {
+    pub fn connect(&mut self) -> Result<Arc<TokenIdentity>, HsmError> {
         let module = self.module()?;
         let call = module.enter(self.config.period)?;
         let generation = call.generation;
@@ -87,10 +88,10 @@ impl Target {
         }
     }
 
-    fn connect_in(&mut self, call: &module::ModuleCall) -> Result<TokenIdentity, HsmError> {
+    fn connect_in(&mut self, call: &module::ModuleCall) -> Result<Arc<TokenIdentity>, HsmError> {
         self.forget_stale(call.generation);
         if let Some(open) = &self.open {
-            return Ok(open.token.clone());
+            return Ok(Arc::clone(&open.token));
         }
         let pkcs11 = &call.pkcs11;
         let path = self.config.module.display().to_string();
@@ -137,9 +138,10 @@ impl Target {
                 }
             }
         }
+        let token = Arc::new(token);
         self.open = Some(OpenSession {
             session,
-            token: token.clone(),
+            token: Arc::clone(&token),
             generation: call.generation,
             _lease: lease,
         });
@@ -188,7 +190,7 @@ impl Target {
     /// Mixes `seed` into the token's generator with `C_SeedRandom`, in calls of at most
     /// [`Target::max_seed`] bytes, each byte once. A failed call ends the round (the bytes not
     /// yet injected are wiped with the buffer, never offered again).
-    pub fn seed(&mut self, seed: &EntropyBytes) -> Result<TokenIdentity, HsmError> {
+    pub fn seed(&mut self, seed: &EntropyBytes) -> Result<Arc<TokenIdentity>, HsmError> {
         // One pass through the module's gate for the session check and the seed.
         let module = self.module()?;
         let call = module.enter(self.config.period)?;

@@ -20,6 +20,7 @@ pub use crate::health;
 pub use crate::health::replay;
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -387,14 +388,15 @@ impl<S: EntropySource> Pool<S> {
         let mut state = self.lock();
         self.expire(&mut state);
         let (bytes, requests) = state.buffer.take_traced(len)?;
-        let requests = requests
-            .iter()
-            .map(|r| match state.origins.get(r) {
-                Some(origin) => format!("r{r}@{origin}"),
-                None => format!("r{r}"),
-            })
-            .collect::<Vec<_>>()
-            .join(",");
+        // Written into one string: this runs on every round of every target.
+        let mut trace = String::with_capacity(16 * requests.len());
+        for (i, r) in requests.iter().enumerate() {
+            let comma = if i == 0 { "" } else { "," };
+            let _ = match state.origins.get(r) {
+                Some(origin) => write!(trace, "{comma}r{r}@{origin}"),
+                None => write!(trace, "{comma}r{r}"),
+            };
+        }
         if let Some(rounds_left) = state
             .demand
             .get_mut(&id)
@@ -409,7 +411,7 @@ impl<S: EntropySource> Pool<S> {
         if state.buffer.available() < state.low_water() {
             self.refill_wanted.notify_one();
         }
-        Some((bytes, requests))
+        Some((bytes, trace))
     }
 
     /// Buys one request's worth when fewer than `needed` bytes are held (or, with `needed` 0,

@@ -615,7 +615,7 @@ async fn round<S: EntropySource>(
     size: usize,
     timeout: Duration,
     stop: &CancellationToken,
-) -> Result<(TokenIdentity, String), RoundError> {
+) -> Result<(Arc<TokenIdentity>, String), RoundError> {
     // The usual round: a session is open, so one hand-off to the blocking thread does it all
     // (`connect` is then a check). Should the session turn out dead, the bytes are wiped with
     // the failed call, as any failed call's are.

@@ -162,14 +162,23 @@ impl Worker {
             state,
         });
         let deadline = since + timeout;
+        // One timer for both the kicks and the deadline: a call costs one timer-wheel entry.
+        let tick = tokio::time::sleep_until((since + lanes::STALL).min(deadline));
+        tokio::pin!(tick);
         let result = loop {
             tokio::select! {
                 biased;
                 r = &mut rx => break r.ok(),
-                _ = tokio::time::sleep_until(deadline) => break None,
                 _ = stop.cancelled() => break None,
-                // Queued behind a call that stalled: another thread takes this one.
-                _ = tokio::time::sleep(lanes::STALL) => lanes::LANES.kick(start_drainer),
+                _ = &mut tick => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break None;
+                    }
+                    // Queued behind a call that stalled: another thread takes this one.
+                    lanes::LANES.kick(start_drainer);
+                    tick.as_mut().reset((now + lanes::STALL).min(deadline));
+                }
             }
         };
         match result {

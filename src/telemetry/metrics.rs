@@ -58,6 +58,17 @@ struct TargetStatus {
     stopped: Option<String>,
     stop_message: Option<String>,
     rounds: u64,
+    /// The target's injection series, looked up on its first injection and kept: a round then
+    /// costs no label allocation or hashing.
+    injected: Option<InjectedMeters>,
+}
+
+/// Handles on one target's series in their families (a handle shares the series' value).
+#[derive(Debug, Clone)]
+struct InjectedMeters {
+    ok: Counter,
+    bytes: Counter,
+    last: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 pub type PoolStats = Arc<dyn Fn() -> StatsSnapshot + Send + Sync>;
@@ -266,6 +277,7 @@ impl Metrics {
                 stopped: None,
                 stop_message: None,
                 rounds: 0,
+                injected: None,
             },
         );
         let labels = TargetLabels {
@@ -293,20 +305,42 @@ impl Metrics {
     }
 
     pub fn injected(&self, target: &str, bytes: u64) {
-        self.count(target, "ok");
-        self.injected_bytes
-            .get_or_create(&TargetLabels {
-                target: target.into(),
-            })
-            .inc_by(bytes);
-        let now = unix_now();
-        self.last_injection
-            .get_or_create(&TargetLabels {
-                target: target.into(),
-            })
-            .set(now);
-        if let Some(t) = self.targets_lock().get_mut(target) {
-            t.last_ok = Some(Instant::now());
+        let record = |meters: &InjectedMeters| {
+            meters.ok.inc();
+            meters.bytes.inc_by(bytes);
+            meters.last.set(unix_now());
+        };
+        let mut targets = self.targets_lock();
+        match targets.get_mut(target) {
+            Some(t) => {
+                let meters = match &t.injected {
+                    Some(meters) => meters,
+                    None => t.injected.insert(self.injected_meters(target)),
+                };
+                record(meters);
+                t.rounds += 1;
+                t.last_ok = Some(Instant::now());
+            }
+            None => record(&self.injected_meters(target)),
+        }
+        drop(targets);
+        self.round_done.notify_waiters();
+    }
+
+    fn injected_meters(&self, target: &str) -> InjectedMeters {
+        let labels = TargetLabels {
+            target: target.into(),
+        };
+        InjectedMeters {
+            ok: self
+                .injections
+                .get_or_create(&InjectionLabels {
+                    target: target.into(),
+                    result: "ok".into(),
+                })
+                .clone(),
+            bytes: self.injected_bytes.get_or_create(&labels).clone(),
+            last: self.last_injection.get_or_create(&labels).clone(),
         }
     }
 
