@@ -103,7 +103,9 @@ fn install(filter: impl Fn() -> Targets, format: LogFormat) -> LogFormat {
 fn init_stderr(filter: Targets, format: LogFormat) {
     // A closed stderr (`qseed run 2>&1 | head`) must not matter: by default the subscriber
     // reports its own write errors with `eprintln!`, which panics on that same closed stderr.
+    // The builder's own filter stays wide open (it would stop at INFO): `filter` decides.
     let builder = tracing_subscriber::fmt()
+        .with_max_level(LevelFilter::TRACE)
         .with_writer(std::io::stderr)
         .log_internal_errors(false);
     let _ = match format {
