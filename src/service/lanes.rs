@@ -83,8 +83,20 @@ impl Queue {
         Some(id)
     }
 
-    fn drainer(&mut self, id: u64) -> Option<&mut Drainer> {
-        self.drainers.iter_mut().find(|d| d.id == id)
+    /// The next call for drainer `id`, or `None` when the queue is empty; then the drainer is
+    /// off the list in the same step, so a call queued right after starts a new drainer
+    /// instead of waiting for a drainer that is leaving.
+    fn next_job(&mut self, id: u64, now: Instant) -> Option<Job> {
+        let next = self.jobs.pop_front();
+        match &next {
+            Some(_) => {
+                if let Some(me) = self.drainers.iter_mut().find(|d| d.id == id) {
+                    me.in_call_since = Some(now);
+                }
+            }
+            None => self.drainers.retain(|d| d.id != id),
+        }
+        next
     }
 }
 
@@ -122,7 +134,8 @@ impl Lanes {
     /// Takes calls until the queue is empty. A call that panics loses only its own answer (its
     /// caller sees the channel closed); the drainer goes on.
     fn drain(&self, id: u64) {
-        // Leaves the list on every way out, so a drainer that is gone never counts as stalled.
+        // Leaves the list on every way out (`next_job` takes it off when the queue is empty),
+        // so a drainer that is gone never counts as free or stalled.
         struct Leave<'a>(&'a Lanes, u64);
         impl Drop for Leave<'_> {
             fn drop(&mut self) {
@@ -131,16 +144,8 @@ impl Lanes {
         }
         let _leave = Leave(self, id);
         loop {
-            let job = {
-                let mut queue = self.queue();
-                let next = queue.jobs.pop_front();
-                if let Some(me) = queue.drainer(id) {
-                    me.in_call_since = next.as_ref().map(|_| Instant::now());
-                }
-                match next {
-                    Some(job) => job,
-                    None => return,
-                }
+            let Some(job) = self.queue().next_job(id, Instant::now()) else {
+                return;
             };
             let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
         }
@@ -154,6 +159,22 @@ mod tests {
 
     fn job() -> Job {
         Box::new(|| {})
+    }
+
+    #[test]
+    fn a_drainer_that_finds_the_queue_empty_is_gone_for_the_next_call() {
+        let now = Instant::now();
+        let mut queue = Queue::new();
+        queue.jobs.push_back(job());
+        let id = queue
+            .drainer_needed(now)
+            .expect("the first call starts a drainer");
+        assert!(queue.next_job(id, now).is_some());
+        assert!(queue.next_job(id, now).is_none());
+        // Were the leaving drainer still listed as free, this call would wait for it in vain
+        // until its caller's next kick.
+        queue.jobs.push_back(job());
+        assert!(queue.drainer_needed(now).is_some());
     }
 
     #[test]
@@ -176,8 +197,10 @@ mod tests {
         let mut queue = Queue::new();
         queue.jobs.push_back(job());
         let first = queue.drainer_needed(now).unwrap();
-        queue.jobs.clear();
-        queue.drainer(first).unwrap().in_call_since = Some(now);
+        assert!(
+            queue.next_job(first, now).is_some(),
+            "in its call since now"
+        );
         queue.jobs.push_back(job());
         assert_eq!(
             queue.drainer_needed(now),
