@@ -203,3 +203,28 @@ fn a_stale_journal_stream_means_text_on_stderr() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("seeded tok: 48 bytes"), "{stderr}");
 }
+
+/// `QSEED_LOG` decides what the real binary logs; a value that does not parse is named and the
+/// default kept (the audit line is an INFO record of `qseed::audit`).
+#[test]
+fn qseed_log_filters_and_a_bad_one_is_named() {
+    let world = World::one_target("entropy", 48, "10s", true);
+    let once = |filter: &str| {
+        let out = world
+            .qseed()
+            .env("QSEED_LOG", filter)
+            .arg("once")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let quiet = once("warn");
+    assert!(!quiet.contains("seeded tok"), "{quiet}");
+    let bad = once("qseed=loud");
+    assert!(
+        bad.contains("QSEED_LOG is not a log filter") && bad.contains("using the default"),
+        "{bad}"
+    );
+    assert!(bad.contains("seeded tok: 48 bytes"), "{bad}");
+}
