@@ -102,10 +102,13 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
                 "PIN guard: refused PINs are recorded in {folder}; qseed runs as {}",
                 crate::hsm::quirks::running_user()
             )),
-            Err(why) => list.warn(
-                &format!("PIN guard: {why}; a refused PIN is remembered by this process only"),
-                "set [service] state_dir to a folder qseed's user can write (the package's \
-                 service uses /var/lib/qseed)",
+            Err(why) => list.fail(
+                "PIN guard",
+                &format!(
+                    "{why}; every login is refused until attempts can be recorded. Set \
+                     [service] state_dir to a folder of qseed's own user (the package's service \
+                     uses /var/lib/qseed)"
+                ),
             ),
         }
     }

@@ -986,12 +986,22 @@ fn read_secret_file(path: &Path, key: &str) -> Result<(SecretString, String), St
         .map_err(|e| format!("{key} = {shown:?} cannot be read: {e}"))?;
     let text =
         std::str::from_utf8(&bytes).map_err(|_| format!("{key} = {shown:?} is not UTF-8 text"))?;
+    // A NUL ends a C string: the module would see a shorter PIN than the file holds, and
+    // count a wrong one. Refused before any login, value not shown.
+    if text.contains('\0') {
+        return Err(format!(
+            "{key} = {shown:?} holds a NUL byte (value not shown); write the secret as one \
+             line of text"
+        ));
+    }
     // A token never holds blanks: trimmed as QRYPT_TOKEN is. A PIN keeps them, for the
-    // caller to refuse.
+    // caller to refuse. Only the first line is the secret (a second line, a comment or an
+    // editor's trailing lines, would otherwise be sent as part of it).
+    let first_line = text.split('\n').next().unwrap_or_default();
     let secret = if key.ends_with("token_file") {
-        text.trim()
+        first_line.trim()
     } else {
-        text.trim_end_matches(['\n', '\r'])
+        first_line.trim_end_matches('\r')
     };
     if secret.is_empty() {
         return Err(if credentials_dir().is_some_and(|d| path.starts_with(d)) {
@@ -1040,15 +1050,14 @@ fn warn_if_readable_by_others(path: &Path, key: &str) {
 #[cfg(not(unix))]
 fn warn_if_readable_by_others(_: &Path, _: &str) {}
 
-/// The documented opt-out of [`refuse_if_others_can_write`], for the environment (never the
-/// configuration file: whoever could write that file could also set it).
-pub const ALLOW_WRITABLE_ENV: &str = "QSEED_ALLOW_WRITABLE_FILES";
+/// The documented opt-out of [`refuse_if_others_can_write`] (see [`crate::trust`]).
+pub const ALLOW_WRITABLE_ENV: &str = crate::trust::ALLOW_ENV;
 
-/// sshd-style strictness: a file every user may change (the configuration, a module qseed will
-/// run, a secret, a trust anchor) hands qseed to any local user. Refused unless
-/// `QSEED_ALLOW_WRITABLE_FILES=1`.
+/// sshd-style strictness: a file (the configuration, a module qseed will run, a secret, a
+/// trust anchor) that a user other than root or qseed's own could change, itself or through a
+/// folder on the way to it, hands qseed to that user. Refused unless
+/// `QSEED_ALLOW_WRITABLE_FILES=1` (see [`crate::trust`]).
 pub fn refuse_if_others_can_write(path: &Path, key: &str) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
     let Ok(meta) = std::fs::metadata(path) else {
         return Ok(());
     };
@@ -1060,17 +1069,7 @@ pub fn refuse_if_others_can_write(path: &Path, key: &str) -> Result<(), String> 
             crate::files::kind_of(meta.file_type())
         ));
     }
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o002 == 0 || std::env::var(ALLOW_WRITABLE_ENV).is_ok_and(|v| v == "1") {
-        return Ok(());
-    }
-    Err(format!(
-        "{key} {} can be changed by every user on this machine (mode {mode:04o}), and so could \
-         make qseed do anything; run: chmod o-w {} (or set {ALLOW_WRITABLE_ENV}=1 to accept the \
-         risk)",
-        path.display(),
-        path.display()
-    ))
+    crate::trust::check(path, key)
 }
 
 fn in_range(

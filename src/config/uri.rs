@@ -63,6 +63,18 @@ pub trait UriAttributes {
 impl Pkcs11Uri {
     /// Parses `text`. Errors name the attribute, never a `pin-value`.
     pub fn parse(text: &str) -> Result<Self, String> {
+        // A mistyped separator (`&` for `;`, `:` for `=`) can put a PIN anywhere in the text:
+        // so no error quotes what the operator wrote, only the attribute names qseed knows.
+        let shown = |name: &str| {
+            if TOKEN_ATTRIBUTES.contains(&name)
+                || OBJECT_ATTRIBUTES.contains(&name)
+                || QUERY_ATTRIBUTES.contains(&name)
+            {
+                format!("{name:?}")
+            } else {
+                "(name not shown)".to_string()
+            }
+        };
         let rest = text
             .strip_prefix("pkcs11:")
             .ok_or("a PKCS#11 URI starts with \"pkcs11:\"")?;
@@ -71,10 +83,14 @@ impl Pkcs11Uri {
             None => (rest, None),
         };
         let mut uri = Pkcs11Uri::default();
-        for part in path.split(';').filter(|p| !p.is_empty()) {
-            let (name, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("path attribute {part:?} has no '='"))?;
+        for (number, part) in path.split(';').filter(|p| !p.is_empty()).enumerate() {
+            let (name, value) = part.split_once('=').ok_or_else(|| {
+                format!(
+                    "path attribute #{} has no '=' (text not shown); write name=value pairs \
+                     separated by ';'",
+                    number + 1
+                )
+            })?;
             if name.starts_with("x-") {
                 continue;
             }
@@ -85,7 +101,8 @@ impl Pkcs11Uri {
             }
             if !TOKEN_ATTRIBUTES.contains(&name) {
                 return Err(format!(
-                    "unknown path attribute {name:?}; a token is named with {}",
+                    "unknown path attribute {}; a token is named with {}",
+                    shown(name),
                     TOKEN_ATTRIBUTES.join(", ")
                 ));
             }
@@ -94,19 +111,22 @@ impl Pkcs11Uri {
             }
             let value = decode(value).map_err(|e| format!("attribute {name:?}: {e}"))?;
             if name == "slot-id" && value.parse::<u64>().is_err() {
-                return Err(format!("slot-id {value:?} is not a decimal number"));
+                return Err("slot-id is not a decimal number (value not shown)".into());
             }
+            refuse_misplaced_pin(name, &value)?;
             uri.path.push((name.to_string(), value));
         }
-        for part in query
+        for (number, part) in query
             .into_iter()
             .flat_map(|q| q.split('&'))
             .filter(|p| !p.is_empty())
+            .enumerate()
         {
             let (name, value) = part.split_once('=').ok_or_else(|| {
                 format!(
-                    "query attribute {:?} has no '='",
-                    part.split('=').next().unwrap_or("")
+                    "query attribute #{} has no '=' (text not shown); write name=value pairs \
+                     separated by '&'",
+                    number + 1
                 )
             })?;
             if name.starts_with("x-") {
@@ -114,7 +134,8 @@ impl Pkcs11Uri {
             }
             if !QUERY_ATTRIBUTES.contains(&name) {
                 return Err(format!(
-                    "unknown query attribute {name:?}; qseed knows {}",
+                    "unknown query attribute {}; qseed knows {}",
+                    shown(name),
                     QUERY_ATTRIBUTES.join(", ")
                 ));
             }
@@ -126,6 +147,16 @@ impl Pkcs11Uri {
                     format!("attribute {name:?}: {e}")
                 }
             })?;
+            if name != "pin-value" {
+                refuse_misplaced_pin(name, &decoded)?;
+            }
+            if name == "module-path" && !decoded.starts_with('/') {
+                return Err(
+                    "module-path must be an absolute path (a relative one would load a library \
+                     from whatever folder qseed is started in); write the module's full path"
+                        .into(),
+                );
+            }
             let slot = match name {
                 "module-path" => &mut uri.module_path,
                 "module-name" => &mut uri.module_name,
@@ -236,6 +267,19 @@ fn decode(value: &str) -> Result<String, String> {
         .map_err(|_| "the decoded value is not UTF-8 text".to_string())
 }
 
+/// A value that holds another attribute's `pin-value=` is a separator typed wrong
+/// (`token=a&pin-value=1234`): the PIN would be used as a label, and shown wherever the label
+/// is. Refused without showing the value.
+fn refuse_misplaced_pin(name: &str, value: &str) -> Result<(), String> {
+    if value.to_ascii_lowercase().contains("pin-value") {
+        return Err(format!(
+            "the value of {name:?} holds \"pin-value\" (value not shown): query attributes \
+             follow a '?' and are separated by '&', path attributes by ';'"
+        ));
+    }
+    Ok(())
+}
+
 /// Percent-encodes all but RFC 7512's unreserved characters (and the few it allows in paths).
 fn encode(value: &str) -> String {
     use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -319,11 +363,12 @@ mod tests {
         for (text, expected) in [
             ("token=x", "starts with \"pkcs11:\""),
             ("pkcs11:", "names no token"),
-            ("pkcs11:tokn=x", "unknown path attribute \"tokn\""),
+            ("pkcs11:tokn=x", "unknown path attribute (name not shown)"),
+            ("pkcs11:label=x", "unknown path attribute (name not shown)"),
             ("pkcs11:token=a;token=b", "\"token\" is given twice"),
             ("pkcs11:token=a%2", "not followed by two hex digits"),
-            ("pkcs11:slot-id=x", "slot-id \"x\" is not a decimal number"),
-            ("pkcs11:token=a?pin=1", "unknown query attribute \"pin\""),
+            ("pkcs11:slot-id=x", "slot-id is not a decimal number"),
+            ("pkcs11:token=a?pin=1", "unknown query attribute (name not shown)"),
             ("pkcs11:token=a?pin-value=12%G4", "value not shown"),
             ("pkcs11:token=a?pin-value=1&pin-source=file:/p", "keep one"),
         ] {
@@ -331,6 +376,29 @@ mod tests {
             assert!(err.contains(expected), "{text}: {err}");
             assert!(!err.contains("12%G4"), "{err}");
         }
+    }
+
+    /// Issue 21, item 9: a separator typed wrong puts the PIN where a value is expected; no
+    /// error shows it, and a relative module-path is refused.
+    #[test]
+    fn item_09_malformed_uris_never_show_the_pin_and_module_path_is_absolute() {
+        for text in [
+            "pkcs11:token=a?pin-value:8642975",
+            "pkcs11:token=a&pin-value=8642975",
+            "pkcs11:token=a;8642975",
+            "pkcs11:8642975=a",
+            "pkcs11:slot-id=8642975x",
+            "pkcs11:token=a?8642975",
+            "pkcs11:token=a?8642975=1",
+            "pkcs11:token=a?module-path=/m.so;pin-value=8642975",
+        ] {
+            let err = Pkcs11Uri::parse(text).expect_err(text);
+            assert!(!err.contains("8642975"), "{text}: {err}");
+        }
+        let err = Pkcs11Uri::parse("pkcs11:token=a?module-path=libsofthsm2.so").unwrap_err();
+        assert!(err.contains("absolute path"), "{err}");
+        let err = Pkcs11Uri::parse("pkcs11:token=a?module-path=./lib/x.so").unwrap_err();
+        assert!(err.contains("absolute path"), "{err}");
     }
 
     #[test]

@@ -119,10 +119,10 @@ impl Target {
             };
             if let Some((e, flag)) = flagged {
                 self.guard
-                    .record_flag(name, module, &token, &login.source, flag);
+                    .record_flag(name, module, &token, login, flag);
                 return Err(e);
             }
-            let attempt = self.guard.begin(name, module, &token, &login.source)?;
+            let attempt = self.guard.begin(name, module, &token, login)?;
             match session.login(UserType::User, Some(&login.pin)) {
                 Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
                     attempt.accepted()
@@ -292,7 +292,7 @@ impl Target {
         &self,
         token: &TokenIdentity,
     ) -> Result<Option<std::path::PathBuf>, String> {
-        self.guard.lift(&self.config.module, token)
+        self.guard.lift(token)
     }
 
     fn drop_session(&mut self) {

@@ -607,6 +607,12 @@ pub fn load(path: &Path, init_args: Option<&std::ffi::CStr>) -> Result<Pkcs11, H
         }
         _ => {}
     }
+    // Loading a library runs its code as qseed's user (root, for `qseed once` by hand): only
+    // from a file nobody else could have swapped (the one place code is loaded).
+    crate::trust::check(path, "module").map_err(|reason| HsmError::ModuleLoad {
+        path: path.display().to_string(),
+        reason: format!("refused: {reason}"),
+    })?;
     let module = Pkcs11::new(path).map_err(|e| match e {
         CkError::LibraryLoading(e) => fail(e.to_string()),
         CkError::MissingSymbol(name) => {

@@ -1,13 +1,21 @@
 //! The PIN guard: a PIN that a token refused is never presented to it again, by this process
 //! or any later one (HSMs lock users after a few wrong PINs; some wipe partitions).
 //!
-//! A record per token (module, label, serial) sits in `<state folder>/pin-guard/` and names
-//! the *identity* of the PIN source that failed (a PIN file's inode and change times; for a
-//! PIN qseed cannot watch, the configuration file's, see [`crate::config::PinSource`]). It
-//! never holds the PIN nor anything computed from it: PINs are short enough that any hash of
-//! one can be searched. While the source's identity is unchanged, no login is attempted; when
-//! the operator changes the source, the next login presents the new PIN once. `qseed doctor
-//! --retry-pin TARGET`, or deleting the record file, lifts a record explicitly.
+//! A record per token sits in `<state folder>/pin-guard/`. A token is known by what it says of
+//! itself (label, serial, model, manufacturer), not by the module that reaches it: one token
+//! behind p11-kit's proxy and directly is one token. The record names the PIN that failed by a
+//! keyed digest of the PIN itself (HMAC-SHA-256 under `pin-guard/key`, 32 random bytes, 0600):
+//! without the key the digest says nothing about the PIN (PINs are short enough that a plain
+//! hash of one could be searched), and with it the guard notices a changed PIN whatever the
+//! operator did to the file (a `chmod`, a link, an upgrade's `chown` change nothing). While the
+//! PIN is the one that failed, no login is attempted; a new PIN is presented once. `qseed
+//! doctor --retry-pin TARGET`, or deleting the record file, lifts a record explicitly.
+//!
+//! Fails closed: a login goes ahead only once its attempt is written and synced. No state
+//! folder, a record that cannot be read or written, a link, folder or FIFO in a record's
+//! place, a lock that cannot be taken: the login is refused and the target stops with the
+//! reason. Every file is opened through [`StateFolder`] (relative to the folder's descriptor,
+//! never following a link).
 //!
 //! Crash safety: before `C_Login`, an *attempt* record is written and synced; the outcome
 //! replaces it (removed when the PIN was accepted or not judged, *failed* when refused). An
@@ -16,45 +24,47 @@
 //! check-login-record sequence keeps two processes (`run` beside a cron `once`) from both
 //! presenting the same PIN.
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
+use ring::hmac;
 use serde::{Deserialize, Serialize};
 
 use super::error::HsmError;
 use super::token::TokenIdentity;
-use crate::config::PinSource;
-use crate::state::StateDir;
+use crate::config::UserLogin;
+use crate::state::{LockError, StateDir, StateFolder};
 
 /// Subfolder of the state folder holding the records.
 const FOLDER: &str = "pin-guard";
+/// The digest key's file in that folder.
+const KEY_FILE: &str = "key";
+const KEY_LEN: usize = 32;
 /// Records are a few hundred bytes; a larger file is not one of ours.
 const RECORD_LIMIT: u64 = 16 * 1024;
 
-/// Shared by every target of the process (clones share the same records).
+/// Shared by every target of the process (clones share the same folder).
 #[derive(Debug, Clone)]
 pub struct PinGuard {
-    inner: Arc<Inner>,
+    inner: Arc<Result<Folder, String>>,
 }
 
-#[derive(Debug)]
-struct Inner {
-    /// `<state>/pin-guard`, or `None` when state lasts for this process only.
-    folder: Option<PathBuf>,
-    /// Why there is no folder, for the one warning.
-    memory_only_because: Option<String>,
-    warned: AtomicBool,
-    /// Set when the folder failed a write: from then on the memory below counts too.
-    degraded: AtomicBool,
-    /// Failures seen by this process, by token key. With a working folder the folder decides
-    /// (an operator who deletes a record, or runs `--retry-pin` from another process, lifts it
-    /// for a running service too); without one, or after a failed write, this does.
-    failed: Mutex<HashMap<String, Record>>,
+/// The records' folder and the key of their digests.
+struct Folder {
+    folder: StateFolder,
+    key: hmac::Key,
+    /// Names the key in records: a record made under another key cannot be compared.
+    key_id: String,
+}
+
+impl std::fmt::Debug for Folder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Folder")
+            .field("folder", &self.folder.path())
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,8 +84,20 @@ struct Record {
     module: String,
     token_label: String,
     token_serial: String,
+    #[serde(default)]
+    token_model: String,
+    #[serde(default)]
+    token_manufacturer: String,
     pin_source: String,
+    /// Earlier versions named the PIN by its file's metadata; kept readable, not written.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pin_source_identity: String,
+    /// HMAC-SHA-256 of the PIN under the folder's key, hex, first 128 bits.
+    #[serde(default)]
+    pin_digest: String,
+    /// Which key made `pin_digest`.
+    #[serde(default)]
+    key_id: String,
     reason: String,
     time: String,
     pid: u32,
@@ -86,40 +108,59 @@ struct Record {
 struct TokenKey {
     /// File stem of the record: readable, and unique through a digest of the full key.
     id: String,
-    module: PathBuf,
+    /// What every record of this token's file name starts with, earlier versions' included.
+    prefix: String,
     label: String,
     serial: String,
+    model: String,
+    manufacturer: String,
 }
 
 impl TokenKey {
-    fn new(module: &Path, token: &TokenIdentity) -> Self {
-        // Two paths to one module file are one module.
-        let module = std::fs::canonicalize(module).unwrap_or_else(|_| module.to_path_buf());
+    fn new(token: &TokenIdentity) -> Self {
         let mut full = Vec::new();
         for part in [
-            module.as_os_str().as_encoded_bytes(),
-            token.label.as_bytes(),
-            token.serial.as_bytes(),
+            &token.label,
+            &token.serial,
+            &token.model,
+            &token.manufacturer,
         ] {
-            full.extend_from_slice(part);
+            full.extend_from_slice(part.as_bytes());
             full.push(0);
         }
         let digest = ring::digest::digest(&ring::digest::SHA256, &full);
-        let short: String = digest.as_ref()[..6]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let prefix = format!("{}-{}-", file_safe(&token.label), file_safe(&token.serial));
         Self {
-            id: format!(
-                "{}-{}-{short}",
-                file_safe(&token.label),
-                file_safe(&token.serial)
-            ),
-            module,
+            id: format!("{prefix}{}", hex(&digest.as_ref()[..6])),
+            prefix,
             label: token.label.clone(),
             serial: token.serial.clone(),
+            model: token.model.clone(),
+            manufacturer: token.manufacturer.clone(),
         }
     }
+
+    fn record_name(&self) -> String {
+        format!("{}.record", self.id)
+    }
+
+    fn lock_name(&self) -> String {
+        format!("{}.lock", self.id)
+    }
+
+    /// Whether `record` is about this token (an earlier version's record lacks model and
+    /// manufacturer, and is taken as this token's when label and serial match).
+    fn matches(&self, record: &Record) -> bool {
+        record.token_label == self.label
+            && record.token_serial == self.serial
+            && (record.token_model.is_empty() || record.token_model == self.model)
+            && (record.token_manufacturer.is_empty()
+                || record.token_manufacturer == self.manufacturer)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn file_safe(text: &str) -> String {
@@ -143,124 +184,107 @@ fn file_safe(text: &str) -> String {
 }
 
 impl PinGuard {
-    /// A guard keeping its records in `state` (or in memory, if it has no folder).
+    /// A guard keeping its records in `state`. Without a usable folder every login is refused.
     pub fn new(state: &StateDir) -> Self {
-        let (folder, memory_only_because) = match state {
-            StateDir::Folder(dir) => {
-                let folder = dir.join(FOLDER);
-                let made = match std::fs::DirBuilder::new().mode(0o700).create(&folder) {
-                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
-                    _ => tempfile::Builder::new()
-                        .prefix(".probe")
-                        .tempfile_in(&folder)
-                        .map(drop),
-                };
-                match made {
-                    Ok(()) => (Some(folder), None),
-                    // A folder made by another user (root, by hand) is not this one's to use.
-                    Err(e) => (
-                        None,
-                        Some(format!(
-                            "cannot write {} ({e}); make it {}'s (chown -R)",
-                            folder.display(),
-                            super::quirks::running_user()
-                        )),
-                    ),
-                }
-            }
-            StateDir::Memory { why } => (None, Some(why.clone())),
+        let folder = match state {
+            StateDir::Folder(dir) => Folder::open(dir),
+            StateDir::Memory { why } => Err(why.clone()),
         };
         Self {
-            inner: Arc::new(Inner {
-                folder,
-                memory_only_because,
-                warned: AtomicBool::new(false),
-                degraded: AtomicBool::new(false),
-                failed: Mutex::new(HashMap::new()),
-            }),
+            inner: Arc::new(folder),
         }
     }
 
-    /// Where the records are, for `doctor` and the logs.
+    /// Where the records are, for `doctor` and the logs; else why logins are refused.
     pub fn describe(&self) -> Result<String, String> {
-        match (&self.inner.folder, &self.inner.memory_only_because) {
-            (Some(folder), _) => Ok(folder.display().to_string()),
-            (None, why) => Err(why.clone().unwrap_or_default()),
+        match &*self.inner {
+            Ok(folder) => Ok(folder.folder.path().display().to_string()),
+            Err(why) => Err(why.clone()),
         }
     }
 
-    /// Before `C_Login` with `source` on `token`: refuses when this source already failed on
-    /// this token (or a login with it was cut short); otherwise records the attempt and
-    /// returns it, to be settled with the login's outcome.
+    /// Before `C_Login` with `login` on `token`: refuses when this PIN already failed on this
+    /// token (or a login with it was cut short), or when the attempt cannot be recorded;
+    /// otherwise records the attempt and returns it, to be settled with the login's outcome.
     pub fn begin(
         &self,
         target: &str,
         module: &Path,
         token: &TokenIdentity,
-        source: &PinSource,
+        login: &UserLogin,
     ) -> Result<LoginAttempt, HsmError> {
-        let key = TokenKey::new(module, token);
-        let memory_decides =
-            self.inner.folder.is_none() || self.inner.degraded.load(Ordering::Relaxed);
-        if let Some(failed) = self.failed_lock().get(&key.id).filter(|_| memory_decides) {
-            if failed.pin_source_identity == source.identity {
-                return Err(blocked(failed, target, source, None));
+        let folder = match &*self.inner {
+            Ok(folder) => folder,
+            Err(why) => {
+                return Err(HsmError::PinGuarded(format!(
+                    "not logging in: the PIN guard cannot record login attempts ({why}), and \
+                     without a record a wrong PIN could be presented again by the next process \
+                     (HSMs lock users after a few). Give qseed a state folder of its own user's \
+                     ([service] state_dir, or the package's /var/lib/qseed)"
+                )))
             }
-        }
-        let record = Record {
-            outcome: Outcome::Attempt,
-            target: target.to_string(),
-            module: key.module.display().to_string(),
-            token_label: key.label.clone(),
-            token_serial: key.serial.clone(),
-            pin_source: source.described.clone(),
-            pin_source_identity: source.identity.clone(),
-            reason: String::new(),
-            time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            pid: std::process::id(),
         };
-        let Some(folder) = &self.inner.folder else {
-            self.warn_memory_only();
-            return Ok(LoginAttempt::new(self.clone(), key, record, None));
-        };
-        let lock = match lock(folder, &key) {
+        let key = TokenKey::new(token);
+        let digest = folder.digest(login);
+        let lock = match folder.folder.lock(&key.lock_name(), true, false) {
             Ok(lock) => lock,
             Err(LockError::Busy) => return Err(HsmError::LoginBusy),
             Err(LockError::Io(e)) => {
-                self.degrade(&format!(
-                    "cannot lock a record in {}: {e}",
-                    folder.display()
-                ));
-                return Ok(LoginAttempt::new(self.clone(), key, record, None));
+                return Err(cannot_record(
+                    &format!(
+                        "cannot lock {}: {e}",
+                        folder.folder.file_path(&key.lock_name()).display()
+                    ),
+                ))
             }
         };
-        let path = record_path(folder, &key);
-        match read_record(&path) {
-            Ok(None) => {}
-            Ok(Some(earlier)) if earlier.pin_source_identity == source.identity => {
-                return Err(blocked(&earlier, target, source, Some(&path)));
+        for (name, earlier) in folder.records_of(&key).map_err(|e| cannot_record(&e))? {
+            let path = folder.folder.file_path(&name);
+            if earlier.pin_digest.is_empty() || earlier.key_id != folder.key_id {
+                // Made by an earlier version (which named the PIN by file metadata) or under
+                // a key since lost: whether the PIN changed cannot be told.
+                return Err(blocked(&earlier, target, login, &path, true));
             }
-            Ok(Some(earlier)) => tracing::info!(
-                "{target}: {} changed since the login that {} on {}; presenting it once",
-                source.described,
+            if earlier.pin_digest == digest {
+                return Err(blocked(&earlier, target, login, &path, false));
+            }
+            tracing::info!(
+                "{target}: the PIN of {} changed since the login that {} on {}; presenting it \
+                 once",
+                login.source.described,
                 match earlier.outcome {
                     Outcome::Failed => format!("failed ({})", earlier.reason),
                     Outcome::Attempt => "was cut short".to_string(),
                 },
                 earlier.time
-            ),
-            Err(e) => {
-                return Err(HsmError::PinGuarded(format!(
-                    "the PIN guard's record {} cannot be read ({e}), so qseed will not risk a \
-                     login; delete that file to allow one",
-                    path.display()
-                )))
-            }
+            );
         }
-        if let Err(e) = write_record(folder, &path, &record) {
-            self.degrade(&format!("cannot write {}: {e}", path.display()));
-        }
-        Ok(LoginAttempt::new(self.clone(), key, record, Some(lock)))
+        let record = Record {
+            outcome: Outcome::Attempt,
+            target: target.to_string(),
+            module: std::fs::canonicalize(module)
+                .unwrap_or_else(|_| module.to_path_buf())
+                .display()
+                .to_string(),
+            token_label: key.label.clone(),
+            token_serial: key.serial.clone(),
+            token_model: key.model.clone(),
+            token_manufacturer: key.manufacturer.clone(),
+            pin_source: login.source.described.clone(),
+            pin_source_identity: String::new(),
+            pin_digest: digest,
+            key_id: folder.key_id.clone(),
+            reason: String::new(),
+            time: now(),
+            pid: std::process::id(),
+        };
+        folder.write(&key, &record).map_err(|e| cannot_record(&e))?;
+        Ok(LoginAttempt {
+            guard: self.clone(),
+            key,
+            record,
+            _lock: lock,
+        })
     }
 
     /// Records a failure that needed no login (the token's flags say the PIN is locked, or
@@ -270,63 +294,186 @@ impl PinGuard {
         target: &str,
         module: &Path,
         token: &TokenIdentity,
-        source: &PinSource,
+        login: &UserLogin,
         reason: &str,
     ) {
-        if let Ok(attempt) = self.begin(target, module, token, source) {
+        if let Ok(attempt) = self.begin(target, module, token, login) {
             attempt.refused(reason);
         }
     }
 
-    /// Forgets the record for `token` (`doctor --retry-pin`); returns the file removed, if any.
-    pub fn lift(&self, module: &Path, token: &TokenIdentity) -> Result<Option<PathBuf>, String> {
-        let key = TokenKey::new(module, token);
-        self.failed_lock().remove(&key.id);
-        let Some(folder) = &self.inner.folder else {
-            return Ok(None);
+    /// Forgets the records for `token` (`doctor --retry-pin`); returns the file removed, if any.
+    pub fn lift(&self, token: &TokenIdentity) -> Result<Option<PathBuf>, String> {
+        let folder = match &*self.inner {
+            Ok(folder) => folder,
+            Err(why) => return Err(format!("the PIN guard has no folder: {why}")),
         };
-        let _lock = lock(folder, &key).map_err(|e| match e {
-            LockError::Busy => "another qseed process is logging in to this token right now; \
-                                try again in a moment"
-                .to_string(),
-            LockError::Io(e) => format!("cannot lock the record in {}: {e}", folder.display()),
-        })?;
-        let path = record_path(folder, &key);
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(Some(path)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("cannot remove {}: {e}", path.display())),
+        let key = TokenKey::new(token);
+        let _lock = folder
+            .folder
+            .lock(&key.lock_name(), true, false)
+            .map_err(|e| match e {
+                LockError::Busy => "another qseed process is logging in to this token right \
+                                    now; try again in a moment"
+                    .to_string(),
+                LockError::Io(e) => format!(
+                    "cannot lock the record in {}: {e}",
+                    folder.folder.path().display()
+                ),
+            })?;
+        let mut removed = None;
+        for name in folder.removable(&key)? {
+            match folder.folder.remove(&name) {
+                Ok(true) => removed = Some(folder.folder.file_path(&name)),
+                Ok(false) => {}
+                Err(e) => {
+                    return Err(format!(
+                        "cannot remove {}: {e}",
+                        folder.folder.file_path(&name).display()
+                    ))
+                }
+            }
         }
+        Ok(removed)
     }
 
-    fn warn_memory_only(&self) {
-        if !self.inner.warned.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                "PIN guard: {}; a refused PIN is remembered only while this process runs. Set \
-                 [service] state_dir to a folder qseed's user can write",
-                self.inner
-                    .memory_only_because
-                    .as_deref()
-                    .unwrap_or("no state folder")
-            );
-        }
+    fn folder(&self) -> Option<&Folder> {
+        self.inner.as_ref().as_ref().ok()
+    }
+}
+
+impl Folder {
+    fn open(state: &Path) -> Result<Self, String> {
+        let folder = StateFolder::open(state)
+            .and_then(|state| state.subfolder(FOLDER))
+            .map_err(|e| format!("{e}; make the state folder {}'s", super::quirks::running_user()))?;
+        let key = match folder.read(KEY_FILE, KEY_LEN as u64) {
+            Ok(Some(key)) if key.len() == KEY_LEN => key,
+            Ok(Some(_)) => {
+                return Err(format!(
+                    "{} is damaged; remove it (the records made under it then block until \
+                     lifted with `qseed doctor --retry-pin`)",
+                    folder.file_path(KEY_FILE).display()
+                ))
+            }
+            Ok(None) => {
+                let mut key = zeroize::Zeroizing::new(vec![0u8; KEY_LEN]);
+                getrandom::fill(&mut key).map_err(|e| format!("no randomness for a key: {e}"))?;
+                folder.write_atomic(KEY_FILE, &key).map_err(|e| {
+                    format!("cannot write {}: {e}", folder.file_path(KEY_FILE).display())
+                })?;
+                key
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot read {}: {e}",
+                    folder.file_path(KEY_FILE).display()
+                ))
+            }
+        };
+        let key_id = hex(&ring::digest::digest(&ring::digest::SHA256, &key).as_ref()[..4]);
+        Ok(Self {
+            folder,
+            key: hmac::Key::new(hmac::HMAC_SHA256, &key),
+            key_id,
+        })
     }
 
-    fn degrade(&self, why: &str) {
-        self.inner.degraded.store(true, Ordering::Relaxed);
-        if !self.inner.warned.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                "PIN guard: {why}; a refused PIN is remembered only while this process runs"
-            );
-        }
+    fn digest(&self, login: &UserLogin) -> String {
+        use secrecy::ExposeSecret;
+        let tag = hmac::sign(&self.key, login.pin.expose_secret().as_bytes());
+        hex(&tag.as_ref()[..16])
     }
 
-    fn failed_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
-        self.inner
-            .failed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    /// The names of the record files that may be `key`'s (this version's and earlier ones').
+    fn record_names(&self, key: &TokenKey) -> Result<Vec<String>, String> {
+        let names = self
+            .folder
+            .names()
+            .map_err(|e| format!("cannot list {}: {e}", self.folder.path().display()))?;
+        Ok(names
+            .into_iter()
+            .filter(|n| n.starts_with(&key.prefix) && n.ends_with(".record"))
+            .collect())
     }
+
+    /// The record files to remove for `key`: its own, and earlier versions' that are about
+    /// this token (a record of another token whose name starts alike stays).
+    fn removable(&self, key: &TokenKey) -> Result<Vec<String>, String> {
+        let own = key.record_name();
+        let mut names = vec![own.clone()];
+        for name in self.record_names(key)? {
+            if name == own {
+                continue;
+            }
+            let about_this_token = self
+                .folder
+                .read(&name, RECORD_LIMIT)
+                .ok()
+                .flatten()
+                .and_then(|bytes| toml::from_str::<Record>(std::str::from_utf8(&bytes).ok()?).ok())
+                .is_some_and(|record| key.matches(&record));
+            if about_this_token {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    /// `key`'s records. One that cannot be read is an error: qseed will not risk a login.
+    fn records_of(&self, key: &TokenKey) -> Result<Vec<(String, Record)>, String> {
+        let mut found = Vec::new();
+        for name in self.record_names(key)? {
+            let path = self.folder.file_path(&name);
+            let damaged = |e: &dyn std::fmt::Display| {
+                format!(
+                    "the PIN guard's record {} cannot be read ({e}); delete that file to allow \
+                     one login",
+                    path.display()
+                )
+            };
+            let Some(bytes) = self
+                .folder
+                .read(&name, RECORD_LIMIT)
+                .map_err(|e| damaged(&e))?
+            else {
+                continue;
+            };
+            let text = std::str::from_utf8(&bytes).map_err(|e| damaged(&e))?;
+            let record: Record = toml::from_str(text).map_err(|e| damaged(&e.message().trim()))?;
+            if key.matches(&record) {
+                found.push((name, record));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Writes `record` as `key`'s record, whole or not at all, and removes earlier versions'.
+    fn write(&self, key: &TokenKey, record: &Record) -> Result<(), String> {
+        let body = toml::to_string(record).map_err(|e| e.to_string())?;
+        let text = format!(
+            "# qseed PIN guard: qseed will not present this PIN to this token again.\n\
+             # To allow one more login, correct the PIN, run\n\
+             #   qseed doctor --retry-pin {}\n\
+             # or delete this file.\n{body}",
+            record.target
+        );
+        let name = key.record_name();
+        self.folder
+            .write_atomic(&name, text.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", self.folder.file_path(&name).display()))
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+fn cannot_record(why: &str) -> HsmError {
+    HsmError::PinGuarded(format!(
+        "not logging in: the PIN guard {why}, and qseed logs in only once the attempt is on \
+         record (HSMs lock users after a few wrong PINs). Fix the state folder, then restart"
+    ))
 }
 
 /// A login under way; settle it with the outcome. Dropped unsettled (a thread that died), the
@@ -337,19 +484,10 @@ pub struct LoginAttempt {
     key: TokenKey,
     record: Record,
     /// Held until settled: no other process presents a PIN to this token meanwhile.
-    lock: Option<File>,
+    _lock: File,
 }
 
 impl LoginAttempt {
-    fn new(guard: PinGuard, key: TokenKey, record: Record, lock: Option<File>) -> Self {
-        Self {
-            guard,
-            key,
-            record,
-            lock,
-        }
-    }
-
     /// The token accepted the PIN: no record.
     pub fn accepted(self) {
         self.clear();
@@ -361,139 +499,91 @@ impl LoginAttempt {
         self.clear();
     }
 
-    /// The token refused the PIN: recorded for this process and, where possible, for good.
+    /// The token refused the PIN: recorded for good. If that write fails, the attempt record
+    /// already on disk blocks the PIN just the same.
     pub fn refused(mut self, reason: &str) {
         self.record.outcome = Outcome::Failed;
         self.record.reason = reason.to_string();
-        self.record.time =
-            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-        self.guard
-            .failed_lock()
-            .insert(self.key.id.clone(), self.record.clone());
-        if let (Some(folder), Some(_)) = (&self.guard.inner.folder, &self.lock) {
-            let path = record_path(folder, &self.key);
-            if let Err(e) = write_record(folder, &path, &self.record) {
-                self.guard
-                    .degrade(&format!("cannot write {}: {e}", path.display()));
+        self.record.time = now();
+        if let Some(folder) = self.guard.folder() {
+            if let Err(e) = folder.write(&self.key, &self.record) {
+                tracing::warn!("PIN guard: {e}; the attempt's record blocks this PIN instead");
             }
         }
     }
 
     fn clear(self) {
-        self.guard.failed_lock().remove(&self.key.id);
-        if let (Some(folder), Some(_)) = (&self.guard.inner.folder, &self.lock) {
-            let path = record_path(folder, &self.key);
-            match std::fs::remove_file(&path) {
-                Ok(()) => sync_folder(folder),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!("PIN guard: cannot remove {}: {e}", path.display()),
+        let Some(folder) = self.guard.folder() else {
+            return;
+        };
+        let names = match folder.removable(&self.key) {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!("PIN guard: {e}");
+                return;
+            }
+        };
+        for name in names {
+            if let Err(e) = folder.folder.remove(&name) {
+                tracing::warn!(
+                    "PIN guard: cannot remove {}: {e}",
+                    folder.folder.file_path(&name).display()
+                );
             }
         }
     }
 }
 
-fn blocked(record: &Record, target: &str, source: &PinSource, path: Option<&Path>) -> HsmError {
-    let file = path
-        .map(|p| format!(", or delete {}", p.display()))
-        .unwrap_or_default();
-    let change = if source.watches_file {
-        "correct the PIN file (qseed notices the change)"
-    } else {
-        "correct the PIN, then change the configuration file (qseed cannot watch an inline, \
-         environment or credential PIN; `touch` will do)"
-    };
+fn blocked(
+    record: &Record,
+    target: &str,
+    login: &UserLogin,
+    path: &Path,
+    undecidable: bool,
+) -> HsmError {
+    let lift = format!(
+        "run `qseed doctor --retry-pin {target}` (as qseed's user, with its state folder), or \
+         delete {}",
+        path.display()
+    );
+    if undecidable {
+        return HsmError::PinGuarded(format!(
+            "not logging in: {} with {} on {} ({}), and that record was made by an earlier \
+             qseed version or under a lost key, so whether the PIN changed since cannot be \
+             told; HSMs lock users after a few wrong PINs. If the PIN is right now, {lift}",
+            match record.outcome {
+                Outcome::Failed => "a login failed",
+                Outcome::Attempt => "a login was cut short",
+            },
+            login.source.described,
+            record.time,
+            if record.reason.is_empty() {
+                "no outcome"
+            } else {
+                &record.reason
+            },
+        ));
+    }
     HsmError::PinGuarded(match record.outcome {
         Outcome::Failed => format!(
-            "not logging in: a login with {} failed on {} ({}), and HSMs lock users after a \
-             few wrong PINs. To present a PIN again, {change}, or run `qseed doctor \
-             --retry-pin {target}`{file}",
-            source.described, record.time, record.reason
+            "not logging in: a login with this PIN ({}) failed on {} ({}), and HSMs lock users \
+             after a few wrong PINs. To present a PIN again, correct the PIN (qseed notices \
+             the change), or {lift}",
+            login.source.described, record.time, record.reason
         ),
         Outcome::Attempt => format!(
-            "not logging in: a qseed process (pid {}) stopped during a login with {} on {}, so \
-             whether the token accepted that PIN is unknown, and HSMs lock users after a few \
-             wrong PINs. If the PIN is right, run `qseed doctor --retry-pin {target}`{file}",
-            record.pid, source.described, record.time
+            "not logging in: a qseed process (pid {}) stopped during a login with this PIN \
+             ({}) on {}, so whether the token accepted it is unknown, and HSMs lock users \
+             after a few wrong PINs. If the PIN is right, {lift}",
+            record.pid, login.source.described, record.time
         ),
     })
-}
-
-fn record_path(folder: &Path, key: &TokenKey) -> PathBuf {
-    folder.join(format!("{}.record", key.id))
-}
-
-enum LockError {
-    Busy,
-    Io(std::io::Error),
-}
-
-fn lock(folder: &Path, key: &TokenKey) -> Result<File, LockError> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(folder.join(format!("{}.lock", key.id)))
-        .map_err(LockError::Io)?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(LockError::Busy),
-        Err(e) => Err(LockError::Io(e.into())),
-    }
-}
-
-fn read_record(path: &Path) -> Result<Option<Record>, String> {
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    };
-    let mut text = String::new();
-    file.take(RECORD_LIMIT + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| e.to_string())?;
-    if text.len() as u64 > RECORD_LIMIT {
-        return Err("it is too large to be a record".into());
-    }
-    toml::from_str(&text)
-        .map(Some)
-        .map_err(|e| e.message().trim().to_string())
-}
-
-/// Writes `record` to `path` whole or not at all (a temporary file, synced, then renamed).
-fn write_record(folder: &Path, path: &Path, record: &Record) -> std::io::Result<()> {
-    let body = toml::to_string(record).map_err(std::io::Error::other)?;
-    let mut file = tempfile::Builder::new()
-        .prefix(".record")
-        .tempfile_in(folder)?;
-    write!(
-        file,
-        "# qseed PIN guard: qseed will not present this PIN source to this token again.\n\
-         # To allow one more login, correct the PIN source, run\n\
-         #   qseed doctor --retry-pin {}\n\
-         # or delete this file.\n{body}",
-        record.target
-    )?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|e| e.error)?;
-    sync_folder(folder);
-    Ok(())
-}
-
-fn sync_folder(folder: &Path) {
-    if let Ok(dir) = File::open(folder) {
-        let _ = dir.sync_all();
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PinSource;
 
     fn token(serial: &str) -> TokenIdentity {
         TokenIdentity {
@@ -517,11 +607,14 @@ mod tests {
         }
     }
 
-    fn source(identity: &str) -> PinSource {
-        PinSource {
-            described: "pin_file \"hsm.pin\"".into(),
-            identity: identity.into(),
-            watches_file: true,
+    fn login(pin: &str) -> UserLogin {
+        UserLogin {
+            pin: cryptoki::types::AuthPin::from(pin.to_string()),
+            source: PinSource {
+                described: "pin_file \"hsm.pin\"".into(),
+                identity: "file:/x:ino=7".into(),
+                watches_file: true,
+            },
         }
     }
 
@@ -530,19 +623,28 @@ mod tests {
     }
 
     const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+    const PROXY: &str = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so";
+
+    fn records(dir: &Path) -> Vec<PathBuf> {
+        std::fs::read_dir(dir.join(FOLDER))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "record"))
+            .collect()
+    }
 
     #[test]
-    fn a_refused_pin_is_blocked_in_later_processes_until_its_source_changes() {
+    fn a_refused_pin_is_blocked_in_later_processes_until_the_pin_changes() {
         let dir = tempfile::tempdir().unwrap();
         let t = token("1234");
         let attempt = guard(dir.path())
-            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
             .unwrap();
         attempt.refused("C_Login: CKR_PIN_INCORRECT");
         // A new guard is a new process: it reads the record.
         let later = guard(dir.path());
         let err = later
-            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
             .unwrap_err();
         assert!(err.is_pin_error() && err.is_permanent());
         let text = err.to_string();
@@ -550,18 +652,74 @@ mod tests {
         assert!(text.contains("--retry-pin a"), "{text}");
         // Another token of the same module is not affected.
         later
-            .begin("b", Path::new(MODULE), &token("5678"), &source("v1"))
+            .begin("b", Path::new(MODULE), &token("5678"), &login("1111"))
             .unwrap()
             .accepted();
-        // A changed source is presented once; accepted, the record is gone.
+        // A changed PIN is presented once; accepted, the record is gone.
         later
-            .begin("a", Path::new(MODULE), &t, &source("v2"))
+            .begin("a", Path::new(MODULE), &t, &login("2222"))
             .unwrap()
             .accepted();
+        assert!(records(dir.path()).is_empty());
         guard(dir.path())
-            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
             .unwrap()
             .accepted();
+    }
+
+    /// Issue 21, item 2: what the operator does to the PIN's file (its metadata, its path) is
+    /// not a new PIN; only the PIN itself decides.
+    #[test]
+    fn item_02_the_pin_source_is_known_by_its_content_not_its_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = token("1");
+        guard(dir.path())
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
+            .unwrap()
+            .refused("C_Login: CKR_PIN_INCORRECT");
+        let mut moved = login("1111");
+        moved.source.identity = "file:/elsewhere:ino=8:ctime=9".into();
+        moved.source.described = "pin_file \"sub/../hsm.pin\"".into();
+        assert!(guard(dir.path())
+            .begin("a", Path::new(MODULE), &t, &moved)
+            .is_err());
+        // Nothing from which the PIN can be found is kept: a keyed digest only.
+        let text = std::fs::read_to_string(&records(dir.path())[0]).unwrap();
+        assert!(!text.contains("1111"), "{text}");
+        let plain = hex(ring::digest::digest(&ring::digest::SHA256, b"1111").as_ref());
+        assert!(!text.contains(&plain[..32]), "{text}");
+        let key = dir.path().join(FOLDER).join(KEY_FILE);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    /// Issue 21, item 10: one token reached through two modules (p11-kit's proxy and directly)
+    /// is one token.
+    #[test]
+    fn item_10_one_token_through_two_modules_is_one_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = token("1");
+        guard(dir.path())
+            .begin("direct", Path::new(MODULE), &t, &login("1111"))
+            .unwrap()
+            .refused("C_Login: CKR_PIN_INCORRECT");
+        let mut through_proxy = t.clone();
+        through_proxy.slot = cryptoki::slot::Slot::try_from(17u64).unwrap();
+        through_proxy.slot_description = "p11-kit".into();
+        assert!(guard(dir.path())
+            .begin("proxied", Path::new(PROXY), &through_proxy, &login("1111"))
+            .is_err());
+        // Another model with that label and serial is another token.
+        let mut other = t.clone();
+        other.model = "other".into();
+        guard(dir.path())
+            .begin("other", Path::new(MODULE), &other, &login("1111"))
+            .unwrap()
+            .inconclusive();
+        assert_eq!(records(dir.path()).len(), 1);
     }
 
     #[test]
@@ -569,19 +727,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = token("1");
         let attempt = guard(dir.path())
-            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
             .unwrap();
         // The process dies mid-login: the attempt is never settled, its lock released.
         drop(attempt);
         let later = guard(dir.path());
         let err = later
-            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
             .unwrap_err();
         assert!(err.to_string().contains("stopped during a login"), "{err}");
-        let removed = later.lift(Path::new(MODULE), &t).unwrap();
+        let removed = later.lift(&t).unwrap();
         assert!(removed.is_some());
         later
-            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
             .unwrap()
             .accepted();
     }
@@ -591,31 +749,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = token("1");
         let first = guard(dir.path())
-            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
             .unwrap();
-        let second = guard(dir.path()).begin("a", Path::new(MODULE), &t, &source("v1"));
+        let second = guard(dir.path()).begin("a", Path::new(MODULE), &t, &login("1111"));
         assert!(matches!(second, Err(HsmError::LoginBusy)), "{second:?}");
         first.inconclusive();
         guard(dir.path())
-            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
             .unwrap()
             .accepted();
     }
 
     #[test]
-    fn records_hold_no_pin_and_a_damaged_record_blocks() {
+    fn a_damaged_record_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let t = token("1");
         guard(dir.path())
-            .begin("a", Path::new(MODULE), &t, &source("file:/x:ino=7"))
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
             .unwrap()
             .refused("C_Login: CKR_PIN_INCORRECT");
-        let folder = dir.path().join(FOLDER);
-        let record = std::fs::read_dir(&folder)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.extension().is_some_and(|e| e == "record"))
-            .unwrap();
+        let record = records(dir.path()).remove(0);
         let text = std::fs::read_to_string(&record).unwrap();
         assert!(text.contains("outcome = \"failed\""), "{text}");
         assert!(text.contains("token_serial = \"1\""), "{text}");
@@ -629,9 +782,64 @@ mod tests {
         );
         std::fs::write(&record, "garbage").unwrap();
         let err = guard(dir.path())
-            .begin("a", Path::new(MODULE), &t, &source("other"))
+            .begin("a", Path::new(MODULE), &t, &login("2222"))
             .unwrap_err();
         assert!(err.to_string().contains("cannot be read"), "{err}");
+    }
+
+    /// Issue 21, item 3: when the attempt cannot be recorded, there is no login.
+    #[test]
+    fn item_03_the_guard_fails_closed() {
+        let t = token("1");
+        // No state folder.
+        let guard_without = PinGuard::new(&StateDir::Memory { why: "test".into() });
+        let err = guard_without
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot record"), "{err}");
+        assert!(guard_without.describe().is_err());
+
+        // The lock replaced by a link, then by a folder.
+        let dir = tempfile::tempdir().unwrap();
+        let g = guard(dir.path());
+        let lock = dir
+            .path()
+            .join(FOLDER)
+            .join(TokenKey::new(&t).lock_name());
+        std::os::unix::fs::symlink("/dev/null", &lock).unwrap();
+        let err = g
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
+            .unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        std::fs::remove_file(&lock).unwrap();
+        std::fs::create_dir(&lock).unwrap();
+        assert!(g.begin("a", Path::new(MODULE), &t, &login("1111")).is_err());
+        std::fs::remove_dir(&lock).unwrap();
+
+        // A FIFO in place of the record: refused at once, not waited on.
+        let record = dir
+            .path()
+            .join(FOLDER)
+            .join(TokenKey::new(&t).record_name());
+        rustix::fs::mkfifoat(rustix::fs::CWD, &record, rustix::fs::Mode::from_raw_mode(0o600))
+            .unwrap();
+        let err = g
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
+            .unwrap_err();
+        assert!(err.to_string().contains("FIFO"), "{err}");
+        std::fs::remove_file(&record).unwrap();
+
+        // A folder nobody can write in (as a full disk would fail the write).
+        if !rustix::process::geteuid().is_root() {
+            use std::os::unix::fs::PermissionsExt;
+            let folder = dir.path().join(FOLDER);
+            std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o500)).unwrap();
+            let err = g
+                .begin("a", Path::new(MODULE), &t, &login("1111"))
+                .unwrap_err();
+            std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o700)).unwrap();
+            assert!(err.to_string().contains("cannot record"), "{err}");
+        }
     }
 
     #[test]
@@ -640,34 +848,43 @@ mod tests {
         let running = guard(dir.path());
         let t = token("1");
         running
-            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
             .unwrap()
             .refused("C_Login: CKR_PIN_INCORRECT");
         assert!(running
-            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
             .is_err());
         // Another process (`doctor --retry-pin`) lifts it.
-        assert!(guard(dir.path())
-            .lift(Path::new(MODULE), &t)
-            .unwrap()
-            .is_some());
+        assert!(guard(dir.path()).lift(&t).unwrap().is_some());
         running
-            .begin("a", Path::new(MODULE), &t, &source("v1"))
+            .begin("a", Path::new(MODULE), &t, &login("1111"))
             .unwrap()
             .accepted();
     }
 
     #[test]
-    fn without_a_folder_the_guard_lasts_for_the_process() {
-        let guard = PinGuard::new(&StateDir::Memory { why: "test".into() });
+    fn an_earlier_versions_record_blocks_until_lifted() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join(FOLDER);
+        std::fs::create_dir(&folder).unwrap();
+        // As qseed 0.1 wrote it: identity by file metadata, named with a digest of the module.
+        std::fs::write(
+            folder.join("hsm_one-1-0123456789ab.record"),
+            "outcome = \"failed\"\ntarget = \"a\"\nmodule = \"/m.so\"\ntoken_label = \
+             \"hsm one\"\ntoken_serial = \"1\"\npin_source = \"pin_file\"\n\
+             pin_source_identity = \"/p:ino=1\"\nreason = \"CKR_PIN_INCORRECT\"\n\
+             time = \"2026-01-01T00:00:00Z\"\npid = 7\n",
+        )
+        .unwrap();
+        let g = guard(dir.path());
         let t = token("1");
-        guard
-            .begin("a", Path::new(MODULE), &t, &source("v1"))
+        let err = g
+            .begin("a", Path::new(MODULE), &t, &login("2222"))
+            .unwrap_err();
+        assert!(err.to_string().contains("earlier qseed version"), "{err}");
+        assert!(g.lift(&t).unwrap().is_some());
+        g.begin("a", Path::new(MODULE), &t, &login("2222"))
             .unwrap()
-            .refused("C_Login: CKR_PIN_INCORRECT");
-        assert!(guard
-            .begin("a", Path::new(MODULE), &t, &source("v1"))
-            .is_err());
-        assert!(guard.describe().is_err());
+            .accepted();
     }
 }
