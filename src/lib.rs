@@ -57,6 +57,6 @@ pub mod service;
 pub mod simulator;
 pub mod source;
 pub mod state;
-pub mod trust;
 pub mod telemetry;
+pub mod trust;
 pub mod units;

@@ -191,8 +191,8 @@ impl StateFolder {
     }
 
     fn verified(fd: OwnedFd, path: PathBuf) -> Result<Self, String> {
-        let stat =
-            rustix::fs::fstat(&fd).map_err(|e| format!("cannot inspect {}: {e}", path.display()))?;
+        let stat = rustix::fs::fstat(&fd)
+            .map_err(|e| format!("cannot inspect {}: {e}", path.display()))?;
         let me = rustix::process::geteuid().as_raw();
         if stat.st_uid != me && !crate::trust::checks_disabled() {
             return Err(format!(
@@ -201,7 +201,7 @@ impl StateFolder {
                 path.display(),
                 crate::trust::user_name(stat.st_uid),
                 crate::trust::user_name(me),
-                me,
+                crate::trust::login_name(me),
                 path.display()
             ));
         }

@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 /// The documented opt-out, read from the environment only.
@@ -41,7 +41,17 @@ pub fn check(path: &Path, what: &str) -> Result<(), String> {
     if checks_disabled() {
         return Ok(());
     }
-    check_with(path, what, &Me::current())
+    check_with(path, what, &Me::current(), false)
+}
+
+/// [`check`] for an entropy source: a character device at the end of the path is only
+/// checked for its owner (device nodes such as `/dev/urandom` are writable by all, and what is
+/// written to a device is not what it reads back); everything else as [`check`].
+pub fn check_device(path: &Path, what: &str) -> Result<(), String> {
+    if checks_disabled() {
+        return Ok(());
+    }
+    check_with(path, what, &Me::current(), true)
 }
 
 /// Checks a folder qseed writes its own state into: as [`check`], and the folder itself must
@@ -51,7 +61,7 @@ pub fn check_own_folder(path: &Path, what: &str) -> Result<(), String> {
         return Ok(());
     }
     let me = Me::current();
-    check_with(path, what, &me)?;
+    check_with(path, what, &me, false)?;
     let meta = std::fs::metadata(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
     if meta.uid() != me.uid {
         return Err(format!(
@@ -82,7 +92,7 @@ impl Me {
     }
 }
 
-fn check_with(path: &Path, what: &str, me: &Me) -> Result<(), String> {
+fn check_with(path: &Path, what: &str, me: &Me, device: bool) -> Result<(), String> {
     let start = if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -93,7 +103,8 @@ fn check_with(path: &Path, what: &str, me: &Me) -> Result<(), String> {
     let mut pending: VecDeque<OsString> = VecDeque::new();
     push_front(&mut pending, &start);
     let mut current = PathBuf::from("/");
-    let root = std::fs::metadata(&current).map_err(|e| format!("{what} {}: /: {e}", path.display()))?;
+    let root =
+        std::fs::metadata(&current).map_err(|e| format!("{what} {}: /: {e}", path.display()))?;
     inspect(&current, &root, what, path, me, Step::Folder)?;
     let mut links = 0;
     while let Some(name) = pending.pop_front() {
@@ -110,7 +121,13 @@ fn check_with(path: &Path, what: &str, me: &Me) -> Result<(), String> {
             Ok(meta) => meta,
             // Missing: nothing to trust or distrust; the caller's open reports it.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(format!("{what} {}: {}: {e}", path.display(), next.display())),
+            Err(e) => {
+                return Err(format!(
+                    "{what} {}: {}: {e}",
+                    path.display(),
+                    next.display()
+                ))
+            }
         };
         if meta.file_type().is_symlink() {
             // The link's owner could point it elsewhere (its folder was checked already).
@@ -130,10 +147,12 @@ fn check_with(path: &Path, what: &str, me: &Me) -> Result<(), String> {
             push_front(&mut pending, &target);
             continue;
         }
-        let step = if pending.is_empty() {
-            Step::Last
-        } else {
+        let step = if !pending.is_empty() {
             Step::Folder
+        } else if device && meta.file_type().is_char_device() {
+            Step::Device
+        } else {
+            Step::Last
         };
         inspect(&next, &meta, what, path, me, step)?;
         current = next;
@@ -158,6 +177,8 @@ enum Step {
     Folder,
     /// What the path names.
     Last,
+    /// What the path names, a character device: its owner counts, not its mode.
+    Device,
 }
 
 fn inspect(
@@ -169,6 +190,9 @@ fn inspect(
     step: Step,
 ) -> Result<(), String> {
     owner_trusted(at, meta, what, path, me)?;
+    if step == Step::Device {
+        return Ok(());
+    }
     let mode = meta.permissions().mode();
     let sticky_root_folder = meta.is_dir() && mode & 0o1000 != 0 && meta.uid() == 0;
     let others_write = mode & 0o002 != 0 && !(step == Step::Folder && sticky_root_folder);
@@ -241,6 +265,14 @@ fn opt_out_hint() -> String {
     format!(" (or set {ALLOW_ENV}=1 in the environment to accept the risk)")
 }
 
+/// The user's name as `chown` takes it (its number when it has none).
+pub fn login_name(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(user)) => user.name,
+        _ => uid.to_string(),
+    }
+}
+
 /// `name (uid N)`, or `uid N` for a user without a name.
 pub fn user_name(uid: u32) -> String {
     match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
@@ -273,7 +305,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f");
         std::fs::write(&file, "x").unwrap();
-        check_with(&file, "module", &me()).unwrap();
+        check_with(&file, "module", &me(), false).unwrap();
     }
 
     #[test]
@@ -284,14 +316,14 @@ mod tests {
         let file = sub.join("f");
         std::fs::write(&file, "x").unwrap();
         chmod(&file, 0o666);
-        let err = check_with(&file, "module", &me()).unwrap_err();
+        let err = check_with(&file, "module", &me(), false).unwrap_err();
         assert!(
             err.contains("the file") && err.contains("chmod o-w") && err.contains("0666"),
             "{err}"
         );
         chmod(&file, 0o644);
         chmod(&sub, 0o777);
-        let err = check_with(&file, "module", &me()).unwrap_err();
+        let err = check_with(&file, "module", &me(), false).unwrap_err();
         assert!(
             err.contains(&format!("{} on the way", sub.display())) && err.contains("0777"),
             "{err}"
@@ -299,7 +331,7 @@ mod tests {
         // Sticky and root's, like /tmp: passed through (when root runs the test).
         if rustix::process::geteuid().is_root() {
             chmod(&sub, 0o1777);
-            check_with(&file, "module", &me()).unwrap();
+            check_with(&file, "module", &me(), false).unwrap();
         }
     }
 
@@ -313,10 +345,10 @@ mod tests {
         std::fs::write(&file, "x").unwrap();
         let link = dir.path().join("link");
         std::os::unix::fs::symlink("open/../open/f", &link).unwrap();
-        let err = check_with(&link, "pin_file", &me()).unwrap_err();
+        let err = check_with(&link, "pin_file", &me(), false).unwrap_err();
         assert!(err.contains(&open.display().to_string()), "{err}");
         chmod(&open, 0o755);
-        check_with(&link, "pin_file", &me()).unwrap();
+        check_with(&link, "pin_file", &me(), false).unwrap();
     }
 
     #[test]
@@ -329,13 +361,13 @@ mod tests {
             uid: me().uid,
             gid: std::fs::metadata(&file).unwrap().gid(),
         };
-        check_with(&file, "module", &mine).unwrap();
+        check_with(&file, "module", &mine, false).unwrap();
         let other = Me {
             uid: mine.uid,
             gid: mine.gid + 1,
         };
         if mine.gid != 0 {
-            let err = check_with(&file, "module", &other).unwrap_err();
+            let err = check_with(&file, "module", &other, false).unwrap_err();
             assert!(err.contains("chmod g-w"), "{err}");
         }
     }
@@ -351,7 +383,7 @@ mod tests {
         };
         // Owned by root or by the test's user: trusted for them, not for a stranger unless root.
         let owner = std::fs::metadata(&file).unwrap().uid();
-        let result = check_with(&file, "module", &stranger);
+        let result = check_with(&file, "module", &stranger, false);
         if owner == 0 {
             result.unwrap();
         } else {
@@ -361,6 +393,6 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_left_to_the_caller() {
-        check_with(Path::new("/nonexistent/qseed/x"), "module", &me()).unwrap();
+        check_with(Path::new("/nonexistent/qseed/x"), "module", &me(), false).unwrap();
     }
 }

@@ -112,7 +112,7 @@ fn each_broken_item_fails_with_its_fix() {
     let (code, text) = doctor(&w);
     assert_eq!(code, Some(2), "{text}");
     assert!(
-        text.contains("can be changed by every user on this machine (mode 0666)")
+        text.contains("mode 0666) can be changed by every user on this machine")
             && text.contains("chmod o-w"),
         "{text}"
     );

@@ -140,7 +140,8 @@ fn a_user_without_the_system_state_folder_keeps_state_in_its_own() {
         )),
         "{text}"
     );
-    // A state folder whose pin-guard/ another user made (root, by hand): said, with the fix.
+    // A state folder whose pin-guard/ another user made (root, by hand): said, with the fix,
+    // and no login is risked.
     let state = world.path("state-of-nobody");
     std::fs::create_dir(&state).unwrap();
     std::fs::create_dir(state.join("pin-guard")).unwrap();
@@ -152,17 +153,21 @@ fn a_user_without_the_system_state_folder_keeps_state_in_its_own() {
     let out = as_nobody_with(&world, &["doctor"], &[("STATE_DIRECTORY", state.clone())]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains(&format!(
-            "[warn] PIN guard: cannot write {}",
-            state.join("pin-guard").display()
-        )) && text.contains("chown -R"),
+        text.contains("[FAIL] PIN guard")
+            && text.contains(&state.join("pin-guard").display().to_string())
+            && text.contains(&format!("chown -R nobody {}", state.display()))
+            && text.contains("every login is refused"),
         "{text}"
     );
-    // Nowhere to write: said once, and the guard lasts for the process.
+    // Nowhere to write: every login is refused, said with the fix.
     let out = as_nobody_with(&world, &["doctor"], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("[warn] PIN guard:") && text.contains("remembered by this process only"),
+        text.contains("[FAIL] PIN guard") && text.contains("[service] state_dir"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[FAIL] target tok: session and login") && text.contains("not logging in"),
         "{text}"
     );
 }

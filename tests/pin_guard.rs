@@ -135,7 +135,7 @@ fn a_refused_pin_is_presented_once_across_reloads_restarts_once_and_doctor() {
     );
     let log = service.log();
     assert!(
-        log.contains("bad: pin_file \"bad.pin\" changed since the login that failed"),
+        log.contains("bad: the PIN of pin_file \"bad.pin\" changed since the login that failed"),
         "{log}"
     );
     service.stop();

@@ -112,6 +112,17 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
             ),
         }
     }
+    // A damaged replay record stops run and once: doctor names it with the reset.
+    if let Some(state) = crate::state::StateDir::resolve(config.state_dir.as_deref()).folder() {
+        match crate::pool::replay::SharedRecord::open(state, crate::pool::health::REPLAY_MEMORY) {
+            Ok(record) => list.ok(&format!(
+                "replay record: {} block(s) remembered in {}",
+                record.len(),
+                state.join("replay").display()
+            )),
+            Err(why) => list.fail("replay record", &why),
+        }
+    }
     if config.targets.is_empty() {
         list.fail(
             "targets",

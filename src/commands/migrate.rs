@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use secrecy::ExposeSecret;
@@ -22,10 +22,9 @@ const PIN_FILE: &str = "hsm.pin";
 
 pub async fn migrate(file: &Path, write: Option<&Path>) -> Result<(), Error> {
     let shown = file.display();
-    let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(file)
-            .map_err(|e| Error::Config(format!("cannot read {shown}: {e}")))?,
-    );
+    // A regular file of a configuration's size: /dev/zero or a FIFO is refused, not read.
+    let (text, _) = crate::files::read_text(file, crate::files::CONFIG_LIMIT)
+        .map_err(|e| Error::Config(format!("cannot read {shown}: {e}")))?;
     if !legacy::looks_like_yaml(&text) {
         return Err(Error::Config(format!(
             "{shown} is not Qrypt's qseed YAML configuration (`key: value` lines); if it is \
@@ -35,9 +34,17 @@ pub async fn migrate(file: &Path, write: Option<&Path>) -> Result<(), Error> {
     let old = legacy::parse(&text).map_err(|e| Error::Config(format!("{shown}: {e}")))?;
     let module = old.module.clone();
     let slot = old.slot_id;
-    let found = tokio::task::spawn_blocking(move || describe_slot(&module, slot))
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
+    // The module named in a file another user could have written is hers to choose: looking
+    // up the slot would run her code, as root when root migrates.
+    let found = match crate::trust::check(file, "the YAML configuration") {
+        Ok(()) => tokio::task::spawn_blocking(move || describe_slot(&module, slot))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string())),
+        Err(why) => {
+            tracing::warn!("the module it names is not loaded: {why}");
+            Err(format!("not loaded: {why}"))
+        }
+    };
     let toml = render(&old, file, &found, write.is_some());
     // What we print must read back as the configuration it claims to be.
     if let Err(e) = toml::from_str::<toml::Table>(&toml) {
@@ -182,8 +189,14 @@ fn toml_string(text: &str) -> String {
 }
 
 fn write_all(dir: &Path, toml: &str, old: &LegacyConfig) -> Result<(), Error> {
-    std::fs::create_dir_all(dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(dir)
         .map_err(|e| Error::Failed(format!("cannot create {}: {e}", dir.display())))?;
+    // Another user's folder (or one others may write) could have its files swapped between
+    // our writes, and our cleanup made to delete hers, or the operator's.
+    crate::trust::check(dir, "--write folder").map_err(Error::Failed)?;
     let mut written: Vec<PathBuf> = Vec::new();
     let mut files: Vec<(&str, &[u8], u32)> = vec![
         ("qseed.toml", toml.as_bytes(), 0o640),
@@ -209,6 +222,7 @@ fn write_all(dir: &Path, toml: &str, old: &LegacyConfig) -> Result<(), Error> {
             .write(true)
             .create_new(true)
             .mode(mode)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&path)
             .and_then(|mut f| {
                 f.write_all(content)?;

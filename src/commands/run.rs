@@ -38,7 +38,7 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
     let mut reloads = shutdown::reloads();
     announce(&config, &client);
     let pool = Arc::new(Pool::new(client, config.pool));
-    if let Some(record) = replay_record(&config) {
+    if let Some(record) = replay_record(&config)? {
         pool.use_replay_record(record);
     }
     let metrics = metrics_for(&pool, &modules);
@@ -190,18 +190,24 @@ fn spawn_status_reports(metrics: Arc<Metrics>) {
     });
 }
 
-/// The replay record of the state folder (see [`crate::pool::replay`]), or none (this
-/// process's memory) when there is no usable folder or the record cannot be opened.
-pub fn replay_record(config: &Config) -> Option<crate::pool::replay::ReplayRecord> {
+/// The replay record of the state folder (see [`crate::pool::replay`]), shared with every
+/// qseed process that uses the folder; none (this process's memory) when there is no usable
+/// state folder. A damaged record is an error: qseed does not start until it is reset.
+pub fn replay_record(config: &Config) -> Result<Option<crate::pool::replay::SharedRecord>, Error> {
     let state = StateDir::resolve(config.state_dir.as_deref());
-    let folder = state.folder()?.join("replay");
-    match crate::pool::replay::ReplayRecord::open(&folder, crate::pool::health::REPLAY_MEMORY) {
-        Ok(record) => Some(record),
-        Err(e) => {
-            tracing::warn!("the replay check remembers blocks for this process only: {e}");
-            None
-        }
-    }
+    let Some(folder) = state.folder() else {
+        tracing::warn!(
+            "the replay check remembers blocks for this process only: {}",
+            match &state {
+                StateDir::Memory { why } => why.as_str(),
+                StateDir::Folder(_) => "",
+            }
+        );
+        return Ok(None);
+    };
+    crate::pool::replay::SharedRecord::open(folder, crate::pool::health::REPLAY_MEMORY)
+        .map(Some)
+        .map_err(Error::Config)
 }
 
 /// The PIN guard, keeping its records in the state folder (see [`crate::state`]).
@@ -218,7 +224,7 @@ pub async fn once(config_path: &Path) -> Result<(), Error> {
     crate::repeat::set_log_repeat(config.log_repeat);
     let client = make_client(&config)?;
     let guard = pin_guard(&config);
-    let replay = replay_record(&config);
+    let replay = replay_record(&config)?;
     let outcome = serve_with(
         config,
         client,
@@ -378,7 +384,7 @@ pub async fn serve_with<S: EntropySource + 'static>(
     guard: PinGuard,
     rounds: Rounds,
     stop: Option<CancellationToken>,
-    replay: Option<crate::pool::replay::ReplayRecord>,
+    replay: Option<crate::pool::replay::SharedRecord>,
 ) -> Result<Outcome, Error> {
     service::load_modules(&config.targets, &modules)
         .await

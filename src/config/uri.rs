@@ -65,10 +65,12 @@ impl Pkcs11Uri {
     pub fn parse(text: &str) -> Result<Self, String> {
         // A mistyped separator (`&` for `;`, `:` for `=`) can put a PIN anywhere in the text:
         // so no error quotes what the operator wrote, only the attribute names qseed knows.
+        // A name of lowercase letters and hyphens is a misspelt attribute, worth showing;
+        // anything else may be a PIN typed where a name goes.
         let shown = |name: &str| {
-            if TOKEN_ATTRIBUTES.contains(&name)
-                || OBJECT_ATTRIBUTES.contains(&name)
-                || QUERY_ATTRIBUTES.contains(&name)
+            if !name.is_empty()
+                && name.len() <= 32
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
             {
                 format!("{name:?}")
             } else {
@@ -363,12 +365,12 @@ mod tests {
         for (text, expected) in [
             ("token=x", "starts with \"pkcs11:\""),
             ("pkcs11:", "names no token"),
-            ("pkcs11:tokn=x", "unknown path attribute (name not shown)"),
-            ("pkcs11:label=x", "unknown path attribute (name not shown)"),
+            ("pkcs11:tokn=x", "unknown path attribute \"tokn\""),
+            ("pkcs11:T0k3n=x", "unknown path attribute (name not shown)"),
             ("pkcs11:token=a;token=b", "\"token\" is given twice"),
             ("pkcs11:token=a%2", "not followed by two hex digits"),
             ("pkcs11:slot-id=x", "slot-id is not a decimal number"),
-            ("pkcs11:token=a?pin=1", "unknown query attribute (name not shown)"),
+            ("pkcs11:token=a?pin=1", "unknown query attribute \"pin\""),
             ("pkcs11:token=a?pin-value=12%G4", "value not shown"),
             ("pkcs11:token=a?pin-value=1&pin-source=file:/p", "keep one"),
         ] {

@@ -89,7 +89,8 @@ pub enum HealthFailure {
 pub struct HealthTests {
     rct_cutoff: usize,
     apt_cutoff: usize,
-    replay: ReplayRecord,
+    /// `None` when a shared record does the replay check instead.
+    replay: Option<ReplayRecord>,
 }
 
 impl HealthTests {
@@ -107,19 +108,14 @@ impl HealthTests {
         Self {
             rct_cutoff: rct_cutoff(config),
             apt_cutoff: apt_cutoff(config),
-            replay,
+            replay: Some(replay),
         }
     }
 
-    /// Replaces the replay record (the one of the state folder, once it is known).
-    pub fn set_record(&mut self, replay: ReplayRecord) {
-        self.replay = replay;
-    }
-
-    /// The blocks accepted since the last call, for the record's folder if it has one (see
-    /// [`ReplayRecord::take_pending`]).
-    pub fn take_pending(&mut self) -> Option<replay::PendingDigests> {
-        self.replay.take_pending()
+    /// Leaves the replay check to a record shared with other processes (the state folder's,
+    /// [`replay::SharedRecord`], consulted before these tests): this one's memory is freed.
+    pub fn leave_replays_to_shared_record(&mut self) {
+        self.replay = None;
     }
 
     /// New cutoffs; the replay memory stays.
@@ -136,8 +132,10 @@ impl HealthTests {
     pub fn check(&mut self, block: &[u8]) -> Result<(), HealthFailure> {
         self.repetition_count(block)?;
         self.adaptive_proportion(block)?;
-        if self.replay.check_and_remember(block) {
-            return Err(HealthFailure::Replayed);
+        if let Some(replay) = &mut self.replay {
+            if replay.check_and_remember(block) {
+                return Err(HealthFailure::Replayed);
+            }
         }
         Ok(())
     }
@@ -382,7 +380,7 @@ mod tests {
         for _ in 0..110 {
             tests.check(&random_block()).unwrap();
         }
-        assert_eq!(tests.replay.len(), 100);
+        assert_eq!(tests.replay.as_ref().map(ReplayRecord::len), Some(100));
         // Forgotten after 100 newer blocks: only the recent past is checked.
         tests.check(&first).unwrap();
     }

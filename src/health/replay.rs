@@ -1,12 +1,19 @@
 //! The replay record: keyed hashes of the blocks accepted recently, so that a block the server
-//! sends again is refused, even by the next process (two `qseed once` runs from cron).
+//! sends again is refused, even by another process (a `run` beside a cron `qseed once`).
 //!
 //! Only HMAC-SHA-256 values (truncated to 64 bits) under a random key are kept, never the
 //! bytes: without the key a hash says nothing about a block, and the key lives beside the
 //! record in the private state folder (`<state>/replay/key`, `<state>/replay/seen`). The record
 //! is bounded: the last [`super::REPLAY_MEMORY`] blocks are remembered; the file is
-//! compacted when it holds twice that many. Writers append under a shared lock, compaction
-//! takes it exclusively, so a `run` and a cron `once` can share the folder.
+//! compacted when it holds twice that many.
+//!
+//! Shared between processes ([`SharedRecord`]): an answer's blocks are checked and appended
+//! under the folder's exclusive lock, after reading what other processes appended since, so a
+//! block accepted by `once` is refused by a running `run` and the other way round. A record
+//! that cannot be read, kept or written is an error, never a silent reset: a stray byte in
+//! `seen`, or a lost `key` while `seen` holds digests, stops qseed until an operator removes
+//! the folder (`qseed doctor` says so); and an answer whose digests cannot be appended is
+//! wiped unused. Every file is opened through [`StateFolder`] (no link followed).
 //!
 //! 64 bits identify a block well enough: a fresh block matches one of the 65,536 remembered by
 //! chance with odds of 2^-48; an agent seeding 256 tokens with 48 bytes every second receives
@@ -18,13 +25,13 @@
 //! files of earlier versions, which wrote 128-bit values, read the same.
 
 use std::collections::{HashSet, VecDeque};
-use std::fs::{File, OpenOptions};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
 
 use ring::hmac;
+
+use crate::state::{LockError, StateFolder};
 
 /// One remembered block: the first 64 bits of its keyed hash.
 type Digest = u64;
@@ -58,24 +65,19 @@ type DigestSet = HashSet<Digest, BuildHasherDefault<DigestHasher>>;
 
 const KEY_LEN: usize = 32;
 
-/// Recently accepted blocks, in memory and, with a state folder, on disk.
+/// Recently accepted blocks, in this process's memory.
 pub struct ReplayRecord {
     key: hmac::Key,
     seen: DigestSet,
     /// The remembered digests, oldest first: at most `memory`.
     order: VecDeque<Digest>,
     memory: usize,
-    /// The folder's files, when the record outlives the process.
-    disk: Option<PathBuf>,
-    /// Accepted since the last [`ReplayRecord::persist`].
-    pending: Vec<Digest>,
 }
 
 impl std::fmt::Debug for ReplayRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplayRecord")
             .field("remembered", &self.order.len())
-            .field("disk", &self.disk)
             .finish_non_exhaustive()
     }
 }
@@ -86,57 +88,32 @@ impl ReplayRecord {
         let rng = ring::rand::SystemRandom::new();
         let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
             .unwrap_or_else(|_| hmac::Key::new(hmac::HMAC_SHA256, &random_key()));
+        Self::with_key(key, memory)
+    }
+
+    fn with_key(key: hmac::Key, memory: usize) -> Self {
         Self {
             key,
             seen: DigestSet::default(),
             order: VecDeque::new(),
             memory,
-            disk: None,
-            pending: Vec::new(),
         }
     }
 
-    /// The record kept in `folder` (created 0700 if missing), loaded with what earlier
-    /// processes accepted.
-    pub fn open(folder: &Path, memory: usize) -> Result<Self, String> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(folder)
-            .map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
-        let lock = lock_file(folder)?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| format!("cannot lock {}: {e}", folder.display()))?;
-        let key = load_or_create_key(&folder.join("key"))?;
-        let mut record = Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, &key[..]),
-            seen: DigestSet::default(),
-            order: VecDeque::new(),
-            memory,
-            disk: Some(folder.to_path_buf()),
-            pending: Vec::new(),
-        };
-        let seen_path = folder.join("seen");
-        let total = read_digests(&seen_path, memory, |digest| record.remember(digest))?;
-        if total > 2 * memory {
-            record.compact(&seen_path)?;
-        }
-        Ok(record)
+    fn digest(&self, block: &[u8]) -> Digest {
+        let tag = hmac::sign(&self.key, block);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&tag.as_ref()[..8]);
+        Digest::from_le_bytes(first)
     }
 
     /// Whether `block` was accepted before; if not, it is remembered as accepted now.
     pub fn check_and_remember(&mut self, block: &[u8]) -> bool {
-        let tag = hmac::sign(&self.key, block);
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&tag.as_ref()[..8]);
-        let digest = Digest::from_le_bytes(first);
+        let digest = self.digest(block);
         if self.seen.contains(&digest) {
             return true;
         }
         self.remember(digest);
-        if self.disk.is_some() {
-            self.pending.push(digest);
-        }
         false
     }
 
@@ -154,71 +131,208 @@ impl ReplayRecord {
         self.seen.insert(digest);
         self.order.push_back(digest);
     }
+}
 
-    /// What was accepted since the last call, to be appended to the folder's record (by the
-    /// caller, outside any lock it holds: the write may wait for another process's
-    /// compaction); `None` without a folder or when nothing is new.
-    pub fn take_pending(&mut self) -> Option<PendingDigests> {
-        let folder = self.disk.clone()?;
-        if self.pending.is_empty() {
-            return None;
-        }
-        Some(PendingDigests {
+/// The record of a state folder, shared with every qseed process that uses the folder (see the
+/// module documentation).
+pub struct SharedRecord {
+    record: ReplayRecord,
+    folder: StateFolder,
+    /// How much of `seen` is in `record` already.
+    read_up_to: u64,
+}
+
+impl std::fmt::Debug for SharedRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRecord")
+            .field("remembered", &self.record.len())
+            .field("folder", &self.folder.path())
+            .finish_non_exhaustive()
+    }
+}
+
+const LOCK: &str = "lock";
+const KEY: &str = "key";
+const SEEN: &str = "seen";
+
+impl SharedRecord {
+    /// The record in `<state>/replay` (made if missing), loaded with what earlier processes
+    /// accepted. A damaged record or a lost key is an error naming the fix.
+    pub fn open(state: &Path, memory: usize) -> Result<Self, String> {
+        let folder = StateFolder::open(state).and_then(|s| s.subfolder("replay"))?;
+        let _lock = exclusive(&folder)?;
+        let seen = folder
+            .open_read(SEEN)
+            .map_err(|e| damaged(&folder, SEEN, &e.to_string()))?;
+        let holds_digests = match &seen {
+            Some(file) => file.metadata().map(|m| m.len() > 0).unwrap_or(true),
+            None => false,
+        };
+        let key = match folder.read(KEY, KEY_LEN as u64) {
+            Ok(Some(key)) if key.len() == KEY_LEN => key,
+            Ok(Some(_)) => return Err(damaged(&folder, KEY, "it is not a 32-byte key")),
+            Ok(None) if holds_digests => {
+                return Err(damaged(
+                    &folder,
+                    KEY,
+                    "it is missing while the record holds digests made with it, so no replay \
+                     could be recognized",
+                ))
+            }
+            Ok(None) => {
+                let key = zeroize::Zeroizing::new(random_key().to_vec());
+                folder.write_atomic(KEY, &key).map_err(|e| {
+                    format!("cannot write {}: {e}", folder.file_path(KEY).display())
+                })?;
+                key
+            }
+            Err(e) => return Err(damaged(&folder, KEY, &e.to_string())),
+        };
+        let mut shared = Self {
+            record: ReplayRecord::with_key(hmac::Key::new(hmac::HMAC_SHA256, &key[..]), memory),
             folder,
-            digests: std::mem::take(&mut self.pending),
-        })
+            read_up_to: 0,
+        };
+        let total = shared.catch_up()?;
+        if total > 2 * memory as u64 {
+            shared.compact()?;
+        }
+        Ok(shared)
     }
 
-    /// Appends what was accepted since the last call to the folder's record.
-    pub fn persist(&mut self) -> Result<(), String> {
-        self.take_pending().map_or(Ok(()), PendingDigests::write)
+    /// Checks each `block_len` block of `bytes` against every process's record, appends the
+    /// new ones' digests, and returns the accepted blocks (moved to the front, the rest wiped)
+    /// with the number refused as replays. One exclusive lock covers reading, checking and
+    /// appending: two processes never both accept one block. If the digests cannot be
+    /// appended, nothing is accepted.
+    pub fn screen(
+        &mut self,
+        mut bytes: crate::secret::EntropyBytes,
+        block_len: usize,
+    ) -> Result<(crate::secret::EntropyBytes, usize), String> {
+        use zeroize::Zeroize;
+        let _lock = exclusive(&self.folder)?;
+        self.catch_up()?;
+        let blocks = bytes.len() / block_len;
+        let mut kept = 0;
+        let mut new = Vec::with_capacity(blocks);
+        for i in 0..blocks {
+            let range = i * block_len..(i + 1) * block_len;
+            let digest = self.record.digest(&bytes.expose()[range.clone()]);
+            if self.record.seen.contains(&digest) || new.contains(&digest) {
+                continue;
+            }
+            new.push(digest);
+            if kept != i {
+                bytes.expose_mut().copy_within(range, kept * block_len);
+            }
+            kept += 1;
+        }
+        if !new.is_empty() {
+            if let Err(e) = self.folder.append(SEEN, &records(new.iter())) {
+                bytes.expose_mut().zeroize();
+                bytes.truncate(0);
+                // What was appended, if anything, is read back at the next catch-up.
+                return Err(format!(
+                    "cannot append to {}: {e}",
+                    self.folder.file_path(SEEN).display()
+                ));
+            }
+            // Ours are read back by the next catch-up, with any other process's.
+            self.catch_up()?;
+        }
+        bytes.expose_mut()[kept * block_len..].zeroize();
+        bytes.truncate(kept * block_len);
+        Ok((bytes, blocks - kept))
     }
-}
 
-/// Digests of accepted blocks not yet in the folder's record.
-#[derive(Debug)]
-pub struct PendingDigests {
-    folder: PathBuf,
-    digests: Vec<Digest>,
-}
-
-impl PendingDigests {
-    /// Appends them, under the folder's shared lock.
-    pub fn write(self) -> Result<(), String> {
-        let folder = &self.folder;
-        let lock = lock_file(folder)?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared)
-            .map_err(|e| format!("cannot lock {}: {e}", folder.display()))?;
-        let path = folder.join("seen");
-        let mut file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(&path)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        let bytes = records(self.digests.iter());
-        // One write of whole records: appends of other processes never split one.
-        file.write_all(&bytes)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    /// Remembers what other processes appended since the last call (after a compaction by
+    /// another process, the whole file); returns the records the file holds. Caller holds the
+    /// lock.
+    fn catch_up(&mut self) -> Result<u64, String> {
+        let Some(mut file) = self
+            .folder
+            .open_read(SEEN)
+            .map_err(|e| damaged(&self.folder, SEEN, &e.to_string()))?
+        else {
+            self.read_up_to = 0;
+            return Ok(0);
+        };
+        let len = file
+            .metadata()
+            .map_err(|e| damaged(&self.folder, SEEN, &e.to_string()))?
+            .len();
+        if len % RECORD_LEN as u64 != 0 {
+            return Err(damaged(
+                &self.folder,
+                SEEN,
+                &format!("its length, {len} bytes, is not a whole number of 16-byte records"),
+            ));
+        }
+        if len < self.read_up_to {
+            // Compacted by another process: its tail is what every process remembers.
+            self.read_up_to = 0;
+        }
+        let memory = self.record.memory as u64 * RECORD_LEN as u64;
+        let from = self.read_up_to.max(len.saturating_sub(memory));
+        file.seek(SeekFrom::Start(from))
+            .map_err(|e| damaged(&self.folder, SEEN, &e.to_string()))?;
+        let record = &mut self.record;
+        read_digests(file.take(len - from), |d| record.remember(d))
+            .map_err(|e| damaged(&self.folder, SEEN, &e))?;
+        self.read_up_to = len;
+        Ok(len / RECORD_LEN as u64)
     }
-}
 
-impl ReplayRecord {
-    /// Rewrites the file with the remembered digests only (caller holds the exclusive lock).
-    fn compact(&self, path: &Path) -> Result<(), String> {
-        let folder = path.parent().unwrap_or(Path::new("."));
-        let mut temp = tempfile::NamedTempFile::new_in(folder)
-            .map_err(|e| format!("cannot compact {}: {e}", path.display()))?;
-        let bytes = records(self.order.iter());
-        temp.write_all(&bytes)
-            .and_then(|_| temp.as_file().sync_all())
-            .map_err(|e| format!("cannot compact {}: {e}", path.display()))?;
-        temp.persist(path)
-            .map_err(|e| format!("cannot compact {}: {e}", path.display()))?;
+    /// Rewrites `seen` with the remembered digests only (caller holds the exclusive lock).
+    fn compact(&mut self) -> Result<(), String> {
+        self.folder
+            .write_atomic(SEEN, &records(self.record.order.iter()))
+            .map_err(|e| {
+                format!(
+                    "cannot compact {}: {e}",
+                    self.folder.file_path(SEEN).display()
+                )
+            })?;
+        self.read_up_to = (self.record.order.len() * RECORD_LEN) as u64;
         Ok(())
     }
 
+    /// How many blocks are remembered.
+    pub fn len(&self) -> usize {
+        self.record.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.record.is_empty()
+    }
+}
+
+fn exclusive(folder: &StateFolder) -> Result<std::fs::File, String> {
+    folder.lock(LOCK, true, true).map_err(|e| {
+        format!(
+            "cannot lock {}: {}",
+            folder.file_path(LOCK).display(),
+            match e {
+                LockError::Busy => "busy".to_string(),
+                LockError::Io(e) => e.to_string(),
+            }
+        )
+    })
+}
+
+/// A record that cannot be trusted any more: named, with the reset.
+fn damaged(folder: &StateFolder, name: &str, why: &str) -> String {
+    format!(
+        "the replay record {} is damaged ({why}); qseed will not guess which blocks it already \
+         used. To start a new record (forgetting the blocks it remembered), stop every qseed \
+         process using it and run: rm -r {}",
+        folder.file_path(name).display(),
+        folder.path().display()
+    )
+}
+
+impl ReplayRecord {
     /// How many blocks are remembered.
     pub fn len(&self) -> usize {
         self.order.len()
@@ -236,38 +350,6 @@ fn random_key() -> [u8; KEY_LEN] {
     key
 }
 
-fn lock_file(folder: &Path) -> Result<File, String> {
-    let path = folder.join("lock");
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))
-}
-
-fn load_or_create_key(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
-    match crate::files::read_bounded(path, KEY_LEN as u64) {
-        Ok((key, _)) if key.len() == KEY_LEN => return Ok(key),
-        Ok(_) => return Err(format!("{} is not a replay key; remove it", path.display())),
-        Err(e) if e.is_not_found() => {}
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    }
-    let key = zeroize::Zeroizing::new(random_key().to_vec());
-    let folder = path.parent().unwrap_or(Path::new("."));
-    let mut temp = tempfile::NamedTempFile::new_in(folder)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    temp.write_all(&key)
-        .and_then(|_| temp.as_file().sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    temp.persist(path)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    Ok(key)
-}
-
 /// The file's records for `digests`.
 fn records<'a>(digests: impl ExactSizeIterator<Item = &'a Digest>) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(digests.len() * RECORD_LEN);
@@ -278,32 +360,15 @@ fn records<'a>(digests: impl ExactSizeIterator<Item = &'a Digest>) -> Vec<u8> {
     bytes
 }
 
-/// Hands the last `memory` digests of the file to `remember`, oldest first, and returns how
-/// many records the file holds. Read in pieces: a whole file would be a megabyte of transient
-/// heap at every start.
-fn read_digests(
-    path: &Path,
-    memory: usize,
-    mut remember: impl FnMut(Digest),
-) -> Result<usize, String> {
-    let (file, meta) = match crate::files::open_regular(path) {
-        Ok(opened) => opened,
-        Err(e) if e.is_not_found() => return Ok(0),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
-    let total = meta.len() as usize / RECORD_LEN;
-    // Only the tail matters; the file is bounded by compaction, but read at most a tail's worth.
-    let skip = total.saturating_sub(memory) as u64 * RECORD_LEN as u64;
-    let mut file = file;
-    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(skip))
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut tail = file.take(memory as u64 * RECORD_LEN as u64);
+/// Hands every digest `reader` holds to `remember`, oldest first. Read in pieces: a whole
+/// file would be a megabyte of transient heap at every start.
+fn read_digests(mut reader: impl Read, mut remember: impl FnMut(Digest)) -> Result<(), String> {
     let mut piece = vec![0u8; 256 * RECORD_LEN];
     let mut filled = 0;
     loop {
-        let n = tail
+        let n = reader
             .read(&mut piece[filled..])
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            .map_err(|e| e.to_string())?;
         filled += n;
         let whole = filled - filled % RECORD_LEN;
         for record in piece[..whole].chunks_exact(RECORD_LEN) {
@@ -317,48 +382,118 @@ fn read_digests(
             break;
         }
     }
-    Ok(total)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::EntropyBytes;
+
+    const BLOCK: usize = 32;
+
+    fn blocks(ids: &[u8]) -> EntropyBytes {
+        let mut bytes = EntropyBytes::zeroed(ids.len() * BLOCK);
+        for (i, id) in ids.iter().enumerate() {
+            for (j, b) in bytes.expose_mut()[i * BLOCK..(i + 1) * BLOCK]
+                .iter_mut()
+                .enumerate()
+            {
+                *b = id.wrapping_mul(31).wrapping_add(j as u8);
+            }
+        }
+        bytes
+    }
+
+    fn screen(record: &mut SharedRecord, ids: &[u8]) -> usize {
+        let (kept, replayed) = record.screen(blocks(ids), BLOCK).unwrap();
+        assert_eq!(kept.len(), (ids.len() - replayed) * BLOCK);
+        replayed
+    }
 
     #[test]
     fn a_block_is_recognized_by_the_next_process() {
         let dir = tempfile::tempdir().unwrap();
-        let folder = dir.path().join("replay");
-        let mut first = ReplayRecord::open(&folder, 100).unwrap();
-        assert!(!first.check_and_remember(b"block one"));
-        assert!(first.check_and_remember(b"block one"));
-        first.persist().unwrap();
+        let mut first = SharedRecord::open(dir.path(), 100).unwrap();
+        assert_eq!(screen(&mut first, &[1]), 0);
+        assert_eq!(screen(&mut first, &[1, 2]), 1);
         drop(first);
-        let mut second = ReplayRecord::open(&folder, 100).unwrap();
-        assert!(second.check_and_remember(b"block one"), "seen by the first");
-        assert!(!second.check_and_remember(b"block two"));
+        let mut second = SharedRecord::open(dir.path(), 100).unwrap();
+        assert_eq!(screen(&mut second, &[1]), 1, "seen by the first");
+        assert_eq!(screen(&mut second, &[3]), 0);
         // Nothing of a block is on disk: 16 bytes per block (8 of keyed hash), a 32-byte key.
+        let folder = dir.path().join("replay");
         let seen = std::fs::read(folder.join("seen")).unwrap();
-        assert_eq!(seen.len(), 16);
-        assert!(!seen.windows(5).any(|w| w == b"block"));
+        assert_eq!(seen.len(), 3 * 16);
+        let block = blocks(&[1]);
+        assert!(!seen.windows(8).any(|w| w == &block.expose()[..8]));
         assert_eq!(std::fs::read(folder.join("key")).unwrap().len(), 32);
+    }
+
+    /// Issue 21, item 7: two processes open at once see each other's blocks (a `run` started
+    /// before a `once` accepted a block refuses it), and a block repeated within one answer is
+    /// taken once.
+    #[test]
+    fn item_07_processes_sharing_the_folder_see_each_others_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut run = SharedRecord::open(dir.path(), 100).unwrap();
+        let mut once = SharedRecord::open(dir.path(), 100).unwrap();
+        assert_eq!(screen(&mut once, &[7, 8]), 0);
+        assert_eq!(
+            screen(&mut run, &[8, 9]),
+            1,
+            "accepted by the other process"
+        );
+        assert_eq!(screen(&mut once, &[9]), 1);
+        assert_eq!(screen(&mut run, &[10, 10]), 1);
+    }
+
+    /// Issue 21, item 7: a damaged record or a lost key is an error that names the reset,
+    /// never a silent fresh start.
+    #[test]
+    fn item_07_a_damaged_record_or_a_lost_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut record = SharedRecord::open(dir.path(), 100).unwrap();
+        screen(&mut record, &[1, 2]);
+        drop(record);
+        let folder = dir.path().join("replay");
+        let seen = folder.join("seen");
+        let mut bytes = std::fs::read(&seen).unwrap();
+        bytes.push(0);
+        std::fs::write(&seen, &bytes).unwrap();
+        let e = SharedRecord::open(dir.path(), 100).unwrap_err();
+        assert!(
+            e.contains("not a whole number of 16-byte records")
+                && e.contains(&format!("rm -r {}", folder.display())),
+            "{e}"
+        );
+        bytes.pop();
+        std::fs::write(&seen, &bytes).unwrap();
+        std::fs::remove_file(folder.join("key")).unwrap();
+        let e = SharedRecord::open(dir.path(), 100).unwrap_err();
+        assert!(e.contains("missing while the record holds digests"), "{e}");
+        // The operator's reset: a new record.
+        std::fs::remove_dir_all(&folder).unwrap();
+        let mut fresh = SharedRecord::open(dir.path(), 100).unwrap();
+        assert_eq!(screen(&mut fresh, &[1]), 0);
     }
 
     #[test]
     fn the_record_stays_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let folder = dir.path().join("replay");
-        for round in 0..5u32 {
-            let mut record = ReplayRecord::open(&folder, 10).unwrap();
-            for i in 0..10u32 {
-                assert!(!record.check_and_remember(&(round * 100 + i).to_le_bytes()));
+        for round in 0..5u8 {
+            let mut record = SharedRecord::open(dir.path(), 10).unwrap();
+            for i in 0..10u8 {
+                assert_eq!(screen(&mut record, &[round * 20 + i]), 0);
             }
-            record.persist().unwrap();
         }
-        let len = std::fs::metadata(folder.join("seen")).unwrap().len();
+        let len = std::fs::metadata(dir.path().join("replay/seen"))
+            .unwrap()
+            .len();
         assert!(len <= 3 * 10 * 16, "{len}");
-        let mut record = ReplayRecord::open(&folder, 10).unwrap();
+        let mut record = SharedRecord::open(dir.path(), 10).unwrap();
         assert_eq!(record.len(), 10);
-        assert!(record.check_and_remember(&409u32.to_le_bytes()));
+        assert_eq!(screen(&mut record, &[89]), 1);
     }
 
     #[test]
@@ -369,12 +504,13 @@ mod tests {
         std::fs::create_dir(&folder).unwrap();
         let key = [7u8; KEY_LEN];
         std::fs::write(folder.join("key"), key).unwrap();
-        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key), b"old block");
+        let old = blocks(&[42]);
+        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key), old.expose());
         std::fs::write(folder.join("seen"), &tag.as_ref()[..16]).unwrap();
-        let mut record = ReplayRecord::open(&folder, 100).unwrap();
+        let mut record = SharedRecord::open(dir.path(), 100).unwrap();
         assert_eq!(record.len(), 1);
-        assert!(record.check_and_remember(b"old block"));
-        assert!(!record.check_and_remember(b"new block"));
+        assert_eq!(screen(&mut record, &[42]), 1);
+        assert_eq!(screen(&mut record, &[43]), 0);
     }
 
     #[test]

@@ -118,8 +118,7 @@ impl Target {
                 None
             };
             if let Some((e, flag)) = flagged {
-                self.guard
-                    .record_flag(name, module, &token, login, flag);
+                self.guard.record_flag(name, module, &token, login, flag);
                 return Err(e);
             }
             let attempt = self.guard.begin(name, module, &token, login)?;

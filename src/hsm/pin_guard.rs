@@ -230,12 +230,10 @@ impl PinGuard {
             Ok(lock) => lock,
             Err(LockError::Busy) => return Err(HsmError::LoginBusy),
             Err(LockError::Io(e)) => {
-                return Err(cannot_record(
-                    &format!(
-                        "cannot lock {}: {e}",
-                        folder.folder.file_path(&key.lock_name()).display()
-                    ),
-                ))
+                return Err(cannot_record(&format!(
+                    "cannot lock {}: {e}",
+                    folder.folder.file_path(&key.lock_name()).display()
+                )))
             }
         };
         for (name, earlier) in folder.records_of(&key).map_err(|e| cannot_record(&e))? {
@@ -346,7 +344,14 @@ impl Folder {
     fn open(state: &Path) -> Result<Self, String> {
         let folder = StateFolder::open(state)
             .and_then(|state| state.subfolder(FOLDER))
-            .map_err(|e| format!("{e}; make the state folder {}'s", super::quirks::running_user()))?;
+            .map_err(|e| {
+                format!(
+                    "{e}; qseed's user must own the state folder and what is in it (run: chown \
+                     -R {} {})",
+                    crate::trust::login_name(rustix::process::geteuid().as_raw()),
+                    state.display()
+                )
+            })?;
         let key = match folder.read(KEY_FILE, KEY_LEN as u64) {
             Ok(Some(key)) if key.len() == KEY_LEN => key,
             Ok(Some(_)) => {
@@ -461,7 +466,12 @@ impl Folder {
         let name = key.record_name();
         self.folder
             .write_atomic(&name, text.as_bytes())
-            .map_err(|e| format!("cannot write {}: {e}", self.folder.file_path(&name).display()))
+            .map_err(|e| {
+                format!(
+                    "cannot write {}: {e}",
+                    self.folder.file_path(&name).display()
+                )
+            })
     }
 }
 
@@ -802,10 +812,7 @@ mod tests {
         // The lock replaced by a link, then by a folder.
         let dir = tempfile::tempdir().unwrap();
         let g = guard(dir.path());
-        let lock = dir
-            .path()
-            .join(FOLDER)
-            .join(TokenKey::new(&t).lock_name());
+        let lock = dir.path().join(FOLDER).join(TokenKey::new(&t).lock_name());
         std::os::unix::fs::symlink("/dev/null", &lock).unwrap();
         let err = g
             .begin("a", Path::new(MODULE), &t, &login("1111"))
@@ -821,8 +828,12 @@ mod tests {
             .path()
             .join(FOLDER)
             .join(TokenKey::new(&t).record_name());
-        rustix::fs::mkfifoat(rustix::fs::CWD, &record, rustix::fs::Mode::from_raw_mode(0o600))
-            .unwrap();
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &record,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
         let err = g
             .begin("a", Path::new(MODULE), &t, &login("1111"))
             .unwrap_err();

@@ -201,6 +201,8 @@ pub struct Pool<S> {
     first_tries: tokio::sync::Notify,
     stats: Stats,
     observer: std::sync::RwLock<Option<Arc<dyn RequestObserver>>>,
+    /// The replay record shared with other processes, once the state folder is known.
+    replay: Arc<Mutex<Option<replay::SharedRecord>>>,
 }
 
 impl<S: EntropySource> Pool<S> {
@@ -224,6 +226,7 @@ impl<S: EntropySource> Pool<S> {
             first_tries: tokio::sync::Notify::new(),
             stats: Stats::default(),
             observer: std::sync::RwLock::new(None),
+            replay: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -247,10 +250,54 @@ impl<S: EntropySource> Pool<S> {
         state.backoff.succeeded();
     }
 
-    /// Keeps the replay check's record in `record` (the state folder's, so that it outlives
-    /// the process) instead of this process's memory.
-    pub fn use_replay_record(&self, record: replay::ReplayRecord) {
-        self.lock().health.set_record(record);
+    /// Checks replays against `record` (the state folder's, shared with other processes and
+    /// outliving this one) instead of this process's memory.
+    pub fn use_replay_record(&self, record: replay::SharedRecord) {
+        self.lock().health.leave_replays_to_shared_record();
+        *self.replay.lock().unwrap_or_else(PoisonError::into_inner) = Some(record);
+    }
+
+    /// Refuses the blocks of `fetched` that this or another process accepted before, through
+    /// the shared record (on a blocking thread: it reads and appends a file under a lock
+    /// another process may hold). Without a shared record, the health tests' own memory does
+    /// it. The record that cannot be kept refuses the whole answer.
+    async fn screen_replays(
+        &self,
+        fetched: EntropyBytes,
+        blocks: usize,
+    ) -> Result<EntropyBytes, SourceError> {
+        let shared = Arc::clone(&self.replay);
+        let screened = tokio::task::spawn_blocking(move || {
+            let mut record = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            match record.as_mut() {
+                Some(record) => record.screen(fetched, BLOCK_LEN),
+                None => Ok((fetched, 0)),
+            }
+        });
+        let (kept, replayed) = screened
+            .await
+            .map_err(|e| SourceError::ReplayRecord(format!("its thread failed: {e}")))?
+            .map_err(SourceError::ReplayRecord)?;
+        if replayed > 0 {
+            self.stats
+                .blocks_rejected
+                .fetch_add(replayed as u64, Ordering::Relaxed);
+            self.stats
+                .bytes_rejected
+                .fetch_add((replayed * BLOCK_LEN) as u64, Ordering::Relaxed);
+            tracing::warn!(
+                "refused {replayed} of {blocks} block(s) and wiped them: {}, by this or another \
+                 qseed process sharing the state folder",
+                health::HealthFailure::Replayed
+            );
+        }
+        if kept.is_empty() {
+            return Err(SourceError::Unhealthy {
+                blocks,
+                first: health::HealthFailure::Replayed.to_string(),
+            });
+        }
+        Ok(kept)
     }
 
     /// Waits (at most [`SETTLE`] past their first round) for consumers that are due but have
@@ -470,28 +517,27 @@ impl<S: EntropySource> Pool<S> {
         self.stats
             .bytes_downloaded
             .fetch_add(fetched.len() as u64, Ordering::Relaxed);
-        let (accepted, pending) = self.accept(fetched, blocks, request, &*source);
-        // Written after the pool's lock is released: takers never wait for the disk.
-        if let Some(pending) = pending {
-            let written = tokio::task::spawn_blocking(move || pending.write()).await;
-            if let Ok(Err(e)) = written {
-                tracing::warn!("the replay record could not be saved: {e}");
+        // Before the pool's lock is taken: takers never wait for the disk.
+        let fetched = match self.screen_replays(fetched, blocks).await {
+            Ok(kept) => kept,
+            Err(e) => {
+                self.failed(&e);
+                return Err(e);
             }
-        }
-        accepted
+        };
+        self.accept(fetched, blocks, request, &*source)
     }
 
-    /// Screens an answer and keeps what passes; also returns the replay digests to save.
+    /// Screens an answer and keeps what passes.
     fn accept(
         &self,
         fetched: EntropyBytes,
         blocks: usize,
         request: u64,
         source: &S,
-    ) -> (Result<(), SourceError>, Option<replay::PendingDigests>) {
+    ) -> Result<(), SourceError> {
         let mut state = self.lock();
         let (kept, failures) = health::screen(&mut state.health, fetched, BLOCK_LEN);
-        let pending = state.health.take_pending();
         if let Some(first) = failures.first() {
             self.stats
                 .blocks_rejected
@@ -517,10 +563,10 @@ impl<S: EntropySource> Pool<S> {
                 first: failures.first().map(|f| f.to_string()).unwrap_or_default(),
             };
             self.failed(&e);
-            return (Err(e), pending);
+            return Err(e);
         }
         state.buffer.push_from(kept, Instant::now(), request);
-        (Ok(()), pending)
+        Ok(())
     }
 
     /// Backs off and reports the outage: loudly when it starts or changes kind, quietly after.

@@ -7,13 +7,14 @@
 //! folder (written and synced before the bytes are handed out), so a restart never reads the
 //! same bytes again; a file without such a record is refused.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{EntropySource, SourceError, BLOCK_LEN};
 use crate::secret::EntropyBytes;
+use crate::state::{LockError, StateFolder};
 
 /// `[[source]] kind = "device"` as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,9 +27,11 @@ pub struct DeviceConfig {
 #[derive(Debug, Clone)]
 pub struct DeviceSource {
     config: DeviceConfig,
-    /// Where a regular file's read position is kept; `None` for streams, or when no state
-    /// folder is usable (then a regular file is refused at its first read).
-    position_record: Option<PathBuf>,
+    /// The source's name: its read position is `<state>/sources/<name>.position`.
+    name: String,
+    /// The state folder, for a regular file's read position; `None` when no state folder is
+    /// usable (then a regular file is refused at its first read).
+    state: Option<PathBuf>,
 }
 
 /// How often a device or FIFO with nothing to give is asked again.
@@ -37,17 +40,30 @@ const POLL: Duration = Duration::from_millis(5);
 impl DeviceSource {
     /// `state` is the state folder, for a regular file's read position.
     pub fn new(config: DeviceConfig, name: &str, state: Option<&Path>) -> Self {
-        let position_record = state.map(|s| s.join("sources").join(format!("{name}.position")));
         Self {
             config,
-            position_record,
+            name: name.to_string(),
+            state: state.map(Path::to_path_buf),
         }
     }
 
-    /// Checks the path names something qseed can read blocks from (at start and in `doctor`).
+    /// Checks the path names something qseed can read blocks from, that nobody but root or
+    /// qseed's user could have put there or could write into (at start and in `doctor`). The
+    /// kernel's own generators are accepted with a loud warning: they are not quantum.
     pub fn check(path: &Path) -> Result<&'static str, String> {
         let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        kind(&meta).map_err(|what| unusable(path, what))
+        let what = kind(&meta).map_err(|what| unusable(path, what))?;
+        crate::trust::check_device(path, "device source")?;
+        trusted_stream(path, &meta)?;
+        if is_kernel_generator(&meta) {
+            tracing::warn!(
+                "device source {} is the kernel's own random generator, not a quantum source: \
+                 seeding an HSM from it adds nothing the HSM's generator lacks. Name the QRNG's \
+                 device node (or a Qrypt source) for quantum entropy",
+                path.display()
+            );
+        }
+        Ok(what)
     }
 
     fn read(&self, len: usize) -> Result<EntropyBytes, String> {
@@ -61,8 +77,11 @@ impl DeviceSource {
             .metadata()
             .map_err(|e| format!("cannot inspect {}: {e}", path.display()))?;
         let what = kind(&meta).map_err(|what| unusable(path, what))?;
+        // Checked again on what was opened: the path may name another file than at start.
+        owner_trusted(path, &meta)?;
+        trusted_stream(path, &meta)?;
         let position = if what == "a regular file" {
-            let record = self.position_record.as_deref().ok_or_else(|| {
+            let state = self.state.as_deref().ok_or_else(|| {
                 format!(
                     "{} is a regular file, and there is no state folder to remember how far it \
                      was read: its bytes would be used again after a restart. Set [service] \
@@ -70,13 +89,15 @@ impl DeviceSource {
                     path.display()
                 )
             })?;
+            let positions = Positions::open(state, &self.name)?;
             // One reader at a time (a `run` and a cron `once` may share the file): the lock
             // covers reading the position, the bytes, and writing the new position.
-            let lock = lock_positions(record)?;
-            let start = read_position(record, &meta)?;
+            let lock = positions.lock()?;
+            let fingerprint = positions.fingerprint(&mut file, path)?;
+            let start = positions.read(&meta, &fingerprint)?;
             file.seek(SeekFrom::Start(start))
                 .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
-            Some((record, start, lock))
+            Some((positions, fingerprint, start, lock))
         } else {
             None
         };
@@ -115,8 +136,8 @@ impl DeviceSource {
         }
         // The position is on disk before any byte is handed out: a crash after this loses
         // the bytes, never uses them twice.
-        if let Some((record, start, _lock)) = position {
-            write_position(record, &meta, start + len as u64)?;
+        if let Some((positions, fingerprint, start, _lock)) = position {
+            positions.write(&meta, &fingerprint, start + len as u64)?;
         }
         Ok(bytes)
     }
@@ -148,60 +169,194 @@ fn unusable(path: &Path, what: &str) -> String {
     )
 }
 
-/// An exclusive lock beside the position record, held until the returned file is dropped.
-fn lock_positions(record: &Path) -> Result<std::fs::File, String> {
-    let lock_path = record.with_extension("lock");
-    let fail = |e: &dyn std::fmt::Display| format!("cannot lock {}: {e}", lock_path.display());
-    if let Some(folder) = lock_path.parent() {
-        std::fs::create_dir_all(folder).map_err(|e| fail(&e))?;
+/// The device's owner must be root or qseed's user (see [`crate::trust`]).
+fn owner_trusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() == 0 || meta.uid() == me || crate::trust::checks_disabled() {
+        return Ok(());
     }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| fail(&e))?;
-    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| fail(&e))?;
-    Ok(file)
+    Err(format!(
+        "{} belongs to {}, who could then choose every seed qseed hands out; only files of \
+         root or of {} are read. Run: chown root {}",
+        path.display(),
+        crate::trust::user_name(meta.uid()),
+        crate::trust::user_name(me),
+        path.display()
+    ))
 }
 
-/// The position recorded for this file (same device and inode), else 0.
-fn read_position(record: &Path, meta: &std::fs::Metadata) -> Result<u64, String> {
-    // Three numbers on a line; read through a cap like every file qseed opens.
-    let text = match crate::files::read_text(record, 4096) {
-        Ok((text, _)) => text,
-        Err(e) if e.is_not_found() => return Ok(0),
-        Err(e) => return Err(format!("cannot read {}: {e}", record.display())),
-    };
-    let fields: Vec<u64> = text
-        .split_whitespace()
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    match fields[..] {
-        [dev, ino, position] if dev == meta.dev() && ino == meta.ino() => Ok(position),
-        // Another file at that path now: it has not been read.
-        [_, _, _] => Ok(0),
-        _ => Err(format!(
-            "{} is damaged; remove it only if the file it tracks was replaced",
-            record.display()
-        )),
+/// A FIFO anyone but its owner may write lets them choose every seed (the health tests pass a
+/// stream chosen to pass them): it must be writable by its owner only.
+fn trusted_stream(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
+    let mode = meta.mode() & 0o7777;
+    if meta.file_type().is_fifo() && mode & 0o022 != 0 && !crate::trust::checks_disabled() {
+        return Err(format!(
+            "{} is a FIFO that users other than its owner may write (mode {mode:04o}): they \
+             could choose every seed. Run: chmod go-w {}",
+            path.display(),
+            path.display()
+        ));
     }
-}
-
-fn write_position(record: &Path, meta: &std::fs::Metadata, position: u64) -> Result<(), String> {
-    let fail = |e: std::io::Error| {
-        format!(
-            "cannot record the read position in {}: {e}",
-            record.display()
-        )
-    };
-    let folder = record.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(folder).map_err(fail)?;
-    let mut file = tempfile::NamedTempFile::new_in(folder).map_err(fail)?;
-    writeln!(file, "{} {} {position}", meta.dev(), meta.ino()).map_err(fail)?;
-    file.as_file().sync_all().map_err(fail)?;
-    file.persist(record).map_err(|e| fail(e.error))?;
     Ok(())
+}
+
+/// `/dev/random` and `/dev/urandom` (character devices 1:8 and 1:9, whatever their name).
+fn is_kernel_generator(meta: &std::fs::Metadata) -> bool {
+    let rdev = meta.rdev();
+    meta.file_type().is_char_device()
+        && rustix::fs::major(rdev) == 1
+        && matches!(rustix::fs::minor(rdev), 8 | 9)
+}
+
+/// Bytes of a file's beginning that identify it: the same content copied back in place (a
+/// new inode) is the same file, already read so far.
+const FINGERPRINT_LEN: usize = 4096;
+
+/// A regular file's read positions in `<state>/sources/`: `<name>.position` holds the file's
+/// device, inode, position and a keyed fingerprint of its first bytes (HMAC-SHA-256 under
+/// `sources/key`, so the record says nothing of the bytes); `<name>.lock` serializes readers.
+/// Opened through [`StateFolder`]: no link in the state folder is followed.
+struct Positions {
+    folder: StateFolder,
+    name: String,
+}
+
+impl Positions {
+    fn open(state: &Path, name: &str) -> Result<Self, String> {
+        let folder = StateFolder::open(state).and_then(|s| s.subfolder("sources"))?;
+        Ok(Self {
+            folder,
+            name: name.to_string(),
+        })
+    }
+
+    fn record(&self) -> String {
+        format!("{}.position", self.name)
+    }
+
+    fn lock(&self) -> Result<std::fs::File, String> {
+        let name = format!("{}.lock", self.name);
+        self.folder.lock(&name, true, true).map_err(|e| {
+            let e = match e {
+                LockError::Busy => "busy".to_string(),
+                LockError::Io(e) => e.to_string(),
+            };
+            format!(
+                "cannot lock {}: {e}",
+                self.folder.file_path(&name).display()
+            )
+        })
+    }
+
+    /// The keyed fingerprint of `file`'s first bytes (the file's position is left at 0).
+    fn fingerprint(&self, file: &mut std::fs::File, path: &Path) -> Result<String, String> {
+        let key = self.key()?;
+        let mut head = zeroize::Zeroizing::new(vec![0u8; FINGERPRINT_LEN]);
+        let mut filled = 0;
+        loop {
+            match file.read(&mut head[filled..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    filled += n;
+                    if filled == FINGERPRINT_LEN {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            }
+        }
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
+        let tag = ring::hmac::sign(&key, &head[..filled]);
+        Ok(format!(
+            "{filled}:{}",
+            tag.as_ref()[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ))
+    }
+
+    fn key(&self) -> Result<ring::hmac::Key, String> {
+        let shown = || self.folder.file_path("key").display().to_string();
+        let key = match self.folder.read("key", 32) {
+            Ok(Some(key)) if key.len() == 32 => key,
+            Ok(Some(_)) => return Err(format!("{} is damaged", shown())),
+            Ok(None) => {
+                let mut key = zeroize::Zeroizing::new(vec![0u8; 32]);
+                getrandom::fill(&mut key).map_err(|e| format!("no randomness: {e}"))?;
+                self.folder
+                    .write_atomic("key", &key)
+                    .map_err(|e| format!("cannot write {}: {e}", shown()))?;
+                key
+            }
+            Err(e) => return Err(format!("cannot read {}: {e}", shown())),
+        };
+        Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key))
+    }
+
+    /// The position recorded for this file (the same device and inode, or the same first
+    /// bytes), else 0.
+    fn read(&self, meta: &std::fs::Metadata, fingerprint: &str) -> Result<u64, String> {
+        let name = self.record();
+        let shown = self.folder.file_path(&name);
+        // A few numbers on a line; read through a cap like every file qseed opens.
+        let text = match self.folder.read(&name, 4096) {
+            Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+            Ok(None) => return Ok(0),
+            Err(e) => return Err(format!("cannot read {}: {e}", shown.display())),
+        };
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let numbers: Vec<u64> = fields
+            .iter()
+            .take(3)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let damaged = || {
+            format!(
+                "{} is damaged; remove it only if the file it tracks was replaced",
+                shown.display()
+            )
+        };
+        let [dev, ino, position] = numbers[..] else {
+            return Err(damaged());
+        };
+        if dev == meta.dev() && ino == meta.ino() {
+            return Ok(position);
+        }
+        match fields.get(3) {
+            Some(recorded) if *recorded == fingerprint => {
+                tracing::info!(
+                    "source {:?}: the file is new, but its content is the one already read up \
+                     to byte {position}: going on from there",
+                    self.name
+                );
+                Ok(position)
+            }
+            // Another file at that path now: it has not been read.
+            Some(_) | None if fields.len() <= 4 => Ok(0),
+            _ => Err(damaged()),
+        }
+    }
+
+    fn write(
+        &self,
+        meta: &std::fs::Metadata,
+        fingerprint: &str,
+        position: u64,
+    ) -> Result<(), String> {
+        let name = self.record();
+        let line = format!("{} {} {position} {fingerprint}\n", meta.dev(), meta.ino());
+        self.folder
+            .write_atomic(&name, line.as_bytes())
+            .map_err(|e| {
+                format!(
+                    "cannot record the read position in {}: {e}",
+                    self.folder.file_path(&name).display()
+                )
+            })
+    }
 }
 
 impl EntropySource for DeviceSource {
@@ -288,5 +443,69 @@ mod tests {
         );
         assert!(DeviceSource::check(Path::new("/dev/urandom")).is_ok());
         assert!(DeviceSource::check(dir.path()).is_err());
+    }
+
+    /// Issue 21, item 5: a FIFO others may write is refused; the kernel's generator is known.
+    #[test]
+    fn item_05_a_fifo_others_may_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        assert!(DeviceSource::check(&fifo).is_ok());
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fifo, std::fs::Permissions::from_mode(0o622)).unwrap();
+        let e = DeviceSource::check(&fifo).unwrap_err();
+        assert!(e.contains("chmod o-w") && e.contains("0622"), "{e}");
+        // Group-writable: a file's group write bit may be fine, a FIFO's is not.
+        std::fs::set_permissions(&fifo, std::fs::Permissions::from_mode(0o620)).unwrap();
+        let e = DeviceSource::check(&fifo).unwrap_err();
+        assert!(e.contains("chmod go-w") && e.contains("0620"), "{e}");
+        let urandom = std::fs::metadata("/dev/urandom").unwrap();
+        assert!(is_kernel_generator(&urandom));
+        assert!(!is_kernel_generator(
+            &std::fs::metadata("/dev/null").unwrap()
+        ));
+    }
+
+    /// Issue 21, item 6: a file copied back in place (a new inode, the same bytes) is not read
+    /// again from the start, and a link in place of the lock is not followed.
+    #[tokio::test]
+    async fn item_06_a_file_copied_back_is_not_read_again_and_links_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let path = dir.path().join("pool.bin");
+        let content: Vec<u8> = (0..3 * BLOCK_LEN).map(|i| (i * 13 % 251) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let first = source(&path, &state).fetch(1).await.unwrap();
+        assert_eq!(first.expose(), &content[..BLOCK_LEN]);
+        let copy = dir.path().join("copy.bin");
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::rename(&copy, &path).unwrap();
+        let second = source(&path, &state).fetch(1).await.unwrap();
+        assert_eq!(second.expose(), &content[BLOCK_LEN..2 * BLOCK_LEN]);
+        // Another file at the path is read from its start.
+        let other: Vec<u8> = (0..BLOCK_LEN).map(|i| (i * 17 % 253) as u8).collect();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, &other).unwrap();
+        assert_eq!(
+            source(&path, &state).fetch(1).await.unwrap().expose(),
+            &other[..]
+        );
+        // A link where the lock goes is an error, and nothing is created where it points.
+        let lock = state.join("sources").join("qrng.lock");
+        std::fs::remove_file(&lock).unwrap();
+        let pointed = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&pointed, &lock).unwrap();
+        std::fs::write(&path, &content).unwrap();
+        let e = source(&path, &state).fetch(1).await.unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(!pointed.exists());
     }
 }

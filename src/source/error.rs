@@ -79,6 +79,10 @@ pub enum SourceError {
     Device { path: String, reason: String },
     #[error("{0}")]
     Sources(String),
+    /// The replay record shared through the state folder cannot be kept: the answer was wiped
+    /// unused (a block qseed cannot record could be used twice).
+    #[error("{0}; the answer was wiped unused")]
+    ReplayRecord(String),
 }
 
 impl SourceError {
@@ -118,6 +122,7 @@ impl SourceError {
             SourceError::Simulated { .. } => "simulated answer",
             SourceError::Device { .. } => "device error",
             SourceError::Sources(_) => "no source",
+            SourceError::ReplayRecord(_) => "replay record",
         }
     }
 }
