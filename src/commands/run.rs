@@ -26,6 +26,7 @@ pub const RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 /// configuration that fails its checks is reported and the running one stays.
 pub async fn run(config_path: &Path) -> Result<(), Error> {
     let config = load(config_path)?;
+    check_sources(&config).await?;
     crate::repeat::set_log_repeat(config.log_repeat);
     let client = make_client(&config)?;
     let guard = pin_guard(&config);
@@ -221,6 +222,7 @@ pub fn pin_guard(config: &Config) -> PinGuard {
 
 pub async fn once(config_path: &Path) -> Result<(), Error> {
     let config = load(config_path)?;
+    check_sources(&config).await?;
     crate::repeat::set_log_repeat(config.log_repeat);
     let client = make_client(&config)?;
     let guard = pin_guard(&config);
@@ -267,6 +269,14 @@ pub async fn once(config_path: &Path) -> Result<(), Error> {
     }
 }
 
+/// The checks of a configuration that need the network: sources mixed on one host are
+/// refused (see [`crate::source::set::refuse_mixing_one_host`]).
+pub async fn check_sources(config: &Config) -> Result<(), Error> {
+    crate::source::set::refuse_mixing_one_host(&config.sources, config.source_mode)
+        .await
+        .map_err(Error::Config)
+}
+
 /// Reads the configuration for a seeding command: it must name at least one target.
 pub fn load(config_path: &Path) -> Result<Config, Error> {
     let config = config::load(config_path)?;
@@ -283,6 +293,9 @@ pub fn load(config_path: &Path) -> Result<Config, Error> {
 /// How long a reload may take to read its files before it is given up (the running
 /// configuration stays; the stuck read is left to its thread).
 const RELOAD_READ_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long a reload may take to load and initialize new modules.
+const RELOAD_MODULE_LIMIT: Duration = Duration::from_secs(30);
 
 /// A reload: the new file must pass every check a start does, modules included.
 async fn reload(config_path: &Path, modules: &Modules) -> Result<(Config, SourceSet), Error> {
@@ -307,9 +320,32 @@ async fn reload(config_path: &Path, modules: &Modules) -> Result<(Config, Source
             )))
         }
     };
-    service::load_modules(&config.targets, modules)
-        .await
-        .map_err(|e| Error::Config(e.to_string()))?;
+    check_sources(&config).await?;
+    // A new module whose C_Initialize never returns: given up, named, and left to its thread
+    // (the running configuration stays, and SIGTERM is still heard: see `run`).
+    match tokio::time::timeout(
+        RELOAD_MODULE_LIMIT,
+        service::load_modules(&config.targets, modules),
+    )
+    .await
+    {
+        Ok(loaded) => loaded.map_err(|e| Error::Config(e.to_string()))?,
+        Err(_) => {
+            return Err(Error::Config(format!(
+                "loading the modules took more than {}s (a C_Initialize that does not return? \
+                 modules: {})",
+                RELOAD_MODULE_LIMIT.as_secs(),
+                config
+                    .targets
+                    .iter()
+                    .map(|t| t.module.display().to_string())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+    }
     Ok((config, client))
 }
 

@@ -35,7 +35,11 @@ const GENERAL_ERRORS_TO_RESET: u32 = 2;
 /// The process's loaded modules, by path. Cloning shares the same set.
 #[derive(Debug, Clone, Default)]
 pub struct Modules {
+    /// Taken only for lookups and inserts, never across a call into a module: /metrics reads
+    /// it, and a module whose `C_Initialize` never returns must not freeze a scrape or a stop.
     loaded: Arc<Mutex<HashMap<PathBuf, Arc<Module>>>>,
+    /// Held across `dlopen` and `C_Initialize`, so that one module is loaded once.
+    loading: Arc<Mutex<()>>,
     /// Which target seeds which token (by module file and token), so that one token named
     /// twice (by label and by serial, or through two paths to one module) is seeded once.
     claims: Arc<Mutex<HashMap<TokenClaim, Holder>>>,
@@ -255,20 +259,17 @@ impl Modules {
 
     /// The module at `path`, loaded and initialized (with `init_args`, if given) on first use.
     pub fn module(&self, path: &Path, init_args: Option<&str>) -> Result<Arc<Module>, HsmError> {
-        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
         let init_args = init_args
             .map(std::ffi::CString::new)
             .transpose()
             .map_err(|_| HsmError::Unexpected("init_args holds a NUL character".into()))?;
-        if let Some(module) = loaded.get(path) {
-            if module.init_args != init_args {
-                return Err(HsmError::Unexpected(format!(
-                    "{} was initialized with other init_args; a change takes effect at the next \
-                     start",
-                    path.display()
-                )));
-            }
-            return Ok(module.clone());
+        if let Some(module) = self.loaded_with(path, &init_args)? {
+            return Ok(module);
+        }
+        let _loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
+        // Another thread may have loaded it while this one waited.
+        if let Some(module) = self.loaded_with(path, &init_args)? {
+            return Ok(module);
         }
         let pkcs11 = load(path, init_args.as_deref())?;
         let manufacturer = pkcs11
@@ -291,8 +292,29 @@ impl Modules {
             discovered: Mutex::new(None),
             changed: Condvar::new(),
         });
-        loaded.insert(path.to_path_buf(), module.clone());
+        self.loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(path.to_path_buf(), module.clone());
         Ok(module)
+    }
+
+    /// The module at `path` if it is loaded (with the same `init_args`).
+    fn loaded_with(
+        &self,
+        path: &Path,
+        init_args: &Option<std::ffi::CString>,
+    ) -> Result<Option<Arc<Module>>, HsmError> {
+        let loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        match loaded.get(path) {
+            Some(module) if module.init_args != *init_args => Err(HsmError::Unexpected(format!(
+                "{} was initialized with other init_args; a change takes effect at the next \
+                 start",
+                path.display()
+            ))),
+            Some(module) => Ok(Some(module.clone())),
+            None => Ok(None),
+        }
     }
 
     /// The module's context, for one-off checks (`doctor`, the demo) that make no session.

@@ -565,3 +565,63 @@ impl EntropySource for SourceSet {
         }
     }
 }
+
+/// How long the host check waits for one name to resolve.
+const RESOLVE_LIMIT: Duration = Duration::from_secs(5);
+
+/// `mix` XORs sources so that no one server chooses the seed; two sources on one host (the
+/// same name, or names that resolve to a shared address) hand that choice back to it. Checked
+/// at start and at every reload. A name that does not resolve is compared by name only: the
+/// source itself reports that it cannot be reached.
+pub async fn refuse_mixing_one_host(
+    specs: &[crate::config::SourceSpec],
+    mode: Mode,
+) -> Result<(), String> {
+    if !matches!(mode, Mode::Mix { .. }) {
+        return Ok(());
+    }
+    let mut seen: Vec<(&str, String, Vec<std::net::IpAddr>)> = Vec::new();
+    for spec in specs {
+        let crate::config::SourceSpecKind::Qrypt(api) = &spec.kind else {
+            continue;
+        };
+        let Some(host) = api.url.host_str() else {
+            continue;
+        };
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let port = api.url.port_or_known_default().unwrap_or(443);
+        let addresses: Vec<std::net::IpAddr> = match tokio::time::timeout(
+            RESOLVE_LIMIT,
+            tokio::net::lookup_host((host.as_str(), port)),
+        )
+        .await
+        {
+            Ok(Ok(found)) => found.map(|a| a.ip()).collect(),
+            _ => Vec::new(),
+        };
+        for (other, other_host, other_addresses) in &seen {
+            let shared = addresses.iter().find(|a| other_addresses.contains(a));
+            if *other_host == host || shared.is_some() {
+                return Err(format!(
+                    "pool.sources = \"mix\" XORs sources so that no one server chooses the \
+                     seed, but sources {other:?} and {:?} reach one host ({}): that server \
+                     would choose the \"mixed\" seed. Mix sources on different hosts, or use \
+                     pool.sources = \"failover\"",
+                    spec.name,
+                    match shared {
+                        Some(address) if *other_host != host => {
+                            format!("{other_host} and {host} both resolve to {address}")
+                        }
+                        _ => host.clone(),
+                    }
+                ));
+            }
+        }
+        seen.push((spec.name.as_str(), host, addresses));
+    }
+    Ok(())
+}

@@ -3,15 +3,21 @@
 //! loopback or a monitoring network; it serves no secret.
 //!
 //! Anyone who can reach the port is a client, so no client may cost the service more than a
-//! bounded share: at most [`MAX_CONNECTIONS`] at once (more are closed as soon as accepted),
-//! [`HEADER_TIMEOUT`] to send a request's headers, and [`CONNECTION_LIFETIME`] in all. Idle or
-//! half-sent connections are closed instead of holding file descriptors the entropy requests
-//! and the HSM modules need.
+//! bounded share, and none may keep others out:
+//!
+//! - A connection first waits for its whole request head (request line and headers, at most
+//!   [`MAX_HEAD`] bytes, within [`HEADER_TIMEOUT`]). At most [`MAX_WAITING`] wait at once; when
+//!   one more arrives, the one that has waited longest is closed. A scraper sends its request
+//!   as soon as it connects, so a local user holding connections open without a request only
+//!   ever evicts her own.
+//! - Only a complete request takes one of the [`MAX_CONNECTIONS`] serving slots (a busy
+//!   endpoint answers 503 at once), answered within [`CONNECTION_LIFETIME`], and the
+//!   connection is then closed (no keep-alive: an idle client holds nothing).
 
-use std::time::Duration;
-
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -20,7 +26,8 @@ use axum::routing::get;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -31,12 +38,15 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Connections served at once; a Prometheus server or two and a person with curl need a few.
+/// Requests served at once; a Prometheus server or two and a person with curl need a few.
 pub const MAX_CONNECTIONS: usize = 32;
-/// Time a client has to send a request's headers (also the keep-alive idle limit: hyper
-/// starts it again when it waits for the next request).
+/// Connections waiting for their request head at once (the oldest is closed for a new one).
+pub const MAX_WAITING: usize = 128;
+/// Time a client has to send its request head.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest a connection stays open, however busy: a scraper then simply reconnects.
+/// Longest a request head may be.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Longest a request takes to be answered, once its head is in.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Serves until `stop`.
@@ -53,9 +63,36 @@ pub fn serve(
     tokio::spawn(accept_loop(listener, router, stop))
 }
 
+/// Connections waiting for their request head, oldest first, each with the token that
+/// closes it.
+#[derive(Default)]
+struct Waiting {
+    next: u64,
+    connections: BTreeMap<u64, CancellationToken>,
+}
+
+impl Waiting {
+    /// Admits a new connection, closing the oldest waiting one if there are too many.
+    fn admit(&mut self) -> (u64, CancellationToken, bool) {
+        let mut evicted = false;
+        while self.connections.len() >= MAX_WAITING {
+            if let Some((_, oldest)) = self.connections.pop_first() {
+                oldest.cancel();
+                evicted = true;
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let token = CancellationToken::new();
+        self.connections.insert(id, token.clone());
+        (id, token, evicted)
+    }
+}
+
 async fn accept_loop(listener: TcpListener, router: Router, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut turned_away: u64 = 0;
+    let waiting = Arc::new(Mutex::new(Waiting::default()));
+    let mut evictions: u64 = 0;
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -70,33 +107,95 @@ async fn accept_loop(listener: TcpListener, router: Router, stop: CancellationTo
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Closed at once: its file descriptor is free again before the next accept.
-            drop(stream);
-            turned_away += 1;
-            if turned_away.is_power_of_two() {
+        let (id, evict, evicted) = waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .admit();
+        if evicted {
+            evictions += 1;
+            if evictions.is_power_of_two() {
                 tracing::warn!(
-                    "telemetry endpoint: {turned_away} connection(s) turned away so far, \
-                     {MAX_CONNECTIONS} already open (is something holding connections open?)"
+                    "telemetry endpoint: {evictions} connection(s) closed so far for sending no \
+                     request while {MAX_WAITING} waited (is something holding connections open?)"
                 );
             }
-            continue;
-        };
-        let service = TowerToHyperService::new(router.clone());
-        let stop = stop.clone();
+        }
+        let (router, slots, waiting, stop) =
+            (router.clone(), slots.clone(), waiting.clone(), stop.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = connection => {}
-                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
-                _ = stop.cancelled() => {}
-            }
+            let head = tokio::select! {
+                head = read_head(&stream) => head,
+                _ = tokio::time::sleep(HEADER_TIMEOUT) => None,
+                _ = evict.cancelled() => None,
+                _ = stop.cancelled() => None,
+            };
+            waiting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .connections
+                .remove(&id);
+            let Some(head) = head else {
+                return;
+            };
+            serve_request(stream, head, router, slots, stop).await;
         });
+    }
+}
+
+/// Reads until the end of the request head (a blank line); `None` if the client closes first
+/// or the head is larger than [`MAX_HEAD`]. What is read is handed to the server after.
+async fn read_head(stream: &TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::with_capacity(1024);
+    let mut piece = [0u8; 1024];
+    loop {
+        stream.readable().await.ok()?;
+        match stream.try_read(&mut piece) {
+            Ok(0) => return None,
+            Ok(n) => {
+                head.extend_from_slice(&piece[..n]);
+                if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n")
+                {
+                    return Some(head);
+                }
+                if head.len() > MAX_HEAD {
+                    return None;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+async fn serve_request(
+    mut stream: TcpStream,
+    head: Vec<u8>,
+    router: Router,
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
+    let Ok(_slot) = slots.try_acquire_owned() else {
+        let _ = stream
+            .write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\
+                  connection: close\r\nretry-after: 1\r\n\r\n",
+            )
+            .await;
+        return;
+    };
+    let (read, write) = stream.into_split();
+    // hyper reads the head already read, then the rest of the connection.
+    let io = tokio::io::join(std::io::Cursor::new(head).chain(read), write);
+    let service = TowerToHyperService::new(router);
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(false)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::select! {
+        _ = connection => {}
+        _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+        _ = stop.cancelled() => {}
     }
 }
 
