@@ -27,6 +27,11 @@ fn any_port() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
+/// A free port on a second loopback address: `mix` refuses two sources on one host.
+fn any_port_elsewhere() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 2], 0))
+}
+
 fn source_table(name: &str, sim: &Simulator) -> String {
     format!(
         "[[source]]\nname = \"{name}\"\nurl = \"{}\"\nauth = \"none\"\nallow_http = true\n\
@@ -49,7 +54,7 @@ fn two_appliances(pool: &str) -> (World, Simulator, Simulator) {
     let world = World::new();
     world.add_token("tok");
     let a = appliance(&world, any_port());
-    let b = appliance(&world, any_port());
+    let b = appliance(&world, any_port_elsewhere());
     configure(
         &world,
         pool,
@@ -236,7 +241,7 @@ fn mixing_with_one_source_down_skips_unless_told_to_fall_back() {
     let world = World::new();
     world.add_token("tok");
     let a = appliance(&world, any_port());
-    let b = appliance(&world, any_port());
+    let b = appliance(&world, any_port_elsewhere());
     b.stop();
     let sources = format!("{}{}", source_table("a", &a), source_table("b", &b));
     configure(&world, "sources = \"mix\"\n", &sources, 48);

@@ -112,17 +112,6 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
             ),
         }
     }
-    // A damaged replay record stops run and once: doctor names it with the reset.
-    if let Some(state) = crate::state::StateDir::resolve(config.state_dir.as_deref()).folder() {
-        match crate::pool::replay::SharedRecord::open(state, crate::pool::health::REPLAY_MEMORY) {
-            Ok(record) => list.ok(&format!(
-                "replay record: {} block(s) remembered in {}",
-                record.len(),
-                state.join("replay").display()
-            )),
-            Err(why) => list.fail("replay record", &why),
-        }
-    }
     if config.targets.is_empty() {
         list.fail(
             "targets",
@@ -213,7 +202,31 @@ async fn check_source(list: &mut Checklist, config: &Config) -> Vec<EntropyBytes
     if let Some(route) = client.route() {
         list.ok(&format!("route to the entropy API: {route}"));
     }
+    if let Err(e) =
+        crate::source::set::refuse_mixing_one_host(&config.sources, config.source_mode).await
+    {
+        list.fail("sources", &e);
+        return Vec::new();
+    }
     let pool = Arc::new(Pool::new(client, config.pool));
+    // The doctor's bytes are checked against, and recorded in, the record `run` and `once`
+    // share: a damaged one stops it before anything is bought, as it stops them.
+    if let Some(state) = crate::state::StateDir::resolve(config.state_dir.as_deref()).folder() {
+        match crate::pool::replay::SharedRecord::open(state, crate::pool::health::REPLAY_MEMORY) {
+            Ok(record) => {
+                list.ok(&format!(
+                    "replay record: {} block(s) remembered in {}",
+                    record.len(),
+                    state.join("replay").display()
+                ));
+                pool.use_replay_record(record);
+            }
+            Err(why) => {
+                list.fail("replay record", &why);
+                return Vec::new();
+            }
+        }
+    }
     let ids: Vec<_> = config
         .targets
         .iter()

@@ -109,6 +109,7 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
                 reload_due = None;
                 last_reload = Some(Instant::now());
                 systemd::reloading();
+                tracing::info!("SIGHUP: reading {}", config_path.display());
                 // On a task of its own: reading a file on a hung network mount, or a module
                 // that does not return, must not keep this loop from SIGTERM.
                 let (path, modules) = (config_path.to_path_buf(), modules.clone());

@@ -40,14 +40,16 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Requests served at once; a Prometheus server or two and a person with curl need a few.
 pub const MAX_CONNECTIONS: usize = 32;
-/// Connections waiting for their request head at once (the oldest is closed for a new one).
+/// Connections waiting for their request head at once (the oldest is closed for a new one),
+/// at most; fewer under a low file descriptor limit (see [`waiting_cap`]).
 pub const MAX_WAITING: usize = 128;
 /// Time a client has to send its request head.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a request head may be.
 pub const MAX_HEAD: usize = 16 * 1024;
-/// Longest a request takes to be answered, once its head is in.
-pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Longest a request takes to be answered, once its head is in (a scrape takes milliseconds;
+/// a client that sends a head and then never reads holds its slot no longer).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 
 /// Serves until `stop`.
 pub fn serve(
@@ -71,11 +73,23 @@ struct Waiting {
     connections: BTreeMap<u64, CancellationToken>,
 }
 
+/// How many may wait (and at most how many are served): an eighth of the file descriptor
+/// limit, between 4 and [`MAX_WAITING`], so that clients never take the descriptors the
+/// entropy requests and the modules need.
+fn waiting_cap() -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    usize::try_from(limit / 8)
+        .unwrap_or(usize::MAX)
+        .clamp(4, MAX_WAITING)
+}
+
 impl Waiting {
-    /// Admits a new connection, closing the oldest waiting one if there are too many.
-    fn admit(&mut self) -> (u64, CancellationToken, bool) {
+    /// Admits a new connection, closing the oldest waiting one if `cap` already wait.
+    fn admit(&mut self, cap: usize) -> (u64, CancellationToken, bool) {
         let mut evicted = false;
-        while self.connections.len() >= MAX_WAITING {
+        while self.connections.len() >= cap {
             if let Some((_, oldest)) = self.connections.pop_first() {
                 oldest.cancel();
                 evicted = true;
@@ -90,7 +104,8 @@ impl Waiting {
 }
 
 async fn accept_loop(listener: TcpListener, router: Router, stop: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let cap = waiting_cap();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS.min(cap)));
     let waiting = Arc::new(Mutex::new(Waiting::default()));
     let mut evictions: u64 = 0;
     loop {
@@ -110,13 +125,13 @@ async fn accept_loop(listener: TcpListener, router: Router, stop: CancellationTo
         let (id, evict, evicted) = waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .admit();
+            .admit(cap);
         if evicted {
             evictions += 1;
             if evictions.is_power_of_two() {
                 tracing::warn!(
                     "telemetry endpoint: {evictions} connection(s) closed so far for sending no \
-                     request while {MAX_WAITING} waited (is something holding connections open?)"
+                     request while {cap} waited (is something holding connections open?)"
                 );
             }
         }
@@ -153,7 +168,8 @@ async fn read_head(stream: &TcpStream) -> Option<Vec<u8>> {
             Ok(0) => return None,
             Ok(n) => {
                 head.extend_from_slice(&piece[..n]);
-                if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n")
+                if head.windows(4).any(|w| w == b"\r\n\r\n")
+                    || head.windows(2).any(|w| w == b"\n\n")
                 {
                     return Some(head);
                 }

@@ -14,6 +14,7 @@
 //! | `seed-not-supported` | `C_SeedRandom` returns `CKR_RANDOM_SEED_NOT_SUPPORTED` |
 //! | `hang` | `C_SeedRandom` blocks while the file says `hang` (at most 60 s) |
 //! | `no-rng` | `C_GetTokenInfo` clears `CKF_RNG` |
+//! | `init-hang` | `C_Initialize` blocks while the file says `init-hang` (at most 120 s) |
 //!
 //! With `QSEED_FAULT_SEED_LOG` set, every successful `C_SeedRandom` appends one line to that
 //! file: the seed in hex. Unlike pkcs11-spy's log, lines of concurrent calls never interleave.
@@ -79,6 +80,7 @@ fn load() -> Result<Real, String> {
     ours.C_GetFunctionList = Some(C_GetFunctionList);
     ours.C_SeedRandom = Some(seed_random);
     ours.C_GetTokenInfo = Some(get_token_info);
+    ours.C_Initialize = Some(initialize);
     Ok(Real {
         _library: library,
         functions,
@@ -163,6 +165,23 @@ fn log_seed(bytes: &[u8]) {
         .open(path)
     {
         let _ = file.write_all(line.as_bytes());
+    }
+}
+
+/// `init-hang`: C_Initialize does not return while the fault stays (at most two minutes), as a
+/// network module whose server never answers.
+unsafe extern "C" fn initialize(args: cryptoki_sys::CK_VOID_PTR) -> CK_RV {
+    let start = Instant::now();
+    while fault() == "init-hang" && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let Ok(real) = real() else {
+        return CKR_FUNCTION_FAILED;
+    };
+    match real.functions.C_Initialize {
+        // SAFETY: forwarding the caller's argument unchanged to the real module's function.
+        Some(f) => unsafe { f(args) },
+        None => cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED,
     }
 }
 
