@@ -48,6 +48,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod files;
+pub mod folder;
 pub mod health;
 pub mod hsm;
 pub mod pool;

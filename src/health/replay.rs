@@ -31,7 +31,7 @@ use std::path::Path;
 
 use ring::hmac;
 
-use crate::state::{LockError, StateFolder};
+use crate::folder::{LockError, StateFolder};
 
 /// One remembered block: the first 64 bits of its keyed hash.
 type Digest = u64;

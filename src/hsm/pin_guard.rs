@@ -34,7 +34,8 @@ use serde::{Deserialize, Serialize};
 use super::error::HsmError;
 use super::token::TokenIdentity;
 use crate::config::UserLogin;
-use crate::state::{LockError, StateDir, StateFolder};
+use crate::folder::{LockError, StateFolder};
+use crate::state::StateDir;
 
 /// Subfolder of the state folder holding the records.
 const FOLDER: &str = "pin-guard";

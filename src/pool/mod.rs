@@ -265,6 +265,7 @@ impl<S: EntropySource> Pool<S> {
         &self,
         fetched: EntropyBytes,
         blocks: usize,
+        from: &str,
     ) -> Result<EntropyBytes, SourceError> {
         let shared = Arc::clone(&self.replay);
         let screened = tokio::task::spawn_blocking(move || {
@@ -286,8 +287,8 @@ impl<S: EntropySource> Pool<S> {
                 .bytes_rejected
                 .fetch_add((replayed * BLOCK_LEN) as u64, Ordering::Relaxed);
             tracing::warn!(
-                "refused {replayed} of {blocks} block(s) and wiped them: {}, by this or another \
-                 qseed process sharing the state folder",
+                "health tests refused {replayed} of {blocks} block(s) from {from} and wiped \
+                 them: {} (by this or another qseed process sharing the state folder)",
                 health::HealthFailure::Replayed
             );
         }
@@ -518,7 +519,10 @@ impl<S: EntropySource> Pool<S> {
             .bytes_downloaded
             .fetch_add(fetched.len() as u64, Ordering::Relaxed);
         // Before the pool's lock is taken: takers never wait for the disk.
-        let fetched = match self.screen_replays(fetched, blocks).await {
+        let fetched = match self
+            .screen_replays(fetched, blocks, &source.describe())
+            .await
+        {
             Ok(kept) => kept,
             Err(e) => {
                 self.failed(&e);

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{EntropySource, SourceError, BLOCK_LEN};
+use crate::folder::{LockError, StateFolder};
 use crate::secret::EntropyBytes;
-use crate::state::{LockError, StateFolder};
 
 /// `[[source]] kind = "device"` as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
