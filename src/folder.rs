@@ -200,6 +200,13 @@ impl StateFolder {
         file.sync_data()
     }
 
+    /// Cuts `name` back to `len` bytes (a failed append's partial record).
+    pub fn truncate(&self, name: &str, len: u64) -> std::io::Result<()> {
+        let file = self.open_file(name, OFlags::WRONLY)?;
+        file.set_len(len)?;
+        file.sync_data()
+    }
+
     /// Removes `name`; whether it was there.
     pub fn remove(&self, name: &str) -> std::io::Result<bool> {
         match rustix::fs::unlinkat(&self.fd, name, AtFlags::empty()) {

@@ -116,8 +116,9 @@ pub struct UserLogin {
     pub source: PinSource,
 }
 
-/// Where a PIN came from, in terms that change when the operator changes the PIN, and never
-/// derived from the PIN itself (PINs are short: any hash of one can be searched).
+/// Where a PIN came from. The PIN guard knows a PIN by a keyed digest of the PIN itself (see
+/// [`crate::hsm::pin_guard`]); `identity` only tells a reload that the source was touched, so
+/// that the target logs in again.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PinSource {
     /// As the operator wrote it, for messages: `pin_file "/etc/qseed/hsm.pin"`.
@@ -126,8 +127,6 @@ pub struct PinSource {
     /// PIN that qseed cannot watch (inline, environment, systemd credential), the
     /// configuration file's.
     pub identity: String,
-    /// Whether `identity` follows the PIN's own file (a plain `pin_file`).
-    pub watches_file: bool,
 }
 
 impl TargetConfig {
@@ -921,7 +920,7 @@ fn resolve_pin(
     base: &Path,
     origin: &str,
 ) -> Result<Option<UserLogin>, String> {
-    let (pin, described, identity, watches_file) = match (pin_file, pin_env, pin) {
+    let (pin, described, identity) = match (pin_file, pin_env, pin) {
         (None, None, None) => return Ok(None),
         (Some(file), None, None) => {
             let path = secret_path(base, file, "pin_file")?;
@@ -929,16 +928,16 @@ fn resolve_pin(
             let described = format!("pin_file {:?}", file.display().to_string());
             if is_credential(file) {
                 let identity = format!("{described} in {origin}");
-                (pin, described, identity, false)
+                (pin, described, identity)
             } else {
-                (pin, described, identity, true)
+                (pin, described, identity)
             }
         }
         (None, Some(var), None) => match std::env::var(var) {
             Ok(v) if !v.is_empty() => {
                 let described = format!("pin_env {var:?}");
                 let identity = format!("{described} in {origin}");
-                (SecretString::from(v), described, identity, false)
+                (SecretString::from(v), described, identity)
             }
             _ => {
                 return Err(format!(
@@ -950,7 +949,6 @@ fn resolve_pin(
             inline.0,
             "pin (inline)".to_string(),
             format!("inline pin in {origin}"),
-            false,
         ),
         _ => return Err("more than one of pin_file, pin_env and pin is set; keep one".into()),
     };
@@ -973,7 +971,6 @@ fn resolve_pin(
         source: PinSource {
             described,
             identity,
-            watches_file,
         },
     }))
 }

@@ -232,7 +232,10 @@ impl SharedRecord {
             if let Err(e) = self.folder.append(SEEN, &records(new.iter())) {
                 bytes.expose_mut().zeroize();
                 bytes.truncate(0);
-                // What was appended, if anything, is read back at the next catch-up.
+                // A full disk may have taken part of a record: cut it off (the lock is still
+                // held, and `read_up_to` is the length before this append), so that the file
+                // stays whole records and the next answer can be tried.
+                let _ = self.folder.truncate(SEEN, self.read_up_to);
                 return Err(format!(
                     "cannot append to {}: {e}",
                     self.folder.file_path(SEEN).display()

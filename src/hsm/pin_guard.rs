@@ -624,7 +624,6 @@ mod tests {
             source: PinSource {
                 described: "pin_file \"hsm.pin\"".into(),
                 identity: "file:/x:ino=7".into(),
-                watches_file: true,
             },
         }
     }
