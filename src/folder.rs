@@ -200,6 +200,32 @@ impl StateFolder {
         file.sync_data()
     }
 
+    /// The random key of `len` bytes in `name`: `None` when there is none yet, an error when
+    /// the file is not such a key.
+    pub fn read_key(&self, name: &str, len: usize) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
+        match self.read(name, len as u64) {
+            Ok(Some(key)) if key.len() == len => Ok(Some(key)),
+            Ok(Some(_)) => Err(format!(
+                "{} is damaged (not a {len}-byte key)",
+                self.file_path(name).display()
+            )),
+            Ok(None) => Ok(None),
+            Err(e) => Err(format!(
+                "cannot read {}: {e}",
+                self.file_path(name).display()
+            )),
+        }
+    }
+
+    /// A new random key of `len` bytes, written to `name` (0600) before it is returned.
+    pub fn create_key(&self, name: &str, len: usize) -> Result<Zeroizing<Vec<u8>>, String> {
+        let mut key = Zeroizing::new(vec![0u8; len]);
+        getrandom::fill(&mut key).map_err(|e| format!("no randomness for a key: {e}"))?;
+        self.write_atomic(name, &key)
+            .map_err(|e| format!("cannot write {}: {e}", self.file_path(name).display()))?;
+        Ok(key)
+    }
+
     /// Cuts `name` back to `len` bytes (a failed append's partial record).
     pub fn truncate(&self, name: &str, len: u64) -> std::io::Result<()> {
         let file = self.open_file(name, OFlags::WRONLY)?;

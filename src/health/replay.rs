@@ -168,9 +168,8 @@ impl SharedRecord {
             Some(file) => file.metadata().map(|m| m.len() > 0).unwrap_or(true),
             None => false,
         };
-        let key = match folder.read(KEY, KEY_LEN as u64) {
-            Ok(Some(key)) if key.len() == KEY_LEN => key,
-            Ok(Some(_)) => return Err(damaged(&folder, KEY, "it is not a 32-byte key")),
+        let key = match folder.read_key(KEY, KEY_LEN) {
+            Ok(Some(key)) => key,
             Ok(None) if holds_digests => {
                 return Err(damaged(
                     &folder,
@@ -179,14 +178,8 @@ impl SharedRecord {
                      could be recognized",
                 ))
             }
-            Ok(None) => {
-                let key = zeroize::Zeroizing::new(random_key().to_vec());
-                folder.write_atomic(KEY, &key).map_err(|e| {
-                    format!("cannot write {}: {e}", folder.file_path(KEY).display())
-                })?;
-                key
-            }
-            Err(e) => return Err(damaged(&folder, KEY, &e.to_string())),
+            Ok(None) => folder.create_key(KEY, KEY_LEN)?,
+            Err(e) => return Err(damaged(&folder, KEY, &e)),
         };
         let mut shared = Self {
             record: ReplayRecord::with_key(hmac::Key::new(hmac::HMAC_SHA256, &key[..]), memory),

@@ -353,27 +353,13 @@ impl Folder {
                     state.display()
                 )
             })?;
-        let key = match folder.read(KEY_FILE, KEY_LEN as u64) {
-            Ok(Some(key)) if key.len() == KEY_LEN => key,
-            Ok(Some(_)) => {
-                return Err(format!(
-                    "{} is damaged; remove it (the records made under it then block until \
-                     lifted with `qseed doctor --retry-pin`)",
-                    folder.file_path(KEY_FILE).display()
-                ))
-            }
-            Ok(None) => {
-                let mut key = zeroize::Zeroizing::new(vec![0u8; KEY_LEN]);
-                getrandom::fill(&mut key).map_err(|e| format!("no randomness for a key: {e}"))?;
-                folder.write_atomic(KEY_FILE, &key).map_err(|e| {
-                    format!("cannot write {}: {e}", folder.file_path(KEY_FILE).display())
-                })?;
-                key
-            }
+        let key = match folder.read_key(KEY_FILE, KEY_LEN) {
+            Ok(Some(key)) => key,
+            Ok(None) => folder.create_key(KEY_FILE, KEY_LEN)?,
             Err(e) => {
                 return Err(format!(
-                    "cannot read {}: {e}",
-                    folder.file_path(KEY_FILE).display()
+                    "{e}; remove it (the records made under it then block until lifted with \
+                     `qseed doctor --retry-pin`)"
                 ))
             }
         };

@@ -279,19 +279,9 @@ impl Positions {
     }
 
     fn key(&self) -> Result<ring::hmac::Key, String> {
-        let shown = || self.folder.file_path("key").display().to_string();
-        let key = match self.folder.read("key", 32) {
-            Ok(Some(key)) if key.len() == 32 => key,
-            Ok(Some(_)) => return Err(format!("{} is damaged", shown())),
-            Ok(None) => {
-                let mut key = zeroize::Zeroizing::new(vec![0u8; 32]);
-                getrandom::fill(&mut key).map_err(|e| format!("no randomness: {e}"))?;
-                self.folder
-                    .write_atomic("key", &key)
-                    .map_err(|e| format!("cannot write {}: {e}", shown()))?;
-                key
-            }
-            Err(e) => return Err(format!("cannot read {}: {e}", shown())),
+        let key = match self.folder.read_key("key", 32)? {
+            Some(key) => key,
+            None => self.folder.create_key("key", 32)?,
         };
         Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key))
     }
