@@ -239,6 +239,10 @@ pub enum Command {
         /// Serve plain HTTP instead of HTTPS.
         #[arg(long)]
         plain_http: bool,
+        /// How POST /api/v1/entropy reads block_size: "bytes" (1..1024, the appliance's
+        /// specification) or "kib" (1..512, as Qrypt's qseed sends it).
+        #[arg(long, value_name = "UNIT", default_value = "bytes", value_parser = ["bytes", "kib"])]
+        block_unit: String,
     },
 }
 
@@ -350,7 +354,11 @@ fn run(cli: Cli) -> Result<(), Error> {
                 listen,
                 ca_out,
                 plain_http,
-            } => commands::simulator::simulator(listen, ca_out.as_deref(), plain_http).await,
+                block_unit,
+            } => {
+                commands::simulator::simulator(listen, ca_out.as_deref(), plain_http, &block_unit)
+                    .await
+            }
         }
     });
     // A PKCS#11 call that never returned must not hold the process: its thread is left behind.

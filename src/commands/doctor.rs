@@ -254,6 +254,18 @@ async fn check_source(list: &mut Checklist, config: &Config) -> Vec<EntropyBytes
             started.elapsed().as_millis()
         ));
     }
+    for member in set.members() {
+        if let crate::source::set::AnySource::Qrypt(client) = &member.source {
+            if let Some(unit) = client.block_unit() {
+                list.ok(&format!(
+                    "source {}: POST /api/v1/entropy's block_size is read in {unit} \
+                     (source.block_unit = \"{}\")",
+                    member.name,
+                    client.block_unit_setting().as_str()
+                ));
+            }
+        }
+    }
     if set.members().len() > 1 {
         check_each_source(list, &set, config).await;
         if let Some(in_use) = set.in_use() {

@@ -371,13 +371,14 @@ pub fn make_sources(config: &Config, bulk: bool) -> Result<SourceSet, Error> {
                 } else {
                     QryptClient::new(api)
                 };
-                AnySource::Qrypt(Box::new(client.map_err(|e| {
+                let client = client.map_err(|e| {
                     Error::Config(if several {
                         format!("source {:?}: {e}", spec.name)
                     } else {
                         e.to_string()
                     })
-                })?))
+                })?;
+                AnySource::Qrypt(Box::new(client.remembering_in(state.folder())))
             }
             SourceSpecKind::Device(device) => {
                 AnySource::Device(crate::source::device::DeviceSource::new(

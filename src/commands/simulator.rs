@@ -14,6 +14,7 @@ pub async fn simulator(
     listen: SocketAddr,
     ca_out: Option<&Path>,
     plain_http: bool,
+    block_unit: &str,
 ) -> Result<(), Error> {
     let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
     if !listen.ip().is_loopback() && token.is_none() {
@@ -31,12 +32,16 @@ pub async fn simulator(
     })
     .await
     .map_err(|e| Error::Failed(format!("cannot listen on {listen}: {e}")))?;
+    sim.set_block_size_in_kib(block_unit == "kib");
     if let (Some(path), Some(pem)) = (ca_out, sim.ca_pem()) {
         std::fs::write(path, pem)
             .map_err(|e| Error::Failed(format!("cannot write {}: {e}", path.display())))?;
     }
     tell!("qseed API simulator — TEST AND DEMO TOOL: it serves OS randomness, NOT quantum entropy");
     tell!("  url:   {}", sim.url());
+    if block_unit == "kib" {
+        tell!("  POST /api/v1/entropy reads block_size in KiB (1..512), as Qrypt's qseed sends it");
+    }
     match (ca_out, sim.ca_pem()) {
         (Some(path), Some(_)) => {
             tell!("  CA:    {} (set source.ca_file to it)", path.display())

@@ -25,6 +25,7 @@ enum Kind {
 const KEYS: &[(&str, &str, Kind)] = &[
     ("source", "url", Kind::Text),
     ("source", "dialect", Kind::Text),
+    ("source", "block_unit", Kind::Text),
     ("source", "auth", Kind::Text),
     ("source", "token_file", Kind::Text),
     ("source", "ca_file", Kind::Text),

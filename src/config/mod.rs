@@ -408,6 +408,7 @@ fn resolve_one_source(
             let api_keys: Vec<&str> = [
                 ("url", raw.url.is_some()),
                 ("dialect", raw.dialect.is_some()),
+                ("block_unit", raw.block_unit.is_some()),
                 ("auth", raw.auth.is_some()),
                 ("token_file", raw.token_file.is_some()),
                 ("ca_file", raw.ca_file.is_some()),
@@ -677,9 +678,22 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
             }
         },
     };
+    let dialect = raw.dialect.unwrap_or_default();
+    if dialect != crate::source::Dialect::Entropy
+        && raw
+            .block_unit
+            .is_some_and(|u| u != crate::source::block_unit::BlockUnit::Auto)
+    {
+        return Err(format!(
+            "source.block_unit applies to dialect = \"entropy\" (POST /api/v1/entropy) only; \
+             dialect = \"{}\" asks by KiB already. Remove block_unit",
+            dialect.as_str()
+        ));
+    }
     Ok(SourceConfig {
         url,
-        dialect: raw.dialect.unwrap_or_default(),
+        dialect,
+        block_unit: raw.block_unit.unwrap_or_default(),
         token,
         ca_file: match raw.ca_file {
             Some(f) => {

@@ -143,6 +143,8 @@ pub struct RawSource {
     pub path: Option<PathBuf>,
     pub url: Option<String>,
     pub dialect: Option<Dialect>,
+    /// `dialect = "entropy"`: how the server reads `block_size`.
+    pub block_unit: Option<crate::source::block_unit::BlockUnit>,
     pub auth: Option<Auth>,
     pub token_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
@@ -169,7 +171,7 @@ macro_rules! merge {
     };
 }
 // `proxy` is not among them: a proxy URL may hold a password, and overrides are shown.
-merge!(RawSource: url, dialect, auth, token_file, ca_file, timeout, allow_http, allow_simulated, path);
+merge!(RawSource: url, dialect, block_unit, auth, token_file, ca_file, timeout, allow_http, allow_simulated, path);
 merge!(RawPool: max_bytes, max_age, horizon, flush_timeout, min_entropy, false_alarm, sources, mix_fallback);
 merge!(RawTelemetry: listen);
 merge!(RawService: state_dir, log_repeat);

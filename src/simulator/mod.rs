@@ -97,6 +97,9 @@ impl Default for Options {
 #[derive(Default)]
 struct Shared {
     fault: Fault,
+    /// `POST /api/v1/entropy` reads `block_size` in KiB (1..512), as Qrypt's qseed sends it,
+    /// instead of bytes (1..1024), as the appliance's specification says.
+    block_size_in_kib: bool,
     served: Vec<u8>,
     requests: u64,
     blocks_served: u64,
@@ -190,6 +193,11 @@ impl Simulator {
         self.lock().fault = fault;
     }
 
+    /// Reads `block_size` of `POST /api/v1/entropy` in KiB (`true`) or in bytes.
+    pub fn set_block_size_in_kib(&self, kib: bool) {
+        self.lock().block_size_in_kib = kib;
+    }
+
     /// Every byte served in good answers so far, in order, without the blocks a fault spoiled
     /// on purpose (only with `record`).
     pub fn served(&self) -> Vec<u8> {
@@ -278,8 +286,20 @@ async fn entropy(
     let Ok(request) = serde_json::from_slice::<EntropyRequest>(&body) else {
         return bad_request("the body must be JSON {\"block_size\": S, \"block_count\": C}");
     };
-    let size = request.block_size.unwrap_or(1024);
+    let kib = state
+        .shared
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .block_size_in_kib;
     let count = request.block_count.unwrap_or(1);
+    if kib {
+        let size = request.block_size.unwrap_or(1);
+        if !(1..=512).contains(&size) || !(1..=512).contains(&count) {
+            return bad_request("block_size must be 1..512 KiB and block_count 1..512");
+        }
+        return state.answer("entropy", count, size * 1024, false).await;
+    }
+    let size = request.block_size.unwrap_or(1024);
     if !(1..=1024).contains(&size) || !(1..=512).contains(&count) {
         return bad_request("block_size must be 1..1024 bytes and block_count 1..512");
     }

@@ -35,7 +35,8 @@ pub enum AnswerError {
     BadBase64 { index: usize },
     #[error(
         "block {index} decoded to {got} bytes where {asked} were asked for \
-         (if the server counts block sizes in another unit, check source.dialect)"
+         (if the server counts block sizes in another unit, check source.dialect and \
+         source.block_unit)"
     )]
     WrongBlockLength {
         index: usize,

@@ -83,6 +83,9 @@ pub enum SourceError {
     /// unused (a block qseed cannot record could be used twice).
     #[error("{0}; the answer was wiped unused")]
     ReplayRecord(String),
+    /// The server reads `block_size` in the other unit, and `block_unit` forbids switching.
+    #[error("{0}")]
+    BlockUnit(String),
 }
 
 impl SourceError {
@@ -123,6 +126,7 @@ impl SourceError {
             SourceError::Device { .. } => "device error",
             SourceError::Sources(_) => "no source",
             SourceError::ReplayRecord(_) => "replay record",
+            SourceError::BlockUnit(_) => "block unit",
         }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod answer;
 pub mod backoff;
+pub mod block_unit;
 pub mod device;
 pub mod error;
 pub mod proxy;
@@ -40,6 +41,9 @@ pub struct SourceConfig {
     pub allow_simulated: bool,
     /// `[source] proxy`; the route itself is decided when the client is built (see [`proxy`]).
     pub proxy: proxy::ProxySetting,
+    /// `[source] block_unit`: how `POST /api/v1/entropy` reads `block_size` (see
+    /// [`block_unit`]).
+    pub block_unit: block_unit::BlockUnit,
 }
 
 /// Which of the two request forms the server speaks (see `entropy-api.md`).
@@ -92,7 +96,7 @@ pub trait EntropySource: Send + Sync {
         async move { self.fetch(blocks).await.map(|bytes| (bytes, None)) }
     }
 
-    /// Each source's figures, when there are several (for the metrics).
+    /// Each source's figures (for the metrics; most are shown only when there are several).
     fn sources(&self) -> Vec<set::MemberSnapshot> {
         Vec::new()
     }

@@ -7,6 +7,7 @@ use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 use zeroize::Zeroizing;
 
+use super::block_unit::{BlockUnit, Reading, UnitChoice, Verdict};
 use super::proxy::{self, Route};
 use super::SourceConfig;
 use super::{answer, Dialect, EntropySource, SourceError, BLOCK_LEN, MAX_BLOCKS_PER_REQUEST};
@@ -30,6 +31,9 @@ pub struct QryptClient {
     timeout: Duration,
     allow_simulated: bool,
     route: Route,
+    /// How `POST /api/v1/entropy` reads `block_size` (see [`super::block_unit`]); shared by
+    /// clones.
+    unit: std::sync::Arc<UnitChoice>,
 }
 
 impl std::fmt::Debug for QryptClient {
@@ -122,6 +126,7 @@ impl QryptClient {
             let path = format!("{}/", base.path());
             base.set_path(&path);
         }
+        let unit = std::sync::Arc::new(UnitChoice::new(config.block_unit, base.as_str(), None));
         Ok(Self {
             http,
             base,
@@ -130,10 +135,32 @@ impl QryptClient {
             timeout: config.timeout,
             allow_simulated: config.allow_simulated,
             route,
+            unit,
         })
     }
 
-    fn request(&self, blocks: usize) -> reqwest::RequestBuilder {
+    /// Keeps what `block_unit = "auto"` learns about this server in `state` (the state
+    /// folder), and starts from what an earlier process learned.
+    pub fn remembering_in(mut self, state: Option<&std::path::Path>) -> Self {
+        self.unit = std::sync::Arc::new(UnitChoice::new(
+            self.unit.setting(),
+            self.base.as_str(),
+            state,
+        ));
+        self
+    }
+
+    /// How `block_size` is read now (`"bytes"` or `"kib"`), for `POST /api/v1/entropy`.
+    pub fn block_unit(&self) -> Option<&'static str> {
+        (self.dialect == Dialect::Entropy).then(|| self.unit.reading().as_str())
+    }
+
+    /// `block_unit` as configured.
+    pub fn block_unit_setting(&self) -> BlockUnit {
+        self.unit.setting()
+    }
+
+    fn request(&self, blocks: usize, unit: Reading) -> reqwest::RequestBuilder {
         let builder = match self.dialect {
             Dialect::QuantumEntropy => {
                 let url = self.endpoint("api/v1/quantum-entropy");
@@ -142,7 +169,7 @@ impl QryptClient {
             Dialect::Entropy => {
                 let url = self.endpoint("api/v1/entropy");
                 self.http.post(url).json(&serde_json::json!({
-                    "block_size": BLOCK_LEN,
+                    "block_size": unit.block_size(),
                     "block_count": blocks,
                 }))
             }
@@ -190,9 +217,13 @@ impl QryptClient {
         self.base.join(path).unwrap_or_else(|_| self.base.clone())
     }
 
-    async fn fetch_blocks(&self, blocks: usize) -> Result<EntropyBytes, SourceError> {
+    async fn fetch_blocks(
+        &self,
+        blocks: usize,
+        unit: Reading,
+    ) -> Result<EntropyBytes, SourceError> {
         let response = self
-            .request(blocks)
+            .request(blocks, unit)
             .send()
             .await
             .map_err(|e| self.transport_error(e))?;
@@ -223,6 +254,21 @@ impl QryptClient {
             return Err(SourceError::WrongContentType(content_type));
         }
         let limit = blocks * MAX_ANSWER_BYTES_PER_BLOCK + MAX_ANSWER_OVERHEAD;
+        // Blocks of 1 MiB for block_size 1024: a server that reads KiB. Told by the length
+        // alone, and not read: they would be refused whole anyway.
+        if self.dialect == Dialect::Entropy && unit == Reading::Bytes {
+            const MIB_AS_BASE64: u64 = 4 * (1024 * 1024_u64).div_ceil(3);
+            let per_block = response.content_length().map(|n| n / blocks as u64);
+            if per_block.is_some_and(|n| (MIB_AS_BASE64..MIB_AS_BASE64 + 64).contains(&n)) {
+                return Err(SourceError::BadAnswer(
+                    super::answer::AnswerError::WrongBlockLength {
+                        index: 0,
+                        asked: BLOCK_LEN,
+                        got: BLOCK_LEN * 1024,
+                    },
+                ));
+            }
+        }
         let body = self.read_body(response, limit).await?;
         Ok(answer::parse(self.dialect, &body, blocks, BLOCK_LEN)?)
     }
@@ -319,7 +365,20 @@ impl EntropySource for QryptClient {
     async fn fetch(&self, blocks: usize) -> Result<EntropyBytes, SourceError> {
         debug_assert!((1..=MAX_BLOCKS_PER_REQUEST).contains(&blocks));
         let blocks = blocks.clamp(1, MAX_BLOCKS_PER_REQUEST);
-        self.fetch_blocks(blocks).await
+        if self.dialect != Dialect::Entropy {
+            return self.fetch_blocks(blocks, Reading::Bytes).await;
+        }
+        let asked = self.unit.reading();
+        let error = match self.fetch_blocks(blocks, asked).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) => e,
+        };
+        match self.unit.judge(&error, asked, self.base.as_str()) {
+            Verdict::Unrelated => Err(error),
+            Verdict::Mismatch(explained) => Err(explained),
+            // Once, in the other unit: a switch costs at most the one failed request.
+            Verdict::Switched => self.fetch_blocks(blocks, self.unit.reading()).await,
+        }
     }
 
     fn describe(&self) -> String {

@@ -125,6 +125,8 @@ pub struct MemberSnapshot {
     pub up: bool,
     /// It served the last request (failover), or took part in the last mix.
     pub in_use: bool,
+    /// How the source reads `block_size` now (`POST /api/v1/entropy` only).
+    pub block_unit: Option<&'static str>,
 }
 
 impl Member {
@@ -269,6 +271,10 @@ impl Member {
             rejected_blocks: self.rejected_blocks.load(Ordering::Relaxed),
             up: self.up.load(Ordering::Relaxed),
             in_use: self.in_use.load(Ordering::Relaxed),
+            block_unit: match &self.source {
+                AnySource::Qrypt(client) => client.block_unit(),
+                AnySource::Device(_) => None,
+            },
         }
     }
 }
@@ -558,11 +564,7 @@ impl EntropySource for SourceSet {
     }
 
     fn sources(&self) -> Vec<MemberSnapshot> {
-        if self.several() {
-            self.inner.members.iter().map(Member::snapshot).collect()
-        } else {
-            Vec::new()
-        }
+        self.inner.members.iter().map(Member::snapshot).collect()
     }
 }
 

@@ -16,6 +16,12 @@ use prometheus_client::registry::Registry;
 use crate::pool::{RequestObserver, StatsSnapshot};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BlockUnitLabels {
+    source: String,
+    unit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InjectionLabels {
     target: String,
     result: String,
@@ -495,7 +501,8 @@ struct SourceLabels {
     source: String,
 }
 
-/// `qseed_entropy_source_*{source}`: present when several sources are configured.
+/// `qseed_entropy_source_*{source}`: present when several sources are configured, but for
+/// `qseed_entropy_source_block_unit{source,unit}`, present for every source that has one.
 struct SourcesCollector(SourceStats);
 
 impl std::fmt::Debug for SourcesCollector {
@@ -508,7 +515,28 @@ impl Collector for SourcesCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use crate::source::set::MemberSnapshot;
         let members = (self.0)();
-        if members.is_empty() {
+        let units: Vec<_> = members
+            .iter()
+            .filter_map(|m| Some((m.name.clone(), m.block_unit?)))
+            .collect();
+        if !units.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "entropy_source_block_unit",
+                "1 for the unit the source's server reads block_size in (bytes or kib; \
+                 POST /api/v1/entropy only; see source.block_unit)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (source, unit) in units {
+                let labels = BlockUnitLabels {
+                    source,
+                    unit: unit.to_string(),
+                };
+                ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        // The per-source figures repeat the pool's when there is one source.
+        if members.len() < 2 {
             return Ok(());
         }
         type Field = fn(&MemberSnapshot) -> u64;
