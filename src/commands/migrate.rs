@@ -109,6 +109,9 @@ fn render(
         t,
         "\n[source]\n# Qrypt's qseed always used Qrypt's cloud (East US).\nurl = \"{DEFAULT_URL}\"\n\
          # Qrypt's qseed sends POST /api/v1/entropy.\ndialect = \"entropy\"\n\
+         # It sent block_size 1 per KiB; \"auto\" asks in bytes, then in KiB if the server reads\n\
+         # KiB (one failed request, once). \"kib\" asks as Qrypt's qseed did.\n\
+         block_unit = \"auto\"\n\
          # qrypt_token, moved out of the configuration into a file of its own:\n\
          token_file = \"{TOKEN_FILE}\"\n"
     );
