@@ -93,8 +93,8 @@ impl DeviceSource {
             // One reader at a time (a `run` and a cron `once` may share the file): the lock
             // covers reading the position, the bytes, and writing the new position.
             let lock = positions.lock()?;
-            let fingerprint = positions.fingerprint(&mut file, path)?;
-            let start = positions.read(&meta, &fingerprint)?;
+            let start = positions.read(&meta, &mut file, path)?;
+            let fingerprint = positions.fingerprint(&mut file, path, FINGERPRINT_LEN)?;
             file.seek(SeekFrom::Start(start))
                 .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
             Some((positions, fingerprint, start, lock))
@@ -248,20 +248,24 @@ impl Positions {
         })
     }
 
-    /// The keyed fingerprint of `file`'s first bytes (the file's position is left at 0).
-    fn fingerprint(&self, file: &mut std::fs::File, path: &Path) -> Result<String, String> {
+    /// The keyed fingerprint of `file`'s first `len` bytes (fewer if it is shorter), as
+    /// `BYTES:HEX`; the file's position is left at 0.
+    fn fingerprint(
+        &self,
+        file: &mut std::fs::File,
+        path: &Path,
+        len: usize,
+    ) -> Result<String, String> {
         let key = self.key()?;
-        let mut head = zeroize::Zeroizing::new(vec![0u8; FINGERPRINT_LEN]);
+        let len = len.min(FINGERPRINT_LEN);
+        let mut head = zeroize::Zeroizing::new(vec![0u8; len]);
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
         let mut filled = 0;
-        loop {
+        while filled < len {
             match file.read(&mut head[filled..]) {
                 Ok(0) => break,
-                Ok(n) => {
-                    filled += n;
-                    if filled == FINGERPRINT_LEN {
-                        break;
-                    }
-                }
+                Ok(n) => filled += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
             }
@@ -286,9 +290,17 @@ impl Positions {
         Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key))
     }
 
-    /// The position recorded for this file (the same device and inode, or the same first
-    /// bytes), else 0.
-    fn read(&self, meta: &std::fs::Metadata, fingerprint: &str) -> Result<u64, String> {
+    /// The position recorded for this file, else 0. The file is known by its first bytes (as
+    /// many as were fingerprinted when the record was written: a file that grew since is the
+    /// same file), whatever its inode: a copy put back in place goes on where it was, and a
+    /// new file that happens to get the old inode number starts at 0. Records of earlier
+    /// versions, without a fingerprint, are matched by device and inode.
+    fn read(
+        &self,
+        meta: &std::fs::Metadata,
+        file: &mut std::fs::File,
+        path: &Path,
+    ) -> Result<u64, String> {
         let name = self.record();
         let shown = self.folder.file_path(&name);
         // A few numbers on a line; read through a cap like every file qseed opens.
@@ -312,20 +324,28 @@ impl Positions {
         let [dev, ino, position] = numbers[..] else {
             return Err(damaged());
         };
-        if dev == meta.dev() && ino == meta.ino() {
-            return Ok(position);
-        }
-        match fields.get(3) {
-            Some(recorded) if *recorded == fingerprint => {
-                tracing::info!(
-                    "source {:?}: the file is new, but its content is the one already read up \
-                     to byte {position}: going on from there",
-                    self.name
-                );
+        let same_inode = dev == meta.dev() && ino == meta.ino();
+        match fields[..] {
+            [_, _, _] => Ok(if same_inode { position } else { 0 }),
+            [_, _, _, recorded] => {
+                let fingerprinted: usize = recorded
+                    .split_once(':')
+                    .and_then(|(n, _)| n.parse().ok())
+                    .filter(|n| *n <= FINGERPRINT_LEN)
+                    .ok_or_else(damaged)?;
+                if self.fingerprint(file, path, fingerprinted)? != recorded {
+                    // Another file at that path now: it has not been read.
+                    return Ok(0);
+                }
+                if !same_inode {
+                    tracing::info!(
+                        "source {:?}: the file is new, but its content is the one already read \
+                         up to byte {position}: going on from there",
+                        self.name
+                    );
+                }
                 Ok(position)
             }
-            // Another file at that path now: it has not been read.
-            Some(_) | None if fields.len() <= 4 => Ok(0),
             _ => Err(damaged()),
         }
     }
@@ -460,6 +480,24 @@ mod tests {
         assert!(!is_kernel_generator(
             &std::fs::metadata("/dev/null").unwrap()
         ));
+    }
+
+    /// A file that grows (appended to) is the same file: read on, not from the start.
+    #[tokio::test]
+    async fn a_file_that_grows_is_read_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.bin");
+        let content: Vec<u8> = (0..3 * BLOCK_LEN).map(|i| (i * 29 % 251) as u8).collect();
+        std::fs::write(&path, &content[..BLOCK_LEN]).unwrap();
+        let first = source(&path, dir.path()).fetch(1).await.unwrap();
+        assert_eq!(first.expose(), &content[..BLOCK_LEN]);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut file, &content[BLOCK_LEN..]).unwrap();
+        let second = source(&path, dir.path()).fetch(2).await.unwrap();
+        assert_eq!(second.expose(), &content[BLOCK_LEN..]);
     }
 
     /// Issue 21, item 6: a file copied back in place (a new inode, the same bytes) is not read
