@@ -116,18 +116,19 @@ fn usable(dir: &Path, create_parents: bool) -> std::io::Result<()> {
             .mode(0o700)
             .create(dir)?;
     }
-    // Writing is what counts (root passes any permission check, a read-only mount does not).
-    let probe = tempfile::Builder::new()
-        .prefix(".qseed-probe")
-        .tempfile_in(dir)?;
-    drop(probe);
     let mode = std::fs::metadata(dir)?.permissions().mode();
     if mode & 0o002 != 0 {
         return Err(std::io::Error::other(
             "anyone may write there; use a folder private to qseed's user",
         ));
     }
+    // Before anything is written there: another user's folder is not ours to use.
     crate::trust::check_own_folder(dir, "the state folder").map_err(std::io::Error::other)?;
+    // Writing is what counts (root passes any permission check, a read-only mount does not).
+    let probe = tempfile::Builder::new()
+        .prefix(".qseed-probe")
+        .tempfile_in(dir)?;
+    drop(probe);
     Ok(())
 }
 

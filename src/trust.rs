@@ -70,7 +70,7 @@ pub fn check_own_folder(path: &Path, what: &str) -> Result<(), String> {
             path.display(),
             user_name(meta.uid()),
             user_name(me.uid),
-            user_name(me.uid),
+            login_name(me.uid),
             path.display()
         ));
     }
