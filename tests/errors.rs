@@ -138,7 +138,12 @@ fn an_unknown_token_label_lists_the_tokens_present() {
     let log = stderr(&out);
     assert_eq!(out.status.code(), Some(4), "{log}");
     assert!(log.contains("no token with token_label \"nope\""), "{log}");
-    assert!(log.contains("tokens present: \"tok\""), "{log}");
+    assert!(log.contains("tokens present: \"tok\" (serial \""), "{log}");
+    // SoftHSM's free slot (issue 22, item 16): named for what it is, not as `"" (serial , ...)`.
+    assert!(
+        log.contains("an uninitialized token (slot ") && !log.contains("(serial , slot"),
+        "{log}"
+    );
     assert_eq!(
         world.sim.requests(),
         0,
@@ -675,4 +680,43 @@ fn a_target_whose_token_is_missing_buys_nothing() {
     assert_eq!(world.sim.requests(), 1, "{log}");
     assert_eq!(world.sim.served().len(), 29 * 1024);
     let _ = service.stop();
+}
+
+/// Issue 22, item 14: a `url` with the endpoint's path pasted in is named as such before any
+/// request, and a 404 names the URL requested and what `url` is.
+#[test]
+fn a_pasted_endpoint_or_a_wrong_path_is_named() {
+    let world = world_with_one_target();
+    let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    let base = world.sim.url();
+    world.write_config(&config.replace(
+        &format!("url = \"{base}\""),
+        &format!("url = \"{base}/api/v1/quantum-entropy\""),
+    ));
+    let out = world.run(&["once"]);
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("names an endpoint (/api/v1/quantum-entropy)")
+            && log.contains(&format!("write \"{base}\"")),
+        "{log}"
+    );
+    assert_eq!(world.sim.requests(), 0);
+
+    // A path prefix the server does not have: its 404, with the URL asked for.
+    world.write_config(&config.replace(
+        &format!("url = \"{base}\""),
+        &format!("url = \"{base}/qrypt\""),
+    ));
+    let out = world.run(&["once"]);
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{log}");
+    assert!(
+        log.contains("HTTP 404")
+            && log.contains(&format!(
+                "no such endpoint at {base}/qrypt/api/v1/quantum-entropy?size="
+            ))
+            && log.contains("source.url is the API's base URL"),
+        "{log}"
+    );
 }

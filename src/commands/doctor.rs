@@ -361,7 +361,10 @@ fn check_target(
     };
     lines.push(Line::Ok(format!(
         "target {name}: token {:?} found (serial {}, model {}, slot {})",
-        found.label, found.serial, found.model, found.slot
+        found.label,
+        super::slots::printable(&found.serial),
+        super::slots::printable(&found.model),
+        found.slot
     )));
     if !found.has_rng {
         lines.push(Line::Fail(

@@ -329,7 +329,7 @@ fn print_json(listings: &[Listing], failures: &[(PathBuf, String)]) {
 
 /// A token's text as it may go to a terminal: control characters escaped, so a label cannot
 /// move the cursor or rewrite the listing.
-fn printable(text: &str) -> String {
+pub(super) fn printable(text: &str) -> String {
     text.chars()
         .flat_map(|c| {
             if c.is_control() {

@@ -643,6 +643,18 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
             ))
         }
     }
+    // qseed adds the endpoint's path itself: a pasted endpoint would be asked for twice
+    // (".../api/v1/entropy/api/v1/entropy", a bare 404).
+    if let Some(at) = url.path().find("/api/v1") {
+        let mut base = url.clone();
+        base.set_path(&url.path()[..at]);
+        return Err(format!(
+            "source.url = {url_text:?} names an endpoint ({}); source.url is the API's base URL, \
+             and qseed adds /api/v1/... itself: write {:?}",
+            &url.path()[at..],
+            base.as_str().trim_end_matches('/')
+        ));
+    }
     if !url.username().is_empty() || url.password().is_some() {
         return Err("source.url must not hold a user name or password; \
                     put the API token in source.token_file or QRYPT_TOKEN"

@@ -133,7 +133,13 @@ pub fn select(
                     "tokens present: {}",
                     tokens
                         .iter()
-                        .map(|t| format!("{:?} (serial {}, slot {})", t.label, t.serial, t.slot))
+                        .map(|t| {
+                            if t.initialized {
+                                format!("{:?} (serial {:?}, slot {})", t.label, t.serial, t.slot)
+                            } else {
+                                format!("an uninitialized token (slot {})", t.slot)
+                            }
+                        })
                         .collect::<Vec<_>>()
                         .join(", ")
                 )

@@ -312,10 +312,21 @@ impl QryptClient {
                 detail: "(body not shown: a 2xx answer's body may hold entropy)".into(),
             },
             _ => {
+                let requested = response.url().clone();
                 // An excerpt for support, read bounded: a server must not make qseed read an
                 // endless error body into memory.
                 let text = self.read_excerpt(response).await;
-                let detail: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
+                let mut detail: String =
+                    text.chars().filter(|c| !c.is_control()).take(200).collect();
+                if status == 404 {
+                    // Usually a base URL with a path the server does not have.
+                    detail = format!(
+                        "{detail}{}no such endpoint at {requested}; source.url is the API's base \
+                         URL (qseed adds /api/v1/... itself), and source.dialect must be the one \
+                         the server speaks",
+                        if detail.is_empty() { "" } else { "; " }
+                    );
+                }
                 SourceError::Status { status, detail }
             }
         }
