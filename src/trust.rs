@@ -207,7 +207,7 @@ fn inspect(
             "{what} {}: {} (owner {}, group {}, mode {:04o}) can be changed by {who}, who could \
              then make qseed {}. Run: chmod {fix} {}{}",
             path.display(),
-            describe(at, path),
+            describe(at, path, meta),
             user_name(meta.uid()),
             group_name(meta.gid()),
             mode & 0o7777,
@@ -234,12 +234,17 @@ fn owner_trusted(
     if owner == 0 || owner == me.uid {
         return Ok(());
     }
+    let trusted = if me.uid == 0 {
+        "root".to_string()
+    } else {
+        format!("root or of {}", user_name(me.uid))
+    };
     Err(format!(
         "{what} {}: {} belongs to {} (mode {:04o}), who could change it and so make qseed \
-         {}. Only files and folders of root or of {} are trusted. Run: chown root {} (or \
-         move the file somewhere root owns){}",
+         {}. Only files and folders of {trusted} are trusted. Run: chown root {} (or move it \
+         somewhere root owns){}",
         path.display(),
-        describe(at, path),
+        describe(at, path, meta),
         user_name(owner),
         meta.permissions().mode() & 0o7777,
         if meta.is_dir() {
@@ -247,14 +252,15 @@ fn owner_trusted(
         } else {
             "use their content"
         },
-        user_name(me.uid),
         at.display(),
         opt_out_hint()
     ))
 }
 
-fn describe(at: &Path, path: &Path) -> String {
-    if at == path {
+fn describe(at: &Path, path: &Path, meta: &std::fs::Metadata) -> String {
+    if at == path && meta.is_dir() {
+        "the folder".to_string()
+    } else if at == path {
         "the file".to_string()
     } else {
         format!("{} on the way", at.display())
