@@ -82,7 +82,7 @@ pub fn kind_of(file_type: std::fs::FileType) -> &'static str {
 
 /// Opens `path` (following symlinks) without blocking, and checks on the open descriptor that
 /// it is a regular file.
-pub fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), FileError> {
+fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), FileError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         // A FIFO's open would wait for a writer; a terminal would become ours.

@@ -93,8 +93,8 @@ impl DeviceSource {
             // One reader at a time (a `run` and a cron `once` may share the file): the lock
             // covers reading the position, the bytes, and writing the new position.
             let lock = positions.lock()?;
-            let start = positions.read(&meta, &mut file, path)?;
             let fingerprint = positions.fingerprint(&mut file, path, FINGERPRINT_LEN)?;
+            let start = positions.read(&meta, &mut file, path, &fingerprint)?;
             file.seek(SeekFrom::Start(start))
                 .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
             Some((positions, fingerprint, start, lock))
@@ -294,12 +294,15 @@ impl Positions {
     /// many as were fingerprinted when the record was written: a file that grew since is the
     /// same file), whatever its inode: a copy put back in place goes on where it was, and a
     /// new file that happens to get the old inode number starts at 0. Records of earlier
-    /// versions, without a fingerprint, are matched by device and inode.
+    /// versions, without a fingerprint, are matched by device and inode. `current` is the
+    /// file's fingerprint over [`FINGERPRINT_LEN`] bytes; the file is read again only when the
+    /// record's covers fewer.
     fn read(
         &self,
         meta: &std::fs::Metadata,
         file: &mut std::fs::File,
         path: &Path,
+        current: &str,
     ) -> Result<u64, String> {
         let name = self.record();
         let shown = self.folder.file_path(&name);
@@ -333,7 +336,15 @@ impl Positions {
                     .and_then(|(n, _)| n.parse().ok())
                     .filter(|n| *n <= FINGERPRINT_LEN)
                     .ok_or_else(damaged)?;
-                if self.fingerprint(file, path, fingerprinted)? != recorded {
+                let same_length = current
+                    .split_once(':')
+                    .is_some_and(|(n, _)| n.parse() == Ok(fingerprinted));
+                let now = if same_length {
+                    current.to_string()
+                } else {
+                    self.fingerprint(file, path, fingerprinted)?
+                };
+                if now != recorded {
                     // Another file at that path now: it has not been read.
                     return Ok(0);
                 }
