@@ -135,6 +135,18 @@ pub enum Command {
         retry_pin: Option<String>,
     },
 
+    /// Ask the running service to re-read its configuration and wait for the outcome: exit 0
+    /// once the new configuration is in force, 2 when it was refused (the running one stays).
+    /// The packaged unit's ExecReload=, so that `systemctl reload qseed` tells the truth.
+    #[command(after_help = "Examples:\n  \
+        ExecReload=/usr/bin/qseed reload --pid $MAINPID   # in the unit\n  \
+        sudo systemctl reload qseed                       # fails when the file is refused")]
+    Reload {
+        /// The service's process id (in a unit: $MAINPID).
+        #[arg(long, value_name = "PID")]
+        pid: i32,
+    },
+
     /// List PKCS#11 slots and tokens: a module's, to fill in a target; without --module,
     /// those of every module the configuration uses, with the token each target finds.
     /// Shows whether each token requires a login and the state of its user PIN.
@@ -315,6 +327,9 @@ fn run(cli: Cli) -> Result<(), Error> {
             Command::Once => commands::run::once(&config).await,
             Command::Doctor { retry_pin } => {
                 commands::doctor::doctor(&config, retry_pin.as_deref()).await
+            }
+            Command::Reload { pid } => {
+                tokio::task::block_in_place(|| commands::reload::reload(&config, pid))
             }
             Command::Slots {
                 module,

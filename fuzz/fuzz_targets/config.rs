@@ -10,5 +10,5 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let _ = qseed::config::parse_from(text, Path::new("/nonexistent/qseed-fuzz"), "fuzz", Vec::new());
+    let _ = qseed::config::parse_from(text, Path::new("/nonexistent/qseed-fuzz"), Vec::new());
 });

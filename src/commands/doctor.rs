@@ -71,6 +71,7 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
         }
     }
     check_permissions(&mut list, config_path, &config);
+    check_telemetry(&mut list, &config).await;
     for o in &config.overrides {
         list.ok(&format!(
             "environment: {} sets {} = {:?}",
@@ -185,6 +186,69 @@ fn check_permissions(list: &mut Checklist, path: &Path, config: &Config) {
         );
     } else {
         list.ok(&format!("permissions of {shown} ({mode:04o})"));
+    }
+}
+
+/// Whether the service could serve telemetry where configured: the address is free, or a
+/// running qseed serves it already. Another program on the port is a failure: the service
+/// would seed without /metrics and /readyz (it retries the bind), which monitoring must know.
+async fn check_telemetry(list: &mut Checklist, config: &Config) {
+    let Some(addr) = config.telemetry_listen else {
+        return;
+    };
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            drop(listener);
+            list.ok(&format!(
+                "telemetry address {addr}: free for /metrics and /readyz"
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if served_by_qseed(addr).await {
+                list.ok(&format!(
+                    "telemetry address {addr}: served by a running qseed"
+                ));
+            } else {
+                list.fail(
+                    &format!("telemetry address {addr}"),
+                    &format!(
+                        "another program listens there ({e}): the service would seed without \
+                         /metrics and /readyz, trying the address again every 10s. Free the \
+                         port, or set telemetry.listen to a free address or to \"off\""
+                    ),
+                );
+            }
+        }
+        Err(e) => list.fail(
+            &format!("telemetry address {addr}"),
+            &format!(
+                "cannot listen there ({e}); set telemetry.listen to an address of this machine, \
+                 or to \"off\""
+            ),
+        ),
+    }
+}
+
+/// Whether what listens on `addr` answers /metrics as qseed does (2 s, 64 KiB at most).
+async fn served_by_qseed(addr: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        stream.take(64 * 1024).read_to_end(&mut answer).await.ok()?;
+        Some(answer)
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), ask).await {
+        Ok(Some(answer)) => String::from_utf8_lossy(&answer).contains("qseed_build_info"),
+        _ => false,
     }
 }
 

@@ -7,6 +7,7 @@ pub mod doctor;
 pub mod fetch;
 pub mod manual;
 pub mod migrate;
+pub mod reload;
 pub mod run;
 pub mod simulator;
 pub mod slots;

@@ -11,6 +11,7 @@ use crate::config::{self, Config};
 use crate::error::Error;
 use crate::hsm::{Modules, PinGuard};
 use crate::pool::Pool;
+use crate::service::reload_report::{self, ReloadStatus};
 use crate::service::{self, shutdown, Outcome, Rounds, Service, TargetOutcome};
 use crate::source::proxy::Route;
 use crate::source::set::SourceSet;
@@ -43,29 +44,9 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
         pool.use_replay_record(record);
     }
     let metrics = metrics_for(&pool, &modules);
-    let endpoint = match config.telemetry_listen {
-        Some(addr) => {
-            let listener = server::bind(addr).await.map_err(|e| {
-                Error::Config(format!(
-                    "cannot serve telemetry on {addr} ({e}); set telemetry.listen to a free \
-                     address, or to \"off\""
-                ))
-            })?;
-            if let Some(bound) = server::local_addr(&listener) {
-                tracing::info!("telemetry on http://{bound}/metrics, /healthz and /readyz");
-                if !bound.ip().is_loopback() {
-                    tracing::warn!(
-                        "telemetry listens on {bound}, which other machines can reach: it shows \
-                         target names, token labels and serials, request counts and readiness \
-                         (no secret). Set telemetry.listen to 127.0.0.1:9750 unless a monitoring \
-                         network needs it"
-                    );
-                }
-            }
-            Some(server::serve(listener, metrics.clone(), stop.clone()))
-        }
-        None => None,
-    };
+    let endpoint = config
+        .telemetry_listen
+        .map(|addr| tokio::spawn(serve_telemetry(addr, metrics.clone(), stop.clone())));
     systemd::spawn_watchdog(stop.clone());
     spawn_status_reports(metrics.clone());
     let mut service = Service::start(
@@ -77,6 +58,11 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
         metrics.clone(),
     );
     service.apply(config.targets).await;
+    // Where `qseed reload` (ExecReload=) learns each reload's outcome.
+    let reports = StateDir::resolve(config.state_dir.as_deref())
+        .folder()
+        .and_then(|dir| crate::folder::StateFolder::open(dir).ok());
+    let mut reload_request = String::new();
     let mut reload_due: Option<Instant> = None;
     let mut last_reload: Option<Instant> = None;
     let mut pending_reload: Option<tokio::task::JoinHandle<Result<(Config, SourceSet), Error>>> =
@@ -109,6 +95,9 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
                 reload_due = None;
                 last_reload = Some(Instant::now());
                 systemd::reloading();
+                if let Some(folder) = &reports {
+                    reload_request = reload_report::take_request(folder);
+                }
                 tracing::info!("SIGHUP: reading {}", config_path.display());
                 // On a task of its own: reading a file on a hung network mount, or a module
                 // that does not return, must not keep this loop from SIGTERM.
@@ -139,8 +128,8 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
                         crate::repeat::set_log_repeat(new.log_repeat);
                         pool.reconfigure(new_client, new.pool);
                         let applied = service.apply(new.targets).await;
-                        tracing::info!(
-                            "SIGHUP: configuration reloaded from {}: {} target(s) unchanged (not \
+                        let summary = format!(
+                            "configuration reloaded from {}: {} target(s) unchanged (not \
                              re-seeded), {} changed and restarted, {} stopped before and tried \
                              again, {} added, {} removed",
                             config_path.display(),
@@ -150,12 +139,29 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
                             applied.started.len(),
                             applied.removed.len()
                         );
+                        tracing::info!("SIGHUP: {summary}");
+                        if let Some(folder) = &reports {
+                            reload_report::report(folder, &ReloadStatus {
+                                request: std::mem::take(&mut reload_request),
+                                applied: true,
+                                message: summary,
+                            });
+                        }
                         systemd::ready(&metrics.status_line());
                     }
                     Err(e) => {
                         tracing::error!(
                             "SIGHUP: the new configuration is refused, the running one stays: {e}"
                         );
+                        if let Some(folder) = &reports {
+                            reload_report::report(folder, &ReloadStatus {
+                                request: std::mem::take(&mut reload_request),
+                                applied: false,
+                                message: format!(
+                                    "the new configuration is refused, the running one stays: {e}"
+                                ),
+                            });
+                        }
                         systemd::ready(&metrics.status_line());
                     }
                 }
@@ -178,13 +184,69 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// READY=1 once every target ran its first round, then STATUS= whenever a target starts,
-/// stops or goes away, so `systemctl status qseed` says what is seeded and what is not.
+/// How long between tries to bind a telemetry address that was taken.
+const TELEMETRY_RETRY: Duration = Duration::from_secs(10);
+
+/// Serves the telemetry endpoint on `addr` until `stop`. Seeding never depends on it: an
+/// address that cannot be bound (another process has the port) is a warning, said in STATUS=,
+/// and tried again every [`TELEMETRY_RETRY`] until it can be bound (issue 22, item 10).
+async fn serve_telemetry(
+    addr: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut warned = false;
+    let listener = loop {
+        match server::bind(addr).await {
+            Ok(listener) => break listener,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(
+                        "cannot serve telemetry on {addr} ({e}): seeding goes on without \
+                         /metrics and /readyz, and the address is tried again every {}s. Free \
+                         the port, or set telemetry.listen to a free address or to \"off\"",
+                        TELEMETRY_RETRY.as_secs()
+                    );
+                    warned = true;
+                }
+                metrics.set_telemetry_problem(Some(format!("telemetry not served: {addr}: {e}")));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(TELEMETRY_RETRY) => {}
+                }
+            }
+        }
+    };
+    if warned {
+        metrics.set_telemetry_problem(None);
+    }
+    if let Some(bound) = server::local_addr(&listener) {
+        tracing::info!("telemetry on http://{bound}/metrics, /healthz and /readyz");
+        if !bound.ip().is_loopback() {
+            tracing::warn!(
+                "telemetry listens on {bound}, which other machines can reach: it shows target \
+                 names, token labels and serials, request counts and readiness (no secret). Set \
+                 telemetry.listen to 127.0.0.1:9750 unless a monitoring network needs it"
+            );
+        }
+    }
+    let _ = server::serve(listener, metrics, stop).await;
+}
+
+/// READY=1 once every target ran its first round and at least one is still seeding, then
+/// STATUS= whenever a target starts, stops, goes away or its rounds start or stop failing, so
+/// `systemctl status qseed` says what is seeded and what is not. When every target stopped
+/// in its first round (every PIN refused), READY=1 is never sent: qseed exits 4 and
+/// `systemctl start` fails, as it should.
 fn spawn_status_reports(metrics: Arc<Metrics>) {
     tokio::spawn(async move {
         let mut states = metrics.watch_states();
         metrics.first_round_done().await;
         states.mark_unchanged();
+        if metrics.all_stopped() {
+            systemd::status(&metrics.status_line());
+            return;
+        }
         systemd::ready(&metrics.status_line());
         while states.changed().await.is_ok() {
             systemd::status(&metrics.status_line());

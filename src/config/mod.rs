@@ -116,17 +116,14 @@ pub struct UserLogin {
     pub source: PinSource,
 }
 
-/// Where a PIN came from. The PIN guard knows a PIN by a keyed digest of the PIN itself (see
-/// [`crate::hsm::pin_guard`]); `identity` only tells a reload that the source was touched, so
-/// that the target logs in again.
+/// Where a PIN came from, for messages. The PIN guard knows a PIN by a keyed digest of the
+/// PIN itself (see [`crate::hsm::pin_guard`]), and a reload by the PIN and this: touching,
+/// copying or re-linking a file, or editing another part of the configuration, changes
+/// neither, so it never costs a new login (issue 22, item 4).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PinSource {
-    /// As the operator wrote it, for messages: `pin_file "/etc/qseed/hsm.pin"`.
+    /// As the operator wrote it: `pin_file "/etc/qseed/hsm.pin"`.
     pub described: String,
-    /// Changes when the PIN source is changed: a PIN file's inode and change times; for a
-    /// PIN that qseed cannot watch (inline, environment, systemd credential), the
-    /// configuration file's.
-    pub identity: String,
 }
 
 impl TargetConfig {
@@ -206,7 +203,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: path.to_path_buf(),
         message,
     };
-    let (text, meta) = crate::files::read_text(path, crate::files::CONFIG_LIMIT).map_err(|e| {
+    let (text, _) = crate::files::read_text(path, crate::files::CONFIG_LIMIT).map_err(|e| {
         fail(if e.is_not_found() && path == Path::new(DEFAULT_PATH) {
             format!(
                 "the file does not exist (nor does Qrypt's qseed's {}); write one (see \
@@ -224,8 +221,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     refuse_if_others_can_write(path, "the configuration file").map_err(fail)?;
-    let origin = file_identity(path, &meta);
-    let config = parse_from(&text, base, &origin, environment()).map_err(fail)?;
+    let config = parse_from(&text, base, environment()).map_err(fail)?;
     if config.legacy {
         tracing::warn!(
             "{} is Qrypt's qseed's YAML format and holds the API token{} inline: anyone who \
@@ -246,7 +242,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and resolves configuration text; relative paths are taken from `base`. Environment
 /// overrides apply, as for [`load`].
 pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
-    parse_from(text, base, "config:unsaved", environment())
+    parse_from(text, base, environment())
 }
 
 /// The process's `QSEED_*` variables (a variable that is not Unicode cannot be a key's value).
@@ -257,14 +253,8 @@ fn environment() -> Vec<(String, String)> {
         .collect()
 }
 
-/// [`parse`] for text read from a file whose identity (see [`file_identity`]) is `origin`,
-/// with the environment `vars`.
-pub fn parse_from(
-    text: &str,
-    base: &Path,
-    origin: &str,
-    vars: Vec<(String, String)>,
-) -> Result<Config, String> {
+/// [`parse`] with the environment `vars`.
+pub fn parse_from(text: &str, base: &Path, vars: Vec<(String, String)>) -> Result<Config, String> {
     let legacy = legacy::looks_like_yaml(text);
     let mut raw: RawConfig = if legacy {
         legacy::parse(text)
@@ -274,27 +264,10 @@ pub fn parse_from(
         toml::from_str(text).map_err(|e| toml_error(text, &e))?
     };
     let overrides = env::apply(&mut raw, vars)?;
-    let mut config = resolve(raw, base, origin).map_err(|e| env::rename(e, &overrides))?;
+    let mut config = resolve(raw, base).map_err(|e| env::rename(e, &overrides))?;
     config.overrides = overrides;
     config.legacy = legacy;
     Ok(config)
-}
-
-/// What identifies a file's current content without reading it: where it is, its inode, and
-/// its modification and change times (any write changes the change time, which no tool can
-/// set back).
-pub fn file_identity(path: &Path, meta: &std::fs::Metadata) -> String {
-    use std::os::unix::fs::MetadataExt;
-    format!(
-        "{}:dev={}:ino={}:mtime={}.{:09}:ctime={}.{:09}",
-        path.display(),
-        meta.dev(),
-        meta.ino(),
-        meta.mtime(),
-        meta.mtime_nsec(),
-        meta.ctime(),
-        meta.ctime_nsec()
-    )
 }
 
 /// toml's own `Display` quotes the offending line, which may hold a PIN: give the position and
@@ -480,7 +453,7 @@ fn resolve_one_source(
     }
 }
 
-fn resolve(raw: RawConfig, base: &Path, origin: &str) -> Result<Config, String> {
+fn resolve(raw: RawConfig, base: &Path) -> Result<Config, String> {
     let (sources, source_mode) = resolve_sources(raw.source, &raw.pool, base)?;
     let RawService {
         state_dir,
@@ -510,7 +483,7 @@ fn resolve(raw: RawConfig, base: &Path, origin: &str) -> Result<Config, String> 
     let mut names = HashSet::new();
     let mut tokens = HashSet::new();
     for (index, raw_target) in raw.targets.into_iter().enumerate() {
-        let target = resolve_target(raw_target, index, base, origin)?;
+        let target = resolve_target(raw_target, index, base)?;
         if !names.insert(target.name.clone()) {
             return Err(format!(
                 "two targets are named {:?}; give each [[target]] its own name",
@@ -676,7 +649,7 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
         (Auth::None, None) => None,
         (Auth::Bearer, Some(file)) => {
             let file = secret_path(base, &file, "source.token_file")?;
-            Some(read_secret_file(&file, "source.token_file")?.0)
+            Some(read_secret_file(&file, "source.token_file")?)
         }
         (Auth::Bearer, None) if raw.inline_token.is_some() => raw.inline_token.map(|t| t.0),
         (Auth::Bearer, None) => match std::env::var(TOKEN_ENV).map(zeroize::Zeroizing::new) {
@@ -728,12 +701,7 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
     })
 }
 
-fn resolve_target(
-    raw: RawTarget,
-    index: usize,
-    base: &Path,
-    origin: &str,
-) -> Result<TargetConfig, String> {
+fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetConfig, String> {
     let name = match raw.name {
         Some(n) if valid_name(&n) => n,
         Some(n) => {
@@ -854,7 +822,7 @@ fn resolve_target(
             pin = u.pin_value().map(values::InlineSecret);
         }
     }
-    let pin = resolve_pin(&pin_file, &raw.pin_env, pin, base, origin).map_err(&at)?;
+    let pin = resolve_pin(&pin_file, &raw.pin_env, pin, base).map_err(&at)?;
     let login = match (raw.login, pin) {
         (Some(Login::User), Some(pin)) => Some(pin),
         (Some(Login::User), None) => {
@@ -936,46 +904,30 @@ fn resolve_target(
     })
 }
 
-/// The PIN and the identity of its source. A PIN file is watched itself; a PIN qseed cannot
-/// watch (inline, in the environment, or a systemd credential, which systemd copies afresh at
-/// every start) is identified by the configuration file that names it.
+/// The PIN and where it comes from. A reload compares both: a target whose PIN and source
+/// are unchanged keeps its session, however its files were touched.
 fn resolve_pin(
     pin_file: &Option<PathBuf>,
     pin_env: &Option<String>,
     pin: Option<values::InlineSecret>,
     base: &Path,
-    origin: &str,
 ) -> Result<Option<UserLogin>, String> {
-    let (pin, described, identity) = match (pin_file, pin_env, pin) {
+    let (pin, described) = match (pin_file, pin_env, pin) {
         (None, None, None) => return Ok(None),
         (Some(file), None, None) => {
             let path = secret_path(base, file, "pin_file")?;
-            let (pin, identity) = read_secret_file(&path, "pin_file")?;
-            let described = format!("pin_file {:?}", file.display().to_string());
-            if is_credential(file) {
-                let identity = format!("{described} in {origin}");
-                (pin, described, identity)
-            } else {
-                (pin, described, identity)
-            }
+            let pin = read_secret_file(&path, "pin_file")?;
+            (pin, format!("pin_file {:?}", file.display().to_string()))
         }
         (None, Some(var), None) => match std::env::var(var) {
-            Ok(v) if !v.is_empty() => {
-                let described = format!("pin_env {var:?}");
-                let identity = format!("{described} in {origin}");
-                (SecretString::from(v), described, identity)
-            }
+            Ok(v) if !v.is_empty() => (SecretString::from(v), format!("pin_env {var:?}")),
             _ => {
                 return Err(format!(
                     "pin_env = {var:?} but that environment variable is not set or empty"
                 ))
             }
         },
-        (None, None, Some(inline)) => (
-            inline.0,
-            "pin (inline)".to_string(),
-            format!("inline pin in {origin}"),
-        ),
+        (None, None, Some(inline)) => (inline.0, "pin (inline)".to_string()),
         _ => return Err("more than one of pin_file, pin_env and pin is set; keep one".into()),
     };
     {
@@ -994,18 +946,14 @@ fn resolve_pin(
     }
     Ok(Some(UserLogin {
         pin,
-        source: PinSource {
-            described,
-            identity,
-        },
+        source: PinSource { described },
     }))
 }
 
-/// Reads a one-line secret file, and the file's identity (see [`file_identity`]). A trailing
-/// newline is not part of the secret.
-fn read_secret_file(path: &Path, key: &str) -> Result<(SecretString, String), String> {
+/// Reads a one-line secret file. A trailing newline is not part of the secret.
+fn read_secret_file(path: &Path, key: &str) -> Result<SecretString, String> {
     let shown = path.display().to_string();
-    let (bytes, meta) = crate::files::read_bounded(path, crate::files::SECRET_LIMIT)
+    let (bytes, _) = crate::files::read_bounded(path, crate::files::SECRET_LIMIT)
         .map_err(|e| format!("{key} = {shown:?} cannot be read: {e}"))?;
     let text =
         std::str::from_utf8(&bytes).map_err(|_| format!("{key} = {shown:?} is not UTF-8 text"))?;
@@ -1028,11 +976,14 @@ fn read_secret_file(path: &Path, key: &str) -> Result<(SecretString, String), St
     };
     if secret.is_empty() {
         return Err(if credentials_dir().is_some_and(|d| path.starts_with(d)) {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
             format!(
-                "{key} = {shown:?} is empty: systemd passed an empty credential, which happens \
-                 when the file named in the unit's LoadCredential= line is missing (the unit's \
-                 SetCredential= default is empty). Create that file, or remove {key} from the \
-                 configuration"
+                "{key} = \"credential:{name}\" is empty: systemd passed an empty credential, \
+                 which happens when the file its LoadCredential= line names is missing (the \
+                 unit's SetCredential= default is empty). Create /etc/qseed/{name} (mode 0600, \
+                 owned by root; the packaged unit loads credential {name} from it, see \
+                 `systemctl cat qseed`), then `systemctl restart qseed`; or remove {key} from \
+                 the configuration"
             )
         } else {
             format!("{key} = {shown:?} is empty")
@@ -1040,14 +991,7 @@ fn read_secret_file(path: &Path, key: &str) -> Result<(SecretString, String), St
     }
     warn_if_readable_by_others(path, key);
     refuse_if_others_can_write(path, key)?;
-    Ok((
-        SecretString::from(secret.to_string()),
-        file_identity(path, &meta),
-    ))
-}
-
-fn is_credential(path: &Path) -> bool {
-    path.to_str().is_some_and(|p| p.starts_with("credential:"))
+    Ok(SecretString::from(secret.to_string()))
 }
 
 fn credentials_dir() -> Option<PathBuf> {

@@ -447,8 +447,9 @@ impl Folder {
             "# qseed PIN guard: qseed will not present this PIN to this token again.\n\
              # To allow one more login, correct the PIN, run\n\
              #   qseed doctor --retry-pin {}\n\
+             # (under the package: systemctl start qseed-retry-pin@{})\n\
              # or delete this file.\n{body}",
-            record.target
+            record.target, record.target
         );
         let name = key.record_name();
         self.folder
@@ -531,6 +532,24 @@ impl LoginAttempt {
     }
 }
 
+/// How the operator lets one more login through for `target`. Under systemd the service's
+/// user, credentials and state folder are only the unit's, so the packaged template unit
+/// runs the doctor with them (issue 22, item 6).
+pub fn lift_command(target: &str) -> String {
+    if std::env::var_os("INVOCATION_ID").is_some() {
+        format!(
+            "run `systemctl start qseed-retry-pin@{target}` (the packaged unit that runs \
+             `qseed doctor --retry-pin {target}` as the service runs; its output: `journalctl \
+             -u qseed-retry-pin@{target}`)"
+        )
+    } else {
+        format!(
+            "run `qseed doctor --retry-pin {target}` (as qseed's user, with its state folder; \
+             under the package: `systemctl start qseed-retry-pin@{target}`)"
+        )
+    }
+}
+
 fn blocked(
     record: &Record,
     target: &str,
@@ -538,11 +557,7 @@ fn blocked(
     path: &Path,
     undecidable: bool,
 ) -> HsmError {
-    let lift = format!(
-        "run `qseed doctor --retry-pin {target}` (as qseed's user, with its state folder), or \
-         delete {}",
-        path.display()
-    );
+    let lift = format!("{}, or delete {}", lift_command(target), path.display());
     if undecidable {
         return HsmError::PinGuarded(format!(
             "not logging in: {} with {} on {} ({}), and that record was made by an earlier \
@@ -609,7 +624,6 @@ mod tests {
             pin: cryptoki::types::AuthPin::from(pin.to_string()),
             source: PinSource {
                 described: "pin_file \"hsm.pin\"".into(),
-                identity: "file:/x:ino=7".into(),
             },
         }
     }
@@ -674,7 +688,6 @@ mod tests {
             .unwrap()
             .refused("C_Login: CKR_PIN_INCORRECT");
         let mut moved = login("1111");
-        moved.source.identity = "file:/elsewhere:ino=8:ctime=9".into();
         moved.source.described = "pin_file \"sub/../hsm.pin\"".into();
         assert!(guard(dir.path())
             .begin("a", Path::new(MODULE), &t, &moved)

@@ -195,6 +195,9 @@ pub struct Pool<S> {
     /// Held across a request: one request in flight, so concurrent takers share it.
     fetching: tokio::sync::Mutex<()>,
     refill_wanted: tokio::sync::Notify,
+    /// Bumped whenever bytes were bought: a consumer whose round found none tries again then,
+    /// not a whole period later (see [`Pool::watch_refills`]).
+    refills: tokio::sync::watch::Sender<u64>,
     /// Set when the flush at a stop begins: nothing more is bought.
     closing: std::sync::atomic::AtomicBool,
     /// A consumer finished its first try to reach its token (see [`SETTLE`]).
@@ -222,6 +225,7 @@ impl<S: EntropySource> Pool<S> {
             }),
             fetching: tokio::sync::Mutex::new(()),
             refill_wanted: tokio::sync::Notify::new(),
+            refills: tokio::sync::watch::Sender::new(0),
             closing: std::sync::atomic::AtomicBool::new(false),
             first_tries: tokio::sync::Notify::new(),
             stats: Stats::default(),
@@ -423,7 +427,12 @@ impl<S: EntropySource> Pool<S> {
         self.stats.takes_waited.fetch_add(1, Ordering::Relaxed);
         // A few tries: a refill may be used up by other takers before this one gets its turn.
         for _ in 0..3 {
-            self.refill(len).await?;
+            if let Err(e) = self.refill(len).await {
+                // The background refill keeps trying on the backoff schedule, so that the
+                // bytes are there as soon as the source is back (see `watch_refills`).
+                self.refill_wanted.notify_one();
+                return Err(e);
+            }
             if let Some(bytes) = self.try_take(id, len) {
                 return Ok(bytes);
             }
@@ -570,7 +579,15 @@ impl<S: EntropySource> Pool<S> {
             return Err(e);
         }
         state.buffer.push_from(kept, Instant::now(), request);
+        drop(state);
+        self.refills.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// A receiver that sees every purchase: a consumer whose round found no entropy waits on
+    /// it (and on its next period, whichever comes first) to try again.
+    pub fn watch_refills(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.refills.subscribe()
     }
 
     /// Backs off and reports the outage: loudly when it starts or changes kind, quietly after.

@@ -65,9 +65,8 @@ impl EntropyBytes {
                     if !LOCK_WARNED.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
                             "cannot lock entropy buffers in RAM ({e}); they could be swapped to \
-                             disk. Raise the locked-memory limit (RLIMIT_MEMLOCK, now {}): \
-                             `ulimit -l`, or LimitMEMLOCK= in the systemd unit",
-                            super::memory::memlock_limit_text()
+                             disk. {}",
+                            super::memory::lock_failure_hint(&e)
                         );
                     }
                 }

@@ -8,6 +8,7 @@
 
 pub mod flush;
 mod lanes;
+pub mod reload_report;
 pub mod shutdown;
 pub mod worker;
 
@@ -329,7 +330,10 @@ impl<S: EntropySource + 'static> Service<S> {
             .is_some_and(|running| running.id == id);
         if current {
             self.running.remove(&outcome.name);
-            self.ended_names.insert(outcome.name.clone());
+            // A loop a reload ended is restarted by that reload, not "tried again".
+            if !outcome.superseded {
+                self.ended_names.insert(outcome.name.clone());
+            }
         }
         self.ended.push(outcome);
         current
@@ -407,13 +411,22 @@ async fn target_loop<S: EntropySource + 'static>(
     let mut next = Instant::now() + offset;
     let mut done = 0u32;
     let mut failing = FailureRun::default();
+    // After a round that found no entropy, the next purchase (the background refill retries
+    // on the backoff schedule) is a reason to try again before the period is up; such a
+    // round leaves the schedule as it was.
+    let mut refills = pool.watch_refills();
+    let mut starved = false;
     loop {
-        tokio::select! {
+        let early = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep_until(next) => {}
-        }
-        match round(&mut worker, &pool, demand, size, timeout, &stop).await {
+            _ = tokio::time::sleep_until(next) => false,
+            Ok(()) = refills.changed(), if starved => true,
+        };
+        refills.mark_unchanged();
+        let result = round(&mut worker, &pool, demand, size, timeout, &stop).await;
+        starved = matches!(result, Err(RoundError::Source(_)));
+        match result {
             Ok((token, requests)) => {
                 if let Some(recovery) = failing.succeeded(Instant::now()) {
                     tracing::info!(
@@ -444,16 +457,18 @@ async fn target_loop<S: EntropySource + 'static>(
                 outcome.failures += 1;
                 outcome.last_error = Some(e.to_string());
                 outcome.stopped = Some(e.to_string());
-                metrics.failed(&name, "hsm_error");
+                // Stopped before counted: whoever waits for the first round (READY=1) sees
+                // the stop with it.
                 metrics.target_stopped(&name, e.reason(), &e.to_string());
+                metrics.failed(&name, "hsm_error");
                 tracing::error!(target_name = %name, reason = e.reason(), "{name}: target stopped: {e}");
                 break;
             }
             Err(RoundError::Call(CallError::Lost)) => {
                 outcome.failures += 1;
                 outcome.stopped = Some("its PKCS#11 thread failed".into());
-                metrics.failed(&name, "hsm_error");
                 metrics.target_stopped(&name, "thread_failed", "its PKCS#11 thread failed");
+                metrics.failed(&name, "hsm_error");
                 tracing::error!(target_name = %name, "{name}: target stopped: its PKCS#11 thread failed");
                 break;
             }
@@ -480,6 +495,9 @@ async fn target_loop<S: EntropySource + 'static>(
         done += 1;
         if matches!(rounds, Rounds::Limit(n) if done >= n) {
             break;
+        }
+        if early {
+            continue;
         }
         next += period;
         // After a stall (a slow HSM, a suspended machine), skip the missed rounds.

@@ -64,9 +64,20 @@ struct TargetStatus {
     stopped: Option<String>,
     stop_message: Option<String>,
     rounds: u64,
+    /// How its last round went: STATUS= says which targets are short of entropy or failing.
+    last_round: LastRound,
     /// The target's injection series, looked up on its first injection and kept: a round then
     /// costs no label allocation or hashing.
     injected: Option<InjectedMeters>,
+}
+
+/// How a target's last round went, as far as systemd's STATUS= line tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LastRound {
+    NotYet,
+    Seeded,
+    NoEntropy,
+    HsmError,
 }
 
 /// Handles on one target's series in their families (a handle shares the series' value).
@@ -103,6 +114,8 @@ pub struct Metrics {
     states: tokio::sync::watch::Sender<u64>,
     /// The reason label each stopped target's state metric carries, to remove it again.
     stopped_reasons: Mutex<HashMap<String, String>>,
+    /// Why the telemetry endpoint is not serving, while it is not (see `set_telemetry_problem`).
+    telemetry_problem: Mutex<Option<String>>,
 }
 
 impl Metrics {
@@ -227,6 +240,7 @@ impl Metrics {
             round_done: tokio::sync::Notify::new(),
             states: tokio::sync::watch::Sender::new(0),
             stopped_reasons: Mutex::new(HashMap::new()),
+            telemetry_problem: Mutex::new(None),
         })
     }
 
@@ -248,25 +262,87 @@ impl Metrics {
         self.states.subscribe()
     }
 
-    /// One line for systemd's STATUS=: `seeding 3 of 4 targets; hsm-2 stopped: pin`.
+    /// One line for systemd's STATUS=, saying what is wrong first:
+    /// `seeding 1 of 4 targets; no entropy for hsm-1, hsm-3 (the source is failing);
+    /// failing: hsm-4; stopped: hsm-2 (pin)`. A target counts as seeding until a round
+    /// fails; one whose last round found no entropy is not called seeded.
     pub fn status_line(&self) -> String {
         let targets = self.targets_lock();
-        let mut stopped: Vec<String> = targets
-            .iter()
-            .filter_map(|(name, t)| t.stopped.as_ref().map(|r| format!("{name} stopped: {r}")))
-            .collect();
-        stopped.sort();
-        let active = targets.len() - stopped.len();
+        let mut names: Vec<&String> = targets.keys().collect();
+        names.sort();
+        let (mut starving, mut failing, mut stopped) = (Vec::new(), Vec::new(), Vec::new());
+        for name in names {
+            let t = &targets[name];
+            if let Some(reason) = &t.stopped {
+                stopped.push(format!("{name} ({reason})"));
+                continue;
+            }
+            match t.last_round {
+                LastRound::NoEntropy => starving.push(name.as_str()),
+                LastRound::HsmError => failing.push(name.as_str()),
+                LastRound::NotYet | LastRound::Seeded => {}
+            }
+        }
+        let seeding = targets.len() - starving.len() - failing.len() - stopped.len();
         let mut line = format!(
-            "seeding {active} of {} target{}",
+            "seeding {seeding} of {} target{}",
             targets.len(),
             if targets.len() == 1 { "" } else { "s" }
         );
+        if !starving.is_empty() {
+            line.push_str(&format!(
+                "; no entropy for {} (the entropy source is failing: rounds skipped)",
+                starving.join(", ")
+            ));
+        }
+        if !failing.is_empty() {
+            line.push_str(&format!("; failing: {}", failing.join(", ")));
+        }
         if !stopped.is_empty() {
+            line.push_str(&format!("; stopped: {}", stopped.join(", ")));
+        }
+        if let Some(note) = self.telemetry_note() {
             line.push_str("; ");
-            line.push_str(&stopped.join(", "));
+            line.push_str(&note);
         }
         line
+    }
+
+    /// Whether every registered target has stopped for good (none left to seed).
+    pub fn all_stopped(&self) -> bool {
+        let targets = self.targets_lock();
+        !targets.is_empty() && targets.values().all(|t| t.stopped.is_some())
+    }
+
+    /// A problem of the telemetry endpoint (it could not bind its address), or none: shown
+    /// in STATUS= and /readyz cannot say it, so the status line does.
+    pub fn set_telemetry_problem(&self, problem: Option<String>) {
+        *self
+            .telemetry_problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = problem;
+        self.changed();
+    }
+
+    fn telemetry_note(&self) -> Option<String> {
+        self.telemetry_problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records how a target's round went; a change of kind refreshes STATUS=.
+    fn note_round(&self, target: &str, how: LastRound) {
+        let changed = match self.targets_lock().get_mut(target) {
+            Some(t) => {
+                t.rounds += 1;
+                std::mem::replace(&mut t.last_round, how) != how
+            }
+            None => false,
+        };
+        if changed {
+            self.changed();
+        }
     }
 
     fn changed(&self) {
@@ -283,6 +359,7 @@ impl Metrics {
                 stopped: None,
                 stop_message: None,
                 rounds: 0,
+                last_round: LastRound::NotYet,
                 injected: None,
             },
         );
@@ -316,6 +393,7 @@ impl Metrics {
             meters.bytes.inc_by(bytes);
             meters.last.set(unix_now());
         };
+        let mut changed = false;
         let mut targets = self.targets_lock();
         match targets.get_mut(target) {
             Some(t) => {
@@ -326,10 +404,16 @@ impl Metrics {
                 record(meters);
                 t.rounds += 1;
                 t.last_ok = Some(Instant::now());
+                let was = std::mem::replace(&mut t.last_round, LastRound::Seeded);
+                // From not yet seeded to seeded is no news for STATUS=; from failing it is.
+                changed = !matches!(was, LastRound::Seeded | LastRound::NotYet);
             }
             None => record(&self.injected_meters(target)),
         }
         drop(targets);
+        if changed {
+            self.changed();
+        }
         self.round_done.notify_waiters();
     }
 
@@ -425,9 +509,12 @@ impl Metrics {
     }
 
     fn count(&self, target: &str, result: &str) {
-        if let Some(t) = self.targets_lock().get_mut(target) {
-            t.rounds += 1;
-        }
+        let how = if result == "source_error" {
+            LastRound::NoEntropy
+        } else {
+            LastRound::HsmError
+        };
+        self.note_round(target, how);
         self.round_done.notify_waiters();
         self.injections
             .get_or_create(&InjectionLabels {
@@ -780,6 +867,7 @@ mod tests {
         assert!(text.contains(r#"qseed_target_state{target="a",state="active",reason=""} 1"#));
         assert!(metrics.readiness().is_ok());
         metrics.target_started("b", Duration::from_secs(10));
+        metrics.injected("a", 48);
         assert_eq!(metrics.status_line(), "seeding 2 of 2 targets");
         metrics.target_stopped("a", "pin", "C_Login: CKR_PIN_INCORRECT");
         let text = metrics.render();
@@ -794,9 +882,13 @@ mod tests {
         );
         assert_eq!(
             metrics.status_line(),
-            "seeding 1 of 2 targets; a stopped: pin"
+            "seeding 1 of 2 targets; stopped: a (pin)"
         );
+        assert!(!metrics.all_stopped());
+        metrics.target_stopped("b", "pin", "C_Login: CKR_PIN_INCORRECT");
+        assert!(metrics.all_stopped());
         metrics.forget_target("a");
+        metrics.target_started("b", Duration::from_secs(10));
         assert!(metrics.readiness().is_ok());
         assert!(!metrics.render().contains(r#"target="a",state"#));
         metrics.forget_target("b");
@@ -817,5 +909,47 @@ mod tests {
         );
         metrics.injected("slow", 1);
         assert!(metrics.readiness().is_ok());
+    }
+
+    /// Issue 22, item 3: rounds skipped for want of entropy show in STATUS=, and the line
+    /// comes back when the source does; each change of kind wakes the STATUS= watcher.
+    #[test]
+    fn the_status_line_tells_a_failing_source_and_failing_targets() {
+        let metrics = Metrics::new(None);
+        let mut watch = metrics.watch_states();
+        metrics.target_started("hsm-1", Duration::from_secs(1));
+        metrics.target_started("hsm-2", Duration::from_secs(1));
+        metrics.injected("hsm-1", 48);
+        metrics.injected("hsm-2", 48);
+        watch.mark_unchanged();
+        assert_eq!(metrics.status_line(), "seeding 2 of 2 targets");
+        for _ in 0..20 {
+            metrics.failed("hsm-1", "source_error");
+            metrics.failed("hsm-2", "source_error");
+        }
+        assert!(watch.has_changed().unwrap());
+        watch.mark_unchanged();
+        assert_eq!(
+            metrics.status_line(),
+            "seeding 0 of 2 targets; no entropy for hsm-1, hsm-2 (the entropy source is \
+             failing: rounds skipped)"
+        );
+        metrics.injected("hsm-1", 48);
+        metrics.failed("hsm-2", "hsm_error");
+        assert!(watch.has_changed().unwrap());
+        assert_eq!(
+            metrics.status_line(),
+            "seeding 1 of 2 targets; failing: hsm-2"
+        );
+        metrics.set_telemetry_problem(Some("telemetry: 127.0.0.1:9750 is in use".into()));
+        assert_eq!(
+            metrics.status_line(),
+            "seeding 1 of 2 targets; failing: hsm-2; telemetry: 127.0.0.1:9750 is in use"
+        );
+        // A round that goes as the last one did wakes nobody.
+        watch.mark_unchanged();
+        metrics.injected("hsm-1", 48);
+        metrics.failed("hsm-2", "hsm_error");
+        assert!(!watch.has_changed().unwrap());
     }
 }

@@ -438,6 +438,11 @@ impl Service {
         self.child.try_wait().unwrap().is_none()
     }
 
+    /// The exit status of a service that ends on its own.
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+
     /// SIGTERM, then the exit status and how long the exit took.
     pub fn stop(mut self) -> (std::process::ExitStatus, Duration) {
         let start = std::time::Instant::now();
