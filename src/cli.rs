@@ -135,6 +135,14 @@ pub enum Command {
         retry_pin: Option<String>,
     },
 
+    /// Check the configuration without side effects, like `nginx -t`: it parses, the files it
+    /// names are readable and trusted, every module is a trusted shared library (not loaded),
+    /// the state folder is usable. No API request, no login, no seed. Exit 0 or 2.
+    #[command(after_help = "Examples:\n  \
+        qseed --config /etc/qseed/qseed.toml check\n  \
+        qseed --config new.toml check && sudo install -m 0640 -g qseed new.toml /etc/qseed/qseed.toml")]
+    Check,
+
     /// Ask the running service to re-read its configuration and wait for the outcome: exit 0
     /// once the new configuration is in force, 2 when it was refused (the running one stays).
     /// The packaged unit's ExecReload=, so that `systemctl reload qseed` tells the truth.
@@ -281,8 +289,13 @@ pub fn main() -> ExitCode {
         }
     };
     use tracing::level_filters::LevelFilter;
+    // doctor prints a checklist that holds every finding: log lines would only interleave
+    // with it (-v brings them back).
+    let checklist = matches!(cli.command, Some(Command::Doctor { .. }));
     let level = if cli.verbose {
         LevelFilter::DEBUG
+    } else if checklist {
+        LevelFilter::ERROR
     } else if cli.quiet {
         LevelFilter::WARN
     } else {
@@ -328,6 +341,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             Command::Doctor { retry_pin } => {
                 commands::doctor::doctor(&config, retry_pin.as_deref()).await
             }
+            Command::Check => commands::check::check(&config),
             Command::Reload { pid } => {
                 tokio::task::block_in_place(|| commands::reload::reload(&config, pid))
             }

@@ -117,6 +117,17 @@ pub fn read_bounded(
     Ok((bytes, meta))
 }
 
+/// The first `len` bytes (fewer when the file is shorter) of the regular file at `path`:
+/// enough to tell a file's kind without reading it all.
+pub fn read_bounded_head(path: &Path, len: u64) -> Result<(Vec<u8>, std::fs::Metadata), FileError> {
+    let (file, meta) = open_regular(path)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(len)
+        .read_to_end(&mut bytes)
+        .map_err(FileError::Io)?;
+    Ok((bytes, meta))
+}
+
 /// [`read_bounded`] for UTF-8 text.
 pub fn read_text(
     path: &Path,

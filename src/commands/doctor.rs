@@ -71,6 +71,12 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
         }
     }
     check_permissions(&mut list, config_path, &config);
+    if let Some(legacy) = config::unread_legacy_beside(config_path) {
+        list.warn(
+            &format!("{} is not read", legacy.display()),
+            &config::unread_legacy_advice(&legacy, config_path),
+        );
+    }
     check_telemetry(&mut list, &config).await;
     for o in &config.overrides {
         list.ok(&format!(
@@ -121,6 +127,14 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
     }
 
     let bytes = check_source(&mut list, &config).await;
+    if crate::source::simulated_accepted() {
+        list.warn(
+            "entropy source: the answers are SIMULATED (qseed's API simulator), not quantum \
+             entropy",
+            "fine for a test; for production remove source.allow_simulated and set url to \
+             Qrypt's API or your appliance",
+        );
+    }
     let modules = Modules::new();
     let mut bytes = bytes.into_iter();
     let mut checked = std::collections::HashSet::new();

@@ -45,7 +45,8 @@ pub async fn migrate(file: &Path, write: Option<&Path>) -> Result<(), Error> {
             Err(format!("not loaded: {why}"))
         }
     };
-    let toml = render(&old, file, &found, write.is_some());
+    let layout = write.map(Layout::for_folder);
+    let toml = render(&old, file, &found, write.is_some(), layout.as_ref());
     // What we print must read back as the configuration it claims to be.
     if let Err(e) = toml::from_str::<toml::Table>(&toml) {
         return Err(Error::Failed(format!(
@@ -57,7 +58,62 @@ pub async fn migrate(file: &Path, write: Option<&Path>) -> Result<(), Error> {
             say!("{toml}");
             Ok(())
         }
-        Some(dir) => write_all(dir, &toml, &old),
+        Some(dir) => write_all(
+            dir,
+            &toml,
+            &old,
+            layout.as_ref().unwrap_or(&Layout::plain()),
+        ),
+    }
+}
+
+/// The Debian package's folder, where its unit reads the configuration and loads the
+/// secrets as systemd credentials.
+const PACKAGE_FOLDER: &str = "/etc/qseed";
+/// The configuration the package ships (a migration may replace it while it is untouched).
+const PACKAGED_CONFIG: &str = include_str!("../../packaging/qseed.toml");
+
+/// How the files written by `--write` are named and owned.
+#[derive(Debug)]
+struct Layout {
+    /// The gid of the package's `qseed` group, when the package is installed and root
+    /// migrates: qseed.toml is then root:qseed 0640, which the service's user can read.
+    service_group: Option<u32>,
+    /// Writing into the package's folder: the secrets are named as the packaged unit passes
+    /// them (`credential:qrypt.token`, `credential:hsm.pin`, loaded by systemd as root from
+    /// the 0600 files).
+    credentials: bool,
+}
+
+impl Layout {
+    fn plain() -> Self {
+        Self {
+            service_group: None,
+            credentials: false,
+        }
+    }
+
+    fn for_folder(dir: &Path) -> Self {
+        let root = rustix::process::geteuid().is_root();
+        let service_group = nix::unistd::Group::from_name("qseed")
+            .ok()
+            .flatten()
+            .filter(|_| root)
+            .map(|g| g.gid.as_raw());
+        let packaged =
+            service_group.is_some() && Path::new("/usr/lib/systemd/system/qseed.service").exists();
+        Self {
+            service_group,
+            credentials: packaged && dir == Path::new(PACKAGE_FOLDER),
+        }
+    }
+
+    fn secret_ref(&self, file: &str) -> String {
+        if self.credentials {
+            format!("credential:{file}")
+        } else {
+            file.to_string()
+        }
     }
 }
 
@@ -78,7 +134,12 @@ fn render(
     file: &Path,
     found: &Result<Option<(String, String)>, String>,
     writing: bool,
+    layout: Option<&Layout>,
 ) -> String {
+    let plain = Layout::plain();
+    let layout = layout.unwrap_or(&plain);
+    let token_ref = layout.secret_ref(TOKEN_FILE);
+    let pin_ref = layout.secret_ref(PIN_FILE);
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -112,8 +173,13 @@ fn render(
          # It sent block_size 1 per KiB; \"auto\" asks in bytes, then in KiB if the server reads\n\
          # KiB (one failed request, once). \"kib\" asks as Qrypt's qseed did.\n\
          block_unit = \"auto\"\n\
-         # qrypt_token, moved out of the configuration into a file of its own:\n\
-         token_file = \"{TOKEN_FILE}\"\n"
+         # qrypt_token, moved out of the configuration into a file of its own{}:\n\
+         token_file = \"{token_ref}\"\n",
+        if layout.credentials {
+            " (/etc/qseed/qrypt.token,\n# which the packaged unit passes as a systemd credential)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         t,
@@ -158,7 +224,7 @@ fn render(
         let _ = writeln!(
             t,
             "# cryptoki_user_pin, moved into a file of its own:\nlogin = \"user\"\n\
-             pin_file = \"{PIN_FILE}\""
+             pin_file = \"{pin_ref}\""
         );
     } else {
         let _ = writeln!(
@@ -191,7 +257,7 @@ fn toml_string(text: &str) -> String {
     toml::Value::String(text.to_string()).to_string()
 }
 
-fn write_all(dir: &Path, toml: &str, old: &LegacyConfig) -> Result<(), Error> {
+fn write_all(dir: &Path, toml: &str, old: &LegacyConfig, layout: &Layout) -> Result<(), Error> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o750)
@@ -208,9 +274,16 @@ fn write_all(dir: &Path, toml: &str, old: &LegacyConfig) -> Result<(), Error> {
     if let Some(pin) = &old.pin {
         files.push((PIN_FILE, pin.0.expose_secret().as_bytes(), 0o600));
     }
-    // Nothing is overwritten: refuse before writing anything.
+    // Nothing is overwritten, but for the package's own qseed.toml while it is as shipped
+    // (so that `migrate --write /etc/qseed` works under the package): refuse before writing
+    // anything.
+    let mut replace_packaged = false;
     for (name, _, _) in &files {
         let path = dir.join(name);
+        if *name == "qseed.toml" && layout.credentials && is_packaged_config(&path) {
+            replace_packaged = true;
+            continue;
+        }
         if path.exists() || path.is_symlink() {
             return Err(Error::Failed(format!(
                 "{} exists; qseed migrate does not overwrite files. Choose another --write \
@@ -219,8 +292,27 @@ fn write_all(dir: &Path, toml: &str, old: &LegacyConfig) -> Result<(), Error> {
             )));
         }
     }
+    if replace_packaged {
+        let path = dir.join("qseed.toml");
+        let kept = dir.join("qseed.toml.packaged");
+        std::fs::rename(&path, &kept)
+            .map_err(|e| Error::Failed(format!("cannot move {} aside: {e}", path.display())))?;
+        say!(
+            "moved the packaged (untouched) {} to {}",
+            path.display(),
+            kept.display()
+        );
+    }
     for (name, content, mode) in files {
         let path = dir.join(name);
+        // The configuration is read by the service's user; the secrets only by root
+        // (systemd's LoadCredential=) unless the configuration names them by path.
+        let group = match (name, layout.service_group) {
+            ("qseed.toml", Some(gid)) => Some(gid),
+            (_, Some(gid)) if !layout.credentials => Some(gid),
+            _ => None,
+        };
+        let mode = if group.is_some() { 0o640 } else { mode };
         let result = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -231,6 +323,9 @@ fn write_all(dir: &Path, toml: &str, old: &LegacyConfig) -> Result<(), Error> {
                 f.write_all(content)?;
                 if name != "qseed.toml" {
                     f.write_all(b"\n")?;
+                }
+                if let Some(gid) = group {
+                    rustix::fs::fchown(&f, None, Some(rustix::fs::Gid::from_raw(gid)))?;
                 }
                 f.sync_all()
             });
@@ -245,16 +340,38 @@ fn write_all(dir: &Path, toml: &str, old: &LegacyConfig) -> Result<(), Error> {
         }
         written.push(path);
     }
+    let secrets_mode = if layout.service_group.is_some() && !layout.credentials {
+        "0640, group qseed"
+    } else {
+        "0600"
+    };
     say!(
-        "wrote {} (0640), {} (0600){}. Check it with: qseed --config {} doctor",
+        "wrote {} ({}), {} ({secrets_mode}){}. Check it with: {}",
         dir.join("qseed.toml").display(),
+        if layout.service_group.is_some() {
+            "0640, group qseed"
+        } else {
+            "0640"
+        },
         dir.join(TOKEN_FILE).display(),
         if old.pin.is_some() {
-            format!(" and {} (0600)", dir.join(PIN_FILE).display())
+            format!(" and {} ({secrets_mode})", dir.join(PIN_FILE).display())
         } else {
             String::new()
         },
-        dir.join("qseed.toml").display()
+        if layout.credentials {
+            "sudo systemctl start qseed-doctor; journalctl -u qseed-doctor -o cat (then: sudo \
+             systemctl restart qseed)"
+                .to_string()
+        } else {
+            format!("qseed --config {} doctor", dir.join("qseed.toml").display())
+        }
     );
     Ok(())
+}
+
+/// Whether `path` is the package's qseed.toml as shipped.
+fn is_packaged_config(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.len() < 64 * 1024)
+        && std::fs::read(path).is_ok_and(|bytes| bytes == PACKAGED_CONFIG.as_bytes())
 }

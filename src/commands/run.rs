@@ -343,6 +343,9 @@ pub async fn check_sources(config: &Config) -> Result<(), Error> {
 /// Reads the configuration for a seeding command: it must name at least one target.
 pub fn load(config_path: &Path) -> Result<Config, Error> {
     let config = config::load(config_path)?;
+    if let Some(legacy) = config::unread_legacy_beside(config_path) {
+        tracing::warn!("{}", config::unread_legacy_advice(&legacy, config_path));
+    }
     if config.targets.is_empty() {
         return Err(Error::Config(format!(
             "configuration {}: no [[target]] table; add one per HSM token to seed \
@@ -456,6 +459,17 @@ pub fn make_sources(config: &Config, bulk: bool) -> Result<SourceSet, Error> {
 }
 
 fn announce(config: &Config, source: &impl EntropySource) {
+    for spec in &config.sources {
+        if let crate::config::SourceSpecKind::Qrypt(api) = &spec.kind {
+            if api.allow_simulated {
+                tracing::warn!(
+                    "source {:?}: allow_simulated = true: answers of qseed's API simulator are \
+                     accepted, and they are not quantum entropy (for tests and demos only)",
+                    spec.name
+                );
+            }
+        }
+    }
     // A proxy is worth a word at start; the direct route only with -v.
     let via = match source.route() {
         Some(route @ Route::Proxy { .. }) => format!(" {route}"),

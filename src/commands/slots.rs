@@ -35,8 +35,11 @@ pub async fn slots(
     as_json: bool,
 ) -> Result<(), Error> {
     let wanted = match module_path {
+        // As a target's `module` is read: a p11-kit module name (`softhsm2`) or a path,
+        // relative to the current folder.
         Some(path) => vec![Wanted {
-            path: path.to_path_buf(),
+            path: crate::config::resolve_module(Path::new("."), path)
+                .map_err(|e| Error::Config(format!("--module: {e}")))?,
             init_args: init_args.map(str::to_string),
             targets: Vec::new(),
         }],

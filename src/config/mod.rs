@@ -239,6 +239,44 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
+/// Qrypt's qseed configuration beside `config_path` (as an installation over Qrypt's
+/// package leaves it) that this configuration does not come from: qseed does not read it,
+/// which the operator must be told rather than find out (issue 22, item 8). A configuration
+/// that `qseed migrate` wrote from it says so in its first line, and is not warned about.
+pub fn unread_legacy_beside(config_path: &Path) -> Option<PathBuf> {
+    let legacy = config_path.parent()?.join("qseed_config.yml");
+    if legacy == config_path || !legacy.is_file() {
+        return None;
+    }
+    let (text, _) = crate::files::read_text(config_path, crate::files::CONFIG_LIMIT).ok()?;
+    if legacy::looks_like_yaml(&text) {
+        return None;
+    }
+    let migrated = text
+        .lines()
+        .next()
+        .is_some_and(|l| l.contains("migrated by qseed") && l.contains("qseed_config.yml"));
+    (!migrated).then_some(legacy)
+}
+
+/// What to tell about [`unread_legacy_beside`]'s file.
+pub fn unread_legacy_advice(legacy: &Path, config_path: &Path) -> String {
+    format!(
+        "{} (Qrypt's qseed configuration, with its API token and PIN) is not read: qseed reads \
+         {}. To carry it over: `sudo qseed migrate {} --write {}` (under the package it \
+         replaces the untouched packaged qseed.toml and moves the token and PIN into \
+         /etc/qseed/qrypt.token and /etc/qseed/hsm.pin), then `sudo systemctl restart qseed`; \
+         or delete it once it is no longer needed",
+        legacy.display(),
+        config_path.display(),
+        legacy.display(),
+        config_path
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    )
+}
+
 /// Parses and resolves configuration text; relative paths are taken from `base`. Environment
 /// overrides apply, as for [`load`].
 pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
@@ -1105,7 +1143,7 @@ fn secret_path(base: &Path, path: &Path, key: &str) -> Result<PathBuf, String> {
 
 /// A `module`: a path (relative to the configuration's folder), or a p11-kit module name
 /// (no `/`, not ending in `.so`), resolved through p11-kit's registered `.module` files.
-fn resolve_module(base: &Path, module: &Path) -> Result<PathBuf, String> {
+pub fn resolve_module(base: &Path, module: &Path) -> Result<PathBuf, String> {
     let text = module.to_string_lossy();
     if !text.contains('/') && !text.contains(".so") {
         return p11kit::resolve(&text);

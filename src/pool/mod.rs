@@ -615,10 +615,14 @@ impl<S: EntropySource> Pool<S> {
                     kind: error.kind(),
                     logged: now,
                 });
-                tracing::warn!(
-                    "entropy source failing: {error}. Targets are served from the {held} bytes \
-                     buffered{next_try}"
-                );
+                if next_try.is_empty() {
+                    tracing::warn!("entropy source failing: {error}");
+                } else {
+                    tracing::warn!(
+                        "entropy source failing: {error}. Targets are served from the {held} \
+                         bytes buffered{next_try}"
+                    );
+                }
             }
             Some(outage) => {
                 outage.failed_requests += 1;

@@ -414,6 +414,12 @@ async fn target_loop<S: EntropySource + 'static>(
     // After a round that found no entropy, the next purchase (the background refill retries
     // on the backoff schedule) is a reason to try again before the period is up; such a
     // round leaves the schedule as it was.
+    // The period a failed round is tried again after; none when this round is the last.
+    let again = match rounds {
+        Rounds::Forever => Some(period),
+        Rounds::Limit(n) if n > 1 => Some(period),
+        Rounds::Limit(_) => None,
+    };
     let mut refills = pool.watch_refills();
     let mut starved = false;
     loop {
@@ -476,7 +482,7 @@ async fn target_loop<S: EntropySource + 'static>(
                 outcome.failures += 1;
                 outcome.last_error = Some(e.to_string());
                 metrics.failed(&name, "hsm_error");
-                report_failure(&mut failing, &name, "hung", &e.to_string(), period, true);
+                report_failure(&mut failing, &name, "hung", &e.to_string(), again, true);
             }
             Err(RoundError::Call(CallError::Hsm(e))) => {
                 outcome.failures += 1;
@@ -487,7 +493,7 @@ async fn target_loop<S: EntropySource + 'static>(
                     &name,
                     e.reason(),
                     &e.to_string(),
-                    period,
+                    again,
                     false,
                 );
             }
@@ -552,10 +558,15 @@ fn report_failure(
     name: &str,
     reason: &str,
     error: &str,
-    period: Duration,
+    period: Option<Duration>,
     hung: bool,
 ) {
     let every = repeat::log_repeat();
+    // A bounded run (`once`) does not try again: it says only what happened.
+    let Some(period) = period else {
+        tracing::warn!(target_name = %name, reason, "{name}: round failed: {error}");
+        return;
+    };
     let next = crate::units::short_duration(period);
     match run.failed(reason, Instant::now(), every) {
         Report::Started | Report::Changed if hung => {
@@ -601,9 +612,11 @@ pub fn audit(
             format!("flushed into {name}: {len} bytes left at the stop"),
         ),
     };
+    let simulated = crate::source::simulated_accepted();
     tracing::info!(
         target: AUDIT,
         event,
+        simulated,
         target_name = %name,
         token_label = %token.label,
         token_serial = %token.serial,
@@ -611,10 +624,15 @@ pub fn audit(
         bytes = len,
         source = %source,
         request_ids = %requests,
-        "{what} into token {:?} (serial {}, slot {}) from {requests}",
+        "{what} into token {:?} (serial {}, slot {}) from {requests}{}",
         token.label,
         token.serial,
-        token.slot
+        token.slot,
+        if simulated {
+            " (SIMULATED entropy: source.allow_simulated)"
+        } else {
+            ""
+        }
     );
 }
 

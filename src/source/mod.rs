@@ -21,6 +21,28 @@ pub use error::SourceError;
 
 use crate::secret::EntropyBytes;
 
+/// Set once an answer marked by qseed's API simulator was accepted (`allow_simulated`):
+/// from then on doctor, the audit records and the `qseed_entropy_simulated` metric say that
+/// the entropy is simulated (issue 22, item 12). Process-wide: one process, one verdict.
+static SIMULATED_ACCEPTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether simulated entropy was accepted in this process.
+pub fn simulated_accepted() -> bool {
+    SIMULATED_ACCEPTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// An answer from `url` carried the simulator's mark and was let through: said loudly once.
+pub fn note_simulated(url: &str) {
+    if !SIMULATED_ACCEPTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "{url} is qseed's API simulator: its answers are SIMULATED entropy (the operating \
+             system's random bytes), not quantum entropy. Accepted because source.allow_simulated \
+             = true; fine for a test, never for production"
+        );
+    }
+}
+
 /// Bytes per block: the API sells entropy by the KiB.
 pub const BLOCK_LEN: usize = 1024;
 

@@ -249,6 +249,12 @@ impl QryptClient {
                 url: self.base.to_string(),
             });
         }
+        if response
+            .headers()
+            .contains_key(crate::simulator::MARK_HEADER)
+        {
+            super::note_simulated(&self.base.to_string());
+        }
         let content_type = header_text(&response, CONTENT_TYPE);
         if !is_json(&content_type) {
             return Err(SourceError::WrongContentType(content_type));

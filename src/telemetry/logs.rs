@@ -49,10 +49,17 @@ pub fn init(default_level: LevelFilter, format: LogFormat) -> LogFormat {
 fn filter(value: Option<String>, default_level: LevelFilter) -> (Targets, Option<String>) {
     // cryptoki logs only when dropping a session fails to close it, which qseed does on
     // purpose for sessions it knows are dead: noise for an operator.
+    // A checklist command (doctor, check) asks for errors only: then the libraries (a TLS
+    // library's own ERROR line) stay silent too, and the checklist reads on its own.
+    let libraries = if default_level <= LevelFilter::ERROR {
+        LevelFilter::OFF
+    } else {
+        LevelFilter::WARN
+    };
     let default = Targets::new()
         .with_target("qseed", default_level)
         .with_target("cryptoki", LevelFilter::OFF)
-        .with_default(LevelFilter::WARN);
+        .with_default(libraries);
     match value.as_deref().map(str::trim) {
         None | Some("") => (default, None),
         Some(text) => match text.parse::<Targets>() {

@@ -789,6 +789,15 @@ impl Collector for PoolCollector {
             locks.metric_type(),
         )?;
         locks.encode(metric)?;
+        let gauge = ConstGauge::new(i64::from(crate::source::simulated_accepted()));
+        let metric = encoder.encode_descriptor(
+            "entropy_simulated",
+            "1 once an answer of qseed's API simulator was accepted (source.allow_simulated): \
+             the entropy is simulated, not quantum; 0 otherwise",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)?;
         let gauge = ConstGauge::new(s.bytes_held as i64);
         let metric = encoder.encode_descriptor(
             "pool_bytes",
