@@ -253,7 +253,7 @@ impl QryptClient {
             .headers()
             .contains_key(crate::simulator::MARK_HEADER)
         {
-            super::note_simulated(&self.base.to_string());
+            super::note_simulated(self.base.as_ref());
         }
         let content_type = header_text(&response, CONTENT_TYPE);
         if !is_json(&content_type) {
