@@ -33,7 +33,7 @@ fn a_good_configuration_passes_and_its_bytes_are_used() {
         "[ ok ] target tok: token \"tok\" found",
         "[ ok ] target tok: login as user",
         "[ ok ] target tok: the token has an RNG and accepted a 48-byte seed",
-        "All checks passed.",
+        "All checks passed (1 warning(s) above).",
     ] {
         assert!(text.contains(line), "{line}\n{text}");
     }

@@ -44,6 +44,35 @@ fn the_doctor_unit_runs_as_the_service_does() {
     assert!(doctor.contains("ExecStart=/usr/bin/qseed --config /etc/qseed/qseed.toml doctor"));
 }
 
+/// Issue 22, item 6: the retry-pin template runs as the service does too, so the PIN it
+/// presents is the service's credential and its record the service's state folder.
+#[test]
+fn the_retry_pin_unit_runs_as_the_service_does() {
+    let service = service_lines("packaging/qseed.service");
+    let retry = service_lines("packaging/qseed-retry-pin@.service");
+    let missing: Vec<&String> = service
+        .iter()
+        .filter(|l| !DAEMON_ONLY.iter().any(|d| l.starts_with(d)))
+        .filter(|l| !retry.contains(*l))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "qseed-retry-pin@.service lacks {missing:?}"
+    );
+    assert!(retry
+        .contains("ExecStart=/usr/bin/qseed --config /etc/qseed/qseed.toml doctor --retry-pin %i"));
+}
+
+/// Issue 22, item 2: `systemctl reload` waits for the outcome.
+#[test]
+fn reload_waits_for_the_service() {
+    let service = service_lines("packaging/qseed.service");
+    assert!(
+        service.contains("ExecReload=/usr/bin/qseed reload --pid $MAINPID"),
+        "{service:?}"
+    );
+}
+
 #[test]
 fn the_service_neither_restarts_into_a_stopped_target_nor_needs_secret_files() {
     let service = service_lines("packaging/qseed.service");

@@ -126,6 +126,21 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
         );
     }
 
+    for spec in &config.sources {
+        if let config::SourceSpecKind::Device(device) = &spec.kind {
+            if crate::source::device::DeviceSource::is_kernel_generator_path(&device.path) {
+                list.warn(
+                    &format!(
+                        "device source {} is the kernel's own random generator, not a quantum \
+                         source",
+                        device.path.display()
+                    ),
+                    "name the QRNG's device node (or a Qrypt source) for quantum entropy: \
+                     seeding an HSM from the kernel adds nothing the HSM's generator lacks",
+                );
+            }
+        }
+    }
     let bytes = check_source(&mut list, &config).await;
     if crate::source::simulated_accepted() {
         list.warn(

@@ -73,12 +73,61 @@ fn command_page(sub: &clap::Command) -> Result<Vec<u8>, std::io::Error> {
             .map_or(text.as_str(), |(_, rest)| rest);
         preformatted(&mut roff, "EXAMPLES", body);
     }
+    if sub.get_name() == "run" {
+        preformatted(&mut roff, "SIGNALS", RUN_SIGNALS);
+        preformatted(&mut roff, "METRICS", &metrics_list());
+    }
     if let Some((heading, text)) = SECTIONS.iter().find(|(h, _)| *h == "EXIT STATUS") {
         preformatted(&mut roff, heading, text);
     }
     see_also_section(&mut roff, &["qseed(8)".into(), "qseed.toml(5)".into()]);
     roff.to_writer(&mut page)?;
     Ok(page)
+}
+
+/// What `qseed run` does on each signal.
+const RUN_SIGNALS: &str =
+    "  SIGHUP   re-read the configuration file; targets whose settings did not change keep
+           their session and schedule; a file that fails its checks is refused and the
+           running configuration stays. At most one reload every 2 s. Under systemd,
+           `systemctl reload qseed` runs `qseed reload --pid $MAINPID`, which waits for
+           the outcome and fails when the file was refused.
+  SIGTERM  stop: bytes still held are injected into the targets (pool.flush_timeout),
+  SIGINT   the rest wiped, sessions closed, modules finalized; exit 0 (4 when every
+           target had stopped). A PKCS#11 call that does not return is left behind after
+           1.5 s (its module is not finalized).";
+
+/// The metrics `/metrics` serves, with their help text, from the metrics themselves (a
+/// series added to the code is listed here without anyone remembering to).
+fn metrics_list() -> String {
+    let metrics = crate::telemetry::metrics::Metrics::new(Some(std::sync::Arc::new(
+        crate::pool::StatsSnapshot::default,
+    )));
+    // One target through each kind of round, so that every family has a series to show.
+    metrics.target_started("TARGET", std::time::Duration::from_secs(10));
+    metrics.injected("TARGET", 48);
+    metrics.failed("TARGET", "source_error");
+    metrics.flushed("TARGET", 0);
+    crate::pool::RequestObserver::request(&*metrics, "200", 0.1);
+    metrics.target_stopped("TARGET", "pin", "");
+    let mut lines = vec![
+        "Served at http://ADDRESS/metrics (telemetry.listen, default 127.0.0.1:9750), with"
+            .to_string(),
+        "/healthz (the process answers) and /readyz (every target seeded within twice its"
+            .to_string(),
+        "period; otherwise 503 and the reasons). Per-target and per-source series appear once"
+            .to_string(),
+        "the service runs.".to_string(),
+        String::new(),
+    ];
+    for line in metrics.render().lines() {
+        if let Some(help) = line.strip_prefix("# HELP ") {
+            let (name, text) = help.split_once(' ').unwrap_or((help, ""));
+            lines.push(format!("  {name}"));
+            lines.push(format!("      {text}"));
+        }
+    }
+    lines.join("\n")
 }
 
 /// A section whose text keeps its lines and columns (tables of codes, variables, files).
@@ -182,6 +231,7 @@ fn inline_markdown(text: &str) -> Vec<Inline> {
             Some((close, end)) if !rest[open + 1..close].contains(']') => {
                 plain.push_str(&rest[..open]);
                 plain.push_str(&rest[open + 1..close]);
+                plain.push_str(&where_installed(&rest[close + 2..end]));
                 rest = &rest[end + 1..];
             }
             _ => {
@@ -191,24 +241,84 @@ fn inline_markdown(text: &str) -> Vec<Inline> {
         }
     }
     plain.push_str(rest);
-    let plain = plain.replace("**", "`").replace("\\|", "|");
-    plain
-        .split('`')
-        .enumerate()
-        .filter(|(_, piece)| !piece.is_empty())
-        .map(|(i, piece)| {
-            if i % 2 == 1 {
-                bold(piece)
-            } else {
-                roman(piece)
+    let plain = plain.replace("\\|", "|");
+    // Code spans first: what is inside them is literal (`***` is three stars, not a mark).
+    let mut inlines = Vec::new();
+    for (i, piece) in plain.split('`').enumerate() {
+        if i % 2 == 1 {
+            if !piece.is_empty() {
+                inlines.push(bold(piece));
             }
-        })
-        .collect()
+            continue;
+        }
+        for (j, part) in piece.split("**").enumerate() {
+            if !part.is_empty() {
+                inlines.push(if j % 2 == 1 { bold(part) } else { roman(part) });
+            }
+        }
+    }
+    inlines
+}
+
+/// Where a README link's target is on an installed system, said after the link's text: a
+/// man page cannot follow a README anchor or a path in the source tree.
+fn where_installed(target: &str) -> String {
+    const DOC: &str = "/usr/share/doc/qseed";
+    if target.starts_with('#') {
+        format!(" (in {DOC}/README.md)")
+    } else if let Some(rest) = target.strip_prefix("packaging/monitoring/") {
+        format!(" ({DOC}/monitoring/{rest})")
+    } else if target.starts_with("examples/") {
+        format!(" ({DOC}/{target})")
+    } else if target.starts_with("http://") || target.starts_with("https://") {
+        format!(" <{target}>")
+    } else {
+        format!(" ({target} in qseed's source)")
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 22, item 15: stars inside a code span are literal, and a README anchor is said
+    /// to be in the installed README.
+    #[test]
+    fn code_spans_keep_their_stars_and_anchors_name_the_readme() {
+        let text = Roff::new()
+            .text(inline_markdown(
+                "sent to the proxy, shown as `***`), or **none** (see [Several sources](#several-sources))",
+            ))
+            .to_roff();
+        assert!(
+            text.contains("shown as \\fB***\\fR), or \\fBnone\\fR (see Several sources (in /usr/share/doc/qseed/README.md))"),
+            "{text}"
+        );
+    }
+
+    /// Issue 22, item 15: qseed-run(8) has the signals and every metric.
+    #[test]
+    fn the_run_page_lists_signals_and_metrics() {
+        let pages = pages().unwrap();
+        let (_, run) = pages
+            .iter()
+            .find(|(name, _)| name == "qseed-run.8")
+            .unwrap();
+        let run = String::from_utf8_lossy(run);
+        assert!(
+            run.contains(".SH SIGNALS") && run.contains("SIGHUP"),
+            "{run}"
+        );
+        assert!(run.contains(".SH METRICS"), "{run}");
+        for metric in [
+            "qseed_injections",
+            "qseed_target_state",
+            "qseed_entropy_simulated",
+            "qseed_source_up",
+        ] {
+            assert!(run.contains(metric), "{metric}");
+        }
+    }
 
     #[test]
     fn markdown_marks_become_roff_fonts() {
@@ -217,7 +327,9 @@ mod tests {
                 "see [examples/qseed.toml](examples/qseed.toml), `size` and **The guard.** a|b",
             ))
             .to_roff();
-        assert!(text.contains("see examples/qseed.toml, \\fBsize\\fR and \\fBThe guard.\\fR"));
+        assert!(text.contains(
+            "see examples/qseed.toml (/usr/share/doc/qseed/examples/qseed.toml), \\fBsize\\fR and \\fBThe guard.\\fR"
+        ));
         assert!(!text.contains("]("), "{text}");
     }
 

@@ -305,11 +305,10 @@ fn write_all(dir: &Path, toml: &str, old: &LegacyConfig, layout: &Layout) -> Res
     }
     for (name, content, mode) in files {
         let path = dir.join(name);
-        // The configuration is read by the service's user; the secrets only by root
-        // (systemd's LoadCredential=) unless the configuration names them by path.
+        // The configuration is read by the service's user; the secrets only by root (under
+        // the package, systemd's LoadCredential= hands them over).
         let group = match (name, layout.service_group) {
             ("qseed.toml", Some(gid)) => Some(gid),
-            (_, Some(gid)) if !layout.credentials => Some(gid),
             _ => None,
         };
         let mode = if group.is_some() { 0o640 } else { mode };
@@ -340,11 +339,7 @@ fn write_all(dir: &Path, toml: &str, old: &LegacyConfig, layout: &Layout) -> Res
         }
         written.push(path);
     }
-    let secrets_mode = if layout.service_group.is_some() && !layout.credentials {
-        "0640, group qseed"
-    } else {
-        "0600"
-    };
+    let secrets_mode = "0600";
     say!(
         "wrote {} ({}), {} ({secrets_mode}){}. Check it with: {}",
         dir.join("qseed.toml").display(),

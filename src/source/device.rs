@@ -66,6 +66,12 @@ impl DeviceSource {
         Ok(what)
     }
 
+    /// Whether `path` is the kernel's own generator (`/dev/random`, `/dev/urandom`), which
+    /// the doctor's checklist names as not quantum.
+    pub fn is_kernel_generator_path(path: &Path) -> bool {
+        std::fs::metadata(path).is_ok_and(|meta| is_kernel_generator(&meta))
+    }
+
     fn read(&self, len: usize) -> Result<EntropyBytes, String> {
         let path = &self.config.path;
         let mut file = std::fs::OpenOptions::new()
