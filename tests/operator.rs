@@ -101,6 +101,16 @@ fn once_and_doctor_speak_as_one_shot_commands() {
     assert!(!text.contains("Targets are served from"), "{text}");
 
     world.set_fault(qseed::simulator::Fault::None);
+    // An HSM failure in `once`: exit 4, told as what happened, not as a promise.
+    world.use_fault_module();
+    world.set_hsm_fault("device-removed");
+    let out = world.run(&["once"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(text.contains("round failed: "), "{text}");
+    assert!(!text.contains("trying again every"), "{text}");
+    world.set_hsm_fault("");
+
     let out = world.run(&["doctor"]);
     assert!(
         out.status.success(),
