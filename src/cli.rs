@@ -143,6 +143,11 @@ pub enum Command {
         qseed --config new.toml check && sudo install -m 0640 -g qseed new.toml /etc/qseed/qseed.toml")]
     Check,
 
+    /// The audit ledger: every injection and flush as a JSON line chained to the one before
+    /// by its SHA-256 (in the state folder's audit/ledger.jsonl).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+
     /// Ask the running service to re-read its configuration and wait for the outcome: exit 0
     /// once the new configuration is in force, 2 when it was refused (the running one stays).
     /// The packaged unit's ExecReload=, so that `systemctl reload qseed` tells the truth.
@@ -266,6 +271,34 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the ledger's chain: exit 0 when every line chains to the one before, 1 naming
+    /// the first line that does not (edited, removed or inserted).
+    #[command(after_help = "Examples:\n  \
+        sudo -u qseed qseed audit verify   # the state folder's ledger, rotated files included\n  \
+        qseed audit verify copy-of-ledger.jsonl")]
+    Verify {
+        /// Ledger files, oldest first [default: the state folder's].
+        #[arg(value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Print the ledger's records (JSON lines) from --since up to --until, for an auditor.
+    #[command(after_help = "Example:\n  \
+        qseed audit export --since 2026-11-01T00:00:00Z --until 2026-12-01T00:00:00Z > november.jsonl")]
+    Export {
+        /// Records at or after this time (RFC 3339, UTC).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Records before this time (RFC 3339, UTC).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// Ledger files, oldest first [default: the state folder's].
+        #[arg(value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
 /// `fetch --bytes`: a byte count with units, 1 byte to 1 GiB.
 fn fetch_size(text: &str) -> Result<u64, String> {
     let bytes = crate::units::parse_bytes(text)?;
@@ -342,6 +375,14 @@ fn run(cli: Cli) -> Result<(), Error> {
                 commands::doctor::doctor(&config, retry_pin.as_deref()).await
             }
             Command::Check => commands::check::check(&config),
+            Command::Audit(AuditCommand::Verify { files }) => {
+                commands::audit::verify(&config, &files)
+            }
+            Command::Audit(AuditCommand::Export {
+                since,
+                until,
+                files,
+            }) => commands::audit::export(&config, &files, since.as_deref(), until.as_deref()),
             Command::Reload { pid } => {
                 tokio::task::block_in_place(|| commands::reload::reload(&config, pid))
             }

@@ -193,6 +193,24 @@ impl StateFolder {
         result
     }
 
+    /// Appends `bytes` to `name` (made 0600 if missing) in one write, without a sync: for
+    /// records whose loss in a crash is acceptable but whose order is not (the audit ledger,
+    /// written on every injection).
+    pub fn append_unsynced(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let mut file = self.open_file(name, OFlags::CREATE | OFlags::WRONLY | OFlags::APPEND)?;
+        file.write_all(bytes)
+    }
+
+    /// Renames `from` to `to` within the folder (replacing `to`); `Ok(false)` if `from` does
+    /// not exist.
+    pub fn rename(&self, from: &str, to: &str) -> std::io::Result<bool> {
+        match rustix::fs::renameat(&self.fd, from, &self.fd, to) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::NOENT) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Appends `bytes` to `name` (made 0600 if missing) in one write, then syncs the file.
     pub fn append(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
         let mut file = self.open_file(name, OFlags::CREATE | OFlags::WRONLY | OFlags::APPEND)?;

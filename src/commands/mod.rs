@@ -2,6 +2,7 @@
 //! into an exit code.
 
 pub mod assets;
+pub mod audit;
 pub mod check;
 pub mod demo;
 pub mod doctor;

@@ -31,6 +31,7 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
     crate::repeat::set_log_repeat(config.log_repeat);
     let client = make_client(&config)?;
     let guard = pin_guard(&config);
+    open_ledger(&config);
     let modules = Modules::new();
     service::load_modules(&config.targets, &modules)
         .await
@@ -274,6 +275,23 @@ pub fn replay_record(config: &Config) -> Result<Option<crate::pool::replay::Shar
         .map_err(Error::Config)
 }
 
+/// Opens the audit ledger in the state folder (see [`crate::telemetry::ledger`]); without
+/// a usable state folder the audit records are in the log only, which is said once.
+pub fn open_ledger(config: &Config) {
+    match StateDir::resolve(config.state_dir.as_deref()) {
+        StateDir::Folder(dir) => {
+            if let Err(e) = crate::telemetry::ledger::install(&dir) {
+                tracing::warn!(
+                    "the audit ledger cannot be opened ({e}); audit records go to the log only"
+                );
+            }
+        }
+        StateDir::Memory { why } => {
+            tracing::warn!("no audit ledger ({why}); audit records go to the log only")
+        }
+    }
+}
+
 /// The PIN guard, keeping its records in the state folder (see [`crate::state`]).
 pub fn pin_guard(config: &Config) -> PinGuard {
     let state = StateDir::resolve(config.state_dir.as_deref());
@@ -289,6 +307,7 @@ pub async fn once(config_path: &Path) -> Result<(), Error> {
     crate::repeat::set_log_repeat(config.log_repeat);
     let client = make_client(&config)?;
     let guard = pin_guard(&config);
+    open_ledger(&config);
     let replay = replay_record(&config)?;
     let outcome = serve_with(
         config,

@@ -613,6 +613,20 @@ pub fn audit(
         ),
     };
     let simulated = crate::source::simulated_accepted();
+    crate::telemetry::ledger::append(crate::telemetry::ledger::Record {
+        time: crate::telemetry::ledger::now(),
+        event: event.to_string(),
+        target: name.to_string(),
+        token_label: token.label.clone(),
+        token_serial: token.serial.clone(),
+        slot: token.slot.id(),
+        bytes: len,
+        source: source.to_string(),
+        request_ids: requests.to_string(),
+        simulated,
+        pid: 0,
+        prev: String::new(),
+    });
     tracing::info!(
         target: AUDIT,
         event,

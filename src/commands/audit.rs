@@ -1,0 +1,93 @@
+//! `qseed audit verify [FILE...]` and `qseed audit export --since T --until T`: the audit
+//! ledger (see [`crate::telemetry::ledger`]) checked, and its records printed for an auditor.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use crate::error::Error;
+use crate::state::StateDir;
+use crate::telemetry::ledger::{self, Verdict};
+
+/// The ledger files: those given, or the state folder's, oldest first.
+fn ledger_files(config_path: &Path, given: &[PathBuf]) -> Result<Vec<PathBuf>, Error> {
+    if !given.is_empty() {
+        return Ok(given.to_vec());
+    }
+    let configured = crate::config::load(config_path)
+        .ok()
+        .and_then(|c| c.state_dir.clone());
+    let state = StateDir::resolve(configured.as_deref());
+    let Some(dir) = state.folder() else {
+        return Err(Error::Config(
+            "no state folder, so no ledger: name the ledger files (FILE...)".into(),
+        ));
+    };
+    let files = ledger::files_in(dir);
+    if files.is_empty() {
+        return Err(Error::Failed(format!(
+            "no audit ledger in {} yet (it is written by `run` and `once`)",
+            dir.join(ledger::FOLDER).display()
+        )));
+    }
+    Ok(files)
+}
+
+pub fn verify(config_path: &Path, given: &[PathBuf]) -> Result<(), Error> {
+    let files = ledger_files(config_path, given)?;
+    match ledger::verify(&files).map_err(Error::Failed)? {
+        Verdict::Intact { lines, head } => {
+            say!(
+                "{lines} record(s) in {} file(s): the chain is intact; head {head}",
+                files.len()
+            );
+            Ok(())
+        }
+        Verdict::Broken { line, why } => Err(Error::Failed(format!(
+            "the chain breaks at record {line} (counting from the first line of {}): {why}",
+            files[0].display()
+        ))),
+    }
+}
+
+pub fn export(
+    config_path: &Path,
+    given: &[PathBuf],
+    since: Option<&str>,
+    until: Option<&str>,
+) -> Result<(), Error> {
+    let parse = |flag: &str, text: Option<&str>| -> Result<Option<std::time::SystemTime>, Error> {
+        text.map(|t| {
+            humantime::parse_rfc3339_weak(t).map_err(|e| {
+                Error::Config(format!(
+                    "--{flag} {t:?}: {e}; write a time like 2026-12-01T00:00:00Z or \
+                     \"2026-12-01 00:00:00\" (UTC)"
+                ))
+            })
+        })
+        .transpose()
+    };
+    let since = parse("since", since)?;
+    let until = parse("until", until)?;
+    let files = ledger_files(config_path, given)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for path in files {
+        let file = std::fs::File::open(&path)
+            .map_err(|e| Error::Failed(format!("{}: {e}", path.display())))?;
+        for line in std::io::BufReader::new(file).split(b'\n') {
+            let line = line.map_err(|e| Error::Failed(format!("{}: {e}", path.display())))?;
+            let Ok(record) = serde_json::from_slice::<ledger::Record>(&line) else {
+                continue;
+            };
+            let Ok(time) = humantime::parse_rfc3339_weak(&record.time) else {
+                continue;
+            };
+            if since.is_some_and(|s| time < s) || until.is_some_and(|u| time >= u) {
+                continue;
+            }
+            ledger::write_line(&mut out, &line)
+                .map_err(|e| Error::Failed(format!("cannot write: {e}")))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,393 @@
+//! The audit ledger: every injection and flush as one JSON line in `<state>/audit/ledger.jsonl`,
+//! each line carrying the SHA-256 of the line before it (`prev`), so that an edited, removed
+//! or inserted line breaks the chain at that point (`qseed audit verify`). No seed byte is
+//! ever written: sizes, target, token identity, request ids, time.
+//!
+//! The file is bounded: past [`MAX_FILE_BYTES`] it is renamed `ledger.jsonl.1` (older ones
+//! shift up to [`KEPT_FILES`]) and the new file's first line carries the hash of the old
+//! file's last, so the chain runs on across files. Several qseed processes may share a state
+//! folder (`run` and a `once`): appends take the folder's `audit.lock`, and a writer that
+//! finds the file grown since it last wrote reads the new last line before chaining on.
+
+use std::io::{BufRead, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use serde::{Deserialize, Serialize};
+
+use crate::folder::StateFolder;
+
+/// The ledger's subfolder of the state folder.
+pub const FOLDER: &str = "audit";
+const FILE: &str = "ledger.jsonl";
+const LOCK: &str = "audit.lock";
+/// A file is rotated past this size.
+pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+/// Rotated files kept (`ledger.jsonl.1` .. `.N`); the oldest is removed.
+pub const KEPT_FILES: u32 = 8;
+/// The `prev` of the very first line.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// Longest line qseed writes, with room; a longer one is not ours.
+const MAX_LINE: usize = 16 * 1024;
+
+/// One ledger line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// RFC 3339, UTC, to the millisecond.
+    pub time: String,
+    /// `injection`, `flush` or `kernel`.
+    pub event: String,
+    pub target: String,
+    pub token_label: String,
+    pub token_serial: String,
+    pub slot: u64,
+    pub bytes: usize,
+    pub source: String,
+    pub request_ids: String,
+    /// The bytes came from qseed's API simulator (`allow_simulated`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub simulated: bool,
+    /// The process that wrote it.
+    pub pid: u32,
+    /// Hex SHA-256 of the previous line (without its newline); [`GENESIS`] for the first.
+    pub prev: String,
+}
+
+/// The ledger of this process, once the state folder is known (`run`, `once`).
+static LEDGER: OnceLock<Ledger> = OnceLock::new();
+
+/// Opens the ledger in `state` for this process's audit records; a second call is ignored.
+pub fn install(state: &Path) -> Result<(), String> {
+    let ledger = Ledger::open(state)?;
+    let _ = LEDGER.set(ledger);
+    Ok(())
+}
+
+/// Appends `record` (its `prev` and `pid` are filled in here) to this process's ledger, if
+/// one is installed. A failure is logged loudly: the injection already happened.
+pub fn append(record: Record) {
+    if let Some(ledger) = LEDGER.get() {
+        if let Err(e) = ledger.append(record) {
+            tracing::error!(
+                "the audit ledger {} cannot be written: {e}; this injection is in the log only",
+                ledger.folder.file_path(FILE).display()
+            );
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Ledger {
+    folder: StateFolder,
+    /// What this process last saw at the end of the file: its length and last line's hash.
+    tail: Mutex<Tail>,
+}
+
+#[derive(Debug, Default)]
+struct Tail {
+    len: u64,
+    head: String,
+}
+
+impl Ledger {
+    pub fn open(state: &Path) -> Result<Self, String> {
+        let folder = StateFolder::open(state)?.subfolder(FOLDER)?;
+        Ok(Self {
+            folder,
+            tail: Mutex::new(Tail::default()),
+        })
+    }
+
+    pub fn append(&self, mut record: Record) -> Result<(), String> {
+        let _lock = self.folder.lock(LOCK, true, true).map_err(|e| {
+            format!(
+                "cannot lock {}: {e:?}",
+                self.folder.file_path(LOCK).display()
+            )
+        })?;
+        let mut tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
+        let len = self.current_len()?;
+        if len != tail.len || tail.head.is_empty() {
+            // Another process wrote (or this is our first line): chain on from what is there.
+            tail.head = self.last_hash()?;
+            tail.len = len;
+        }
+        if tail.len >= MAX_FILE_BYTES {
+            self.rotate()?;
+            tail.len = 0;
+        }
+        record.prev = tail.head.clone();
+        record.pid = std::process::id();
+        let line = serde_json::to_string(&record).map_err(|e| e.to_string())?;
+        let mut bytes = line.clone().into_bytes();
+        bytes.push(b'\n');
+        self.folder
+            .append_unsynced(FILE, &bytes)
+            .map_err(|e| format!("{}: {e}", self.folder.file_path(FILE).display()))?;
+        tail.head = hash_line(line.as_bytes());
+        tail.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn current_len(&self) -> Result<u64, String> {
+        match self.folder.open_read(FILE) {
+            Ok(Some(file)) => file.metadata().map(|m| m.len()).map_err(|e| e.to_string()),
+            Ok(None) => Ok(0),
+            Err(e) => Err(format!("{}: {e}", self.folder.file_path(FILE).display())),
+        }
+    }
+
+    /// The hash of the current file's last line; of the newest rotated file's when the
+    /// current one is empty or missing; [`GENESIS`] when there is none.
+    fn last_hash(&self) -> Result<String, String> {
+        for name in std::iter::once(FILE.to_string()).chain((1..=KEPT_FILES).map(rotated)) {
+            let file = match self.folder.open_read(&name) {
+                Ok(Some(file)) => file,
+                Ok(None) => continue,
+                Err(e) => return Err(format!("{}: {e}", self.folder.file_path(&name).display())),
+            };
+            if let Some(line) = last_line(file).map_err(|e| e.to_string())? {
+                return Ok(hash_line(&line));
+            }
+        }
+        Ok(GENESIS.to_string())
+    }
+
+    fn rotate(&self) -> Result<(), String> {
+        let _ = self.folder.remove(&rotated(KEPT_FILES));
+        for n in (1..KEPT_FILES).rev() {
+            let _ = self.folder.rename(&rotated(n), &rotated(n + 1));
+        }
+        self.folder
+            .rename(FILE, &rotated(1))
+            .map(|_| ())
+            .map_err(|e| format!("cannot rotate the ledger: {e}"))
+    }
+}
+
+fn rotated(n: u32) -> String {
+    format!("{FILE}.{n}")
+}
+
+/// Hex SHA-256 of a line's bytes (without its newline).
+pub fn hash_line(line: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, line)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The last complete line of `file` (read from its end, at most [`MAX_LINE`] bytes back).
+fn last_line(mut file: std::fs::File) -> std::io::Result<Option<Vec<u8>>> {
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let start = len.saturating_sub(MAX_LINE as u64 + 1);
+    file.seek(std::io::SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    file.take(MAX_LINE as u64 + 1).read_to_end(&mut tail)?;
+    // A line cut short by a crash has no newline: it is not part of the chain yet.
+    if tail.last() == Some(&b'\n') {
+        tail.pop();
+    } else if let Some(cut) = tail.iter().rposition(|b| *b == b'\n') {
+        tail.truncate(cut);
+    } else {
+        return Ok(None);
+    }
+    let line = match tail.iter().rposition(|b| *b == b'\n') {
+        Some(newline) => tail[newline + 1..].to_vec(),
+        None if start == 0 => tail,
+        None => {
+            return Err(std::io::Error::other(
+                "its last line is longer than any qseed writes",
+            ))
+        }
+    };
+    Ok(Some(line))
+}
+
+/// What `verify` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every line chains to the one before; `head` is the last line's hash.
+    Intact { lines: u64, head: String },
+    /// Line `line` (1-based) is not what the chain expects.
+    Broken { line: u64, why: String },
+}
+
+/// Checks the chain of the ledger files `files`, oldest first (a rotated file's first line
+/// is taken as it chains on from the file before it, when that file is given).
+pub fn verify(files: &[PathBuf]) -> Result<Verdict, String> {
+    let mut expected: Option<String> = None;
+    let mut lines = 0u64;
+    for path in files {
+        let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut reader = std::io::BufReader::new(file);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            let n = reader
+                .by_ref()
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut buf)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            lines += 1;
+            if buf.last() != Some(&b'\n') {
+                return Ok(Verdict::Broken {
+                    line: lines,
+                    why: format!(
+                        "{}: the line has no end (cut short, or longer than {MAX_LINE} bytes)",
+                        path.display()
+                    ),
+                });
+            }
+            buf.pop();
+            let record: Record = match serde_json::from_slice(&buf) {
+                Ok(record) => record,
+                Err(e) => {
+                    return Ok(Verdict::Broken {
+                        line: lines,
+                        why: format!("{}: not a ledger record ({e})", path.display()),
+                    })
+                }
+            };
+            // The first line given chains on from a file not given (a rotated file checked
+            // alone) or from nothing (GENESIS): it is taken as it is.
+            if let Some(expected) = &expected {
+                if &record.prev != expected {
+                    return Ok(Verdict::Broken {
+                        line: lines,
+                        why: format!(
+                            "{}: its prev ({}) is not the hash of the line before ({expected}): \
+                             that line, or this one, was changed, removed or inserted",
+                            path.display(),
+                            record.prev
+                        ),
+                    });
+                }
+            }
+            expected = Some(hash_line(&buf));
+        }
+    }
+    Ok(match expected {
+        Some(head) => Verdict::Intact { lines, head },
+        None => Verdict::Intact {
+            lines: 0,
+            head: GENESIS.to_string(),
+        },
+    })
+}
+
+/// The ledger's files in `state`, oldest first.
+pub fn files_in(state: &Path) -> Vec<PathBuf> {
+    let folder = state.join(FOLDER);
+    let mut files: Vec<PathBuf> = (1..=KEPT_FILES)
+        .rev()
+        .map(|n| folder.join(rotated(n)))
+        .filter(|p| p.is_file())
+        .collect();
+    let current = folder.join(FILE);
+    if current.is_file() {
+        files.push(current);
+    }
+    files
+}
+
+/// Now, as the ledger writes times: RFC 3339, UTC, milliseconds.
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// Writes one record line to `out` (for `audit export`).
+pub fn write_line(out: &mut impl Write, line: &[u8]) -> std::io::Result<()> {
+    out.write_all(line)?;
+    out.write_all(b"\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: usize) -> Record {
+        Record {
+            time: now(),
+            event: "injection".into(),
+            target: "hsm-1".into(),
+            token_label: "tok".into(),
+            token_serial: "abc".into(),
+            slot: 1,
+            bytes: n,
+            source: "sim".into(),
+            request_ids: "r1".into(),
+            simulated: false,
+            pid: 0,
+            prev: String::new(),
+        }
+    }
+
+    fn private_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_chain_verifies_and_one_edited_line_breaks_it_there() {
+        let dir = private_dir();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        for n in 1..=5 {
+            ledger.append(record(n)).unwrap();
+        }
+        // A second writer (another process) chains on from what is in the file.
+        let other = Ledger::open(dir.path()).unwrap();
+        other.append(record(6)).unwrap();
+        ledger.append(record(7)).unwrap();
+        let files = files_in(dir.path());
+        let Verdict::Intact { lines, .. } = verify(&files).unwrap() else {
+            panic!("not intact")
+        };
+        assert_eq!(lines, 7);
+        let path = dir.path().join(FOLDER).join(FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let edited = text.replacen("\"bytes\":3", "\"bytes\":300", 1);
+        std::fs::write(&path, edited).unwrap();
+        match verify(&files).unwrap() {
+            Verdict::Broken { line, .. } => assert_eq!(line, 4, "the line after the edit"),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_the_chain_across_files() {
+        let dir = private_dir();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger.append(record(1)).unwrap();
+        ledger.append(record(2)).unwrap();
+        ledger.rotate().unwrap();
+        ledger.tail.lock().unwrap().len = 0;
+        ledger.append(record(3)).unwrap();
+        let files = files_in(dir.path());
+        assert_eq!(files.len(), 2);
+        assert_eq!(
+            verify(&files).unwrap(),
+            Verdict::Intact {
+                lines: 3,
+                head: hash_line(
+                    std::fs::read_to_string(dir.path().join(FOLDER).join(FILE))
+                        .unwrap()
+                        .trim_end()
+                        .as_bytes()
+                )
+            }
+        );
+    }
+}
