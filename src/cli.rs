@@ -143,6 +143,22 @@ pub enum Command {
         qseed --config new.toml check && sudo install -m 0640 -g qseed new.toml /etc/qseed/qseed.toml")]
     Check,
 
+    /// Wait until the running service has seeded every target (or those named) since it
+    /// started: exit 0 then, 4 with the reason at the timeout. For services that generate
+    /// keys (the package's qseed-seeded.service).
+    #[command(after_help = "Examples:\n  \
+        qseed wait --timeout 2m\n  \
+        qseed wait --target hsm-1 --target hsm-2\n  \
+        # in a key-generating unit: After=qseed-seeded.service and Requires=qseed-seeded.service")]
+    Wait {
+        /// A target to wait for (repeat for several) [default: every target].
+        #[arg(long = "target", value_name = "NAME")]
+        targets: Vec<String>,
+        /// Give up after this long (30s, 5m, 1h).
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+
     /// The audit ledger: every injection and flush as a JSON line chained to the one before
     /// by its SHA-256 (in the state folder's audit/ledger.jsonl).
     #[command(subcommand)]
@@ -299,6 +315,11 @@ pub enum AuditCommand {
     },
 }
 
+/// A duration as the configuration writes them (`30s`, `5m`).
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}; write it like 30s or 5m"))
+}
+
 /// `fetch --bytes`: a byte count with units, 1 byte to 1 GiB.
 fn fetch_size(text: &str) -> Result<u64, String> {
     let bytes = crate::units::parse_bytes(text)?;
@@ -375,6 +396,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                 commands::doctor::doctor(&config, retry_pin.as_deref()).await
             }
             Command::Check => commands::check::check(&config),
+            Command::Wait { targets, timeout } => {
+                tokio::task::block_in_place(|| commands::wait::wait(&config, &targets, timeout))
+            }
             Command::Audit(AuditCommand::Verify { files }) => {
                 commands::audit::verify(&config, &files)
             }

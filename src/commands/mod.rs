@@ -13,3 +13,4 @@ pub mod reload;
 pub mod run;
 pub mod simulator;
 pub mod slots;
+pub mod wait;

@@ -50,6 +50,12 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
         .map(|addr| tokio::spawn(serve_telemetry(addr, metrics.clone(), stop.clone())));
     systemd::spawn_watchdog(stop.clone());
     spawn_status_reports(metrics.clone());
+    if let Some(folder) = StateDir::resolve(config.state_dir.as_deref())
+        .folder()
+        .and_then(|dir| crate::folder::StateFolder::open(dir).ok())
+    {
+        spawn_seeded_reports(metrics.clone(), folder);
+    }
     let mut service = Service::start(
         pool.clone(),
         modules.clone(),
@@ -251,6 +257,30 @@ fn spawn_status_reports(metrics: Arc<Metrics>) {
         systemd::ready(&metrics.status_line());
         while states.changed().await.is_ok() {
             systemd::status(&metrics.status_line());
+        }
+    });
+}
+
+/// Keeps `<state>/seeded` current for `qseed wait` (see [`crate::service::seeded`]): written
+/// at the start (nothing seeded yet) and at every change of a target's state.
+fn spawn_seeded_reports(metrics: Arc<Metrics>, folder: crate::folder::StateFolder) {
+    tokio::spawn(async move {
+        let mut states = metrics.watch_states();
+        loop {
+            let report = metrics.seeded_report();
+            let write = {
+                let folder = &folder;
+                tokio::task::block_in_place(|| crate::service::seeded::write(folder, &report))
+            };
+            if let Err(e) = write {
+                tracing::warn!(
+                    "cannot write {}: {e}; `qseed wait` will not see this run's seeds",
+                    folder.file_path("seeded").display()
+                );
+            }
+            if states.changed().await.is_err() {
+                return;
+            }
         }
     });
 }

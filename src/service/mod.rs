@@ -9,6 +9,7 @@
 pub mod flush;
 mod lanes;
 pub mod reload_report;
+pub mod seeded;
 pub mod shutdown;
 pub mod worker;
 

@@ -66,6 +66,8 @@ struct TargetStatus {
     rounds: u64,
     /// How its last round went: STATUS= says which targets are short of entropy or failing.
     last_round: LastRound,
+    /// When it was first seeded since it started (`qseed wait`).
+    first_seeded: Option<std::time::SystemTime>,
     /// The target's injection series, looked up on its first injection and kept: a round then
     /// costs no label allocation or hashing.
     injected: Option<InjectedMeters>,
@@ -308,6 +310,24 @@ impl Metrics {
         line
     }
 
+    /// Each target: when it was first seeded since it started, and why it stopped, if it
+    /// did (for `qseed wait`, through [`crate::service::seeded`]).
+    pub fn seeded_report(&self) -> Vec<(String, Option<std::time::SystemTime>, Option<String>)> {
+        let targets = self.targets_lock();
+        let mut report: Vec<_> = targets
+            .iter()
+            .map(|(name, t)| {
+                let why = t
+                    .stopped
+                    .as_ref()
+                    .map(|reason| format!("{reason}: {}", t.stop_message.as_deref().unwrap_or("")));
+                (name.clone(), t.first_seeded, why)
+            })
+            .collect();
+        report.sort_by(|a, b| a.0.cmp(&b.0));
+        report
+    }
+
     /// Whether every registered target has stopped for good (none left to seed).
     pub fn all_stopped(&self) -> bool {
         let targets = self.targets_lock();
@@ -360,6 +380,7 @@ impl Metrics {
                 stop_message: None,
                 rounds: 0,
                 last_round: LastRound::NotYet,
+                first_seeded: None,
                 injected: None,
             },
         );
@@ -405,8 +426,11 @@ impl Metrics {
                 t.rounds += 1;
                 t.last_ok = Some(Instant::now());
                 let was = std::mem::replace(&mut t.last_round, LastRound::Seeded);
-                // From not yet seeded to seeded is no news for STATUS=; from failing it is.
-                changed = !matches!(was, LastRound::Seeded | LastRound::NotYet);
+                // From failing to seeded is news for STATUS=, and the first seed for
+                // `qseed wait`; a seed like the one before is not.
+                changed = was != LastRound::Seeded || t.first_seeded.is_none();
+                t.first_seeded
+                    .get_or_insert_with(std::time::SystemTime::now);
             }
             None => record(&self.injected_meters(target)),
         }
