@@ -141,6 +141,7 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
             }
         }
     }
+    check_quota(&mut list, &config);
     let bytes = check_source(&mut list, &config).await;
     if crate::source::simulated_accepted() {
         list.warn(
@@ -215,6 +216,60 @@ fn check_permissions(list: &mut Checklist, path: &Path, config: &Config) {
         );
     } else {
         list.ok(&format!("permissions of {shown} ({mode:04o})"));
+    }
+}
+
+/// The API tokens' expiry (JWTs) and each source's month against its budget.
+fn check_quota(list: &mut Checklist, config: &Config) {
+    let state = crate::state::StateDir::resolve(config.state_dir.as_deref());
+    let now = std::time::SystemTime::now();
+    for spec in &config.sources {
+        let config::SourceSpecKind::Qrypt(api) = &spec.kind else {
+            continue;
+        };
+        if let Some(expiry) = api
+            .token
+            .as_ref()
+            .and_then(crate::source::quota::token_expiry)
+        {
+            let when = humantime::format_rfc3339_seconds(expiry);
+            match crate::source::quota::expiry_warning(expiry, now) {
+                Some(warning) => list.warn(
+                    &format!("source {:?}: API token expires on {when}", spec.name),
+                    &warning,
+                ),
+                None => list.ok(&format!(
+                    "source {:?}: API token valid until {when}",
+                    spec.name
+                )),
+            }
+        }
+        let count = crate::source::quota::MonthlyCount::new(
+            api.url.as_str(),
+            api.monthly_budget,
+            state.folder(),
+        );
+        let month = count.figures();
+        match month.budget {
+            Some(budget) if month.forecast > budget => list.warn(
+                &format!(
+                    "source {:?}: {} bytes bought this month; at this pace {} by its end, more \
+                     than monthly_budget ({budget})",
+                    spec.name, month.bytes, month.forecast
+                ),
+                "buy a larger plan, raise monthly_budget, or lower the targets' size or raise \
+                 their period (each target costs size / period)",
+            ),
+            Some(budget) => list.ok(&format!(
+                "source {:?}: {} bytes bought this month, forecast {} of monthly_budget {budget}",
+                spec.name, month.bytes, month.forecast
+            )),
+            None if month.bytes > 0 => list.ok(&format!(
+                "source {:?}: {} bytes bought this month (forecast {}; no monthly_budget set)",
+                spec.name, month.bytes, month.forecast
+            )),
+            None => {}
+        }
     }
 }
 

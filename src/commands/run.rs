@@ -50,6 +50,7 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
         .map(|addr| tokio::spawn(serve_telemetry(addr, metrics.clone(), stop.clone())));
     systemd::spawn_watchdog(stop.clone());
     spawn_status_reports(metrics.clone());
+    spawn_token_watch(pool.clone(), stop.clone());
     if let Some(folder) = StateDir::resolve(config.state_dir.as_deref())
         .folder()
         .and_then(|dir| crate::folder::StateFolder::open(dir).ok())
@@ -257,6 +258,47 @@ fn spawn_status_reports(metrics: Arc<Metrics>) {
         systemd::ready(&metrics.status_line());
         while states.changed().await.is_ok() {
             systemd::status(&metrics.status_line());
+        }
+    });
+}
+
+/// How often a running service looks at its API tokens' expiry.
+const TOKEN_WATCH: Duration = Duration::from_secs(3600);
+
+/// Warns again, while the service runs, when an API token that is a JWT comes within 30, 7
+/// and 1 day(s) of its expiry, and when it has expired (at the start, `announce` says it).
+fn spawn_token_watch<S: EntropySource + 'static>(pool: Arc<Pool<S>>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut told: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        let now = std::time::SystemTime::now();
+        for member in pool.source().sources() {
+            if let Some(stage) = member
+                .token_expiry
+                .and_then(|e| crate::source::quota::expiry_stage(e, now))
+            {
+                told.insert(member.name, stage);
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(TOKEN_WATCH) => {}
+            }
+            let now = std::time::SystemTime::now();
+            for member in pool.source().sources() {
+                let Some(expiry) = member.token_expiry else {
+                    continue;
+                };
+                let Some(stage) = crate::source::quota::expiry_stage(expiry, now) else {
+                    continue;
+                };
+                if told.get(&member.name) != Some(&stage) {
+                    if let Some(warning) = crate::source::quota::expiry_warning(expiry, now) {
+                        tracing::warn!("source {:?}: {warning}", member.name);
+                    }
+                    told.insert(member.name, stage);
+                }
+            }
         }
     });
 }
@@ -510,6 +552,15 @@ pub fn make_sources(config: &Config, bulk: bool) -> Result<SourceSet, Error> {
 fn announce(config: &Config, source: &impl EntropySource) {
     for spec in &config.sources {
         if let crate::config::SourceSpecKind::Qrypt(api) = &spec.kind {
+            let expiry = api
+                .token
+                .as_ref()
+                .and_then(crate::source::quota::token_expiry);
+            if let Some(warning) = expiry
+                .and_then(|e| crate::source::quota::expiry_warning(e, std::time::SystemTime::now()))
+            {
+                tracing::warn!("source {:?}: {warning}", spec.name);
+            }
             if api.allow_simulated {
                 tracing::warn!(
                     "source {:?}: allow_simulated = true: answers of qseed's API simulator are \

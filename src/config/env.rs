@@ -32,6 +32,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("source", "timeout", Kind::Duration),
     ("source", "allow_http", Kind::Bool),
     ("source", "allow_simulated", Kind::Bool),
+    ("source", "monthly_budget", Kind::Text),
     ("source", "path", Kind::Text),
     ("pool", "max_bytes", Kind::Integer),
     ("pool", "max_age", Kind::Duration),

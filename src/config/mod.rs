@@ -61,7 +61,7 @@ pub struct SourceSpec {
 
 #[derive(Debug, Clone)]
 pub enum SourceSpecKind {
-    Qrypt(SourceConfig),
+    Qrypt(Box<SourceConfig>),
     Device(crate::source::device::DeviceConfig),
 }
 
@@ -327,7 +327,7 @@ impl Config {
     /// The first of the Qrypt API sources (the only source of most configurations).
     pub fn qrypt(&self) -> Option<&SourceConfig> {
         self.sources.iter().find_map(|s| match &s.kind {
-            SourceSpecKind::Qrypt(config) => Some(config),
+            SourceSpecKind::Qrypt(config) => Some(config.as_ref()),
             SourceSpecKind::Device(_) => None,
         })
     }
@@ -425,6 +425,7 @@ fn resolve_one_source(
                 ("ca_file", raw.ca_file.is_some()),
                 ("allow_http", raw.allow_http.is_some()),
                 ("allow_simulated", raw.allow_simulated.is_some()),
+                ("monthly_budget", raw.monthly_budget.is_some()),
                 ("proxy", raw.proxy.is_some()),
             ]
             .into_iter()
@@ -485,7 +486,7 @@ fn resolve_one_source(
             });
             Ok(SourceSpec {
                 name,
-                kind: SourceSpecKind::Qrypt(config),
+                kind: SourceSpecKind::Qrypt(Box::new(config)),
             })
         }
     }
@@ -729,6 +730,16 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
         timeout,
         allow_http,
         allow_simulated: raw.allow_simulated.unwrap_or(false),
+        monthly_budget: match raw.monthly_budget {
+            Some(values::ByteCount(0)) => {
+                return Err(
+                    "source.monthly_budget = 0: give the bytes the source may sell per \
+                            month (\"100MiB\"), or leave it out"
+                        .into(),
+                )
+            }
+            budget => budget.map(|b| b.0),
+        },
         proxy: match raw.proxy.as_deref().map(str::trim) {
             None => ProxySetting::Environment,
             Some("none") => ProxySetting::Off,

@@ -151,6 +151,8 @@ pub struct RawSource {
     pub timeout: Option<DurationValue>,
     pub allow_http: Option<bool>,
     pub allow_simulated: Option<bool>,
+    /// Bytes this source may sell per calendar month (UTC); warned about, never enforced.
+    pub monthly_budget: Option<super::values::ByteCount>,
     /// An HTTP proxy URL, or "none"; unset: the environment's (HTTPS_PROXY, NO_PROXY).
     pub proxy: Option<String>,
     /// Only from Qrypt's old YAML file (`qrypt_token`), never from TOML.
@@ -171,7 +173,7 @@ macro_rules! merge {
     };
 }
 // `proxy` is not among them: a proxy URL may hold a password, and overrides are shown.
-merge!(RawSource: url, dialect, block_unit, auth, token_file, ca_file, timeout, allow_http, allow_simulated, path);
+merge!(RawSource: url, dialect, block_unit, auth, token_file, ca_file, timeout, allow_http, allow_simulated, monthly_budget, path);
 merge!(RawPool: max_bytes, max_age, horizon, flush_timeout, min_entropy, false_alarm, sources, mix_fallback);
 merge!(RawTelemetry: listen);
 merge!(RawService: state_dir, log_repeat);

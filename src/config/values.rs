@@ -41,6 +41,36 @@ impl<'de> Deserialize<'de> for DurationValue {
     }
 }
 
+/// A byte count written as a number or with units: `1073741824`, `"100MiB"`, `"1G"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteCount(pub u64);
+
+impl<'de> Deserialize<'de> for ByteCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ByteCount;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a number of bytes such as 1048576, "100MiB" or "1G""#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                crate::units::parse_bytes(v.trim())
+                    .map(ByteCount)
+                    .map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                u64::try_from(v)
+                    .map(ByteCount)
+                    .map_err(|_| E::custom(format!("{v} bytes: it is negative")))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(ByteCount(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// A secret written inline (`pin = "1234"`). Its parse errors never quote the value, so a
 /// mistyped PIN such as `pin = 1234` cannot reach a log.
 pub struct InlineSecret(pub SecretString);

@@ -11,6 +11,7 @@ pub mod device;
 pub mod error;
 pub mod proxy;
 pub mod qrypt;
+pub mod quota;
 pub mod set;
 
 use std::future::Future;
@@ -61,6 +62,9 @@ pub struct SourceConfig {
     pub allow_http: bool,
     /// Accept answers marked as coming from qseed's API simulator (tests, the demo).
     pub allow_simulated: bool,
+    /// `[source] monthly_budget`: bytes per calendar month (UTC), warned about (see
+    /// [`quota`]).
+    pub monthly_budget: Option<u64>,
     /// `[source] proxy`; the route itself is decided when the client is built (see [`proxy`]).
     pub proxy: proxy::ProxySetting,
     /// `[source] block_unit`: how `POST /api/v1/entropy` reads `block_size` (see

@@ -34,6 +34,10 @@ pub struct QryptClient {
     /// How `POST /api/v1/entropy` reads `block_size` (see [`super::block_unit`]); shared by
     /// clones.
     unit: std::sync::Arc<UnitChoice>,
+    /// The bytes bought this month against `monthly_budget` (see [`super::quota`]).
+    month: std::sync::Arc<super::quota::MonthlyCount>,
+    /// The API token's expiry, when it is a JWT.
+    token_expiry: Option<std::time::SystemTime>,
 }
 
 impl std::fmt::Debug for QryptClient {
@@ -127,6 +131,11 @@ impl QryptClient {
             base.set_path(&path);
         }
         let unit = std::sync::Arc::new(UnitChoice::new(config.block_unit, base.as_str(), None));
+        let month = std::sync::Arc::new(super::quota::MonthlyCount::new(
+            base.as_str(),
+            config.monthly_budget,
+            None,
+        ));
         Ok(Self {
             http,
             base,
@@ -136,7 +145,19 @@ impl QryptClient {
             allow_simulated: config.allow_simulated,
             route,
             unit,
+            month,
+            token_expiry: config.token.as_ref().and_then(super::quota::token_expiry),
         })
+    }
+
+    /// The API token's expiry, when the token is a JWT.
+    pub fn token_expiry(&self) -> Option<std::time::SystemTime> {
+        self.token_expiry
+    }
+
+    /// This month's bytes, forecast and budget.
+    pub fn month_figures(&self) -> super::quota::MonthFigures {
+        self.month.figures()
     }
 
     /// Keeps what `block_unit = "auto"` learns about this server in `state` (the state
@@ -145,6 +166,11 @@ impl QryptClient {
         self.unit = std::sync::Arc::new(UnitChoice::new(
             self.unit.setting(),
             self.base.as_str(),
+            state,
+        ));
+        self.month = std::sync::Arc::new(super::quota::MonthlyCount::new(
+            self.base.as_str(),
+            self.month.figures().budget,
             state,
         ));
         self
@@ -378,23 +404,37 @@ impl QryptClient {
     }
 }
 
+impl QryptClient {
+    /// Bytes bought: counted against the month (the answer is paid for once it arrived).
+    fn counted(&self, bytes: EntropyBytes) -> EntropyBytes {
+        self.month.bought(bytes.len() as u64);
+        bytes
+    }
+}
+
 impl EntropySource for QryptClient {
     async fn fetch(&self, blocks: usize) -> Result<EntropyBytes, SourceError> {
         debug_assert!((1..=MAX_BLOCKS_PER_REQUEST).contains(&blocks));
         let blocks = blocks.clamp(1, MAX_BLOCKS_PER_REQUEST);
         if self.dialect != Dialect::Entropy {
-            return self.fetch_blocks(blocks, Reading::Bytes).await;
+            return self
+                .fetch_blocks(blocks, Reading::Bytes)
+                .await
+                .map(|bytes| self.counted(bytes));
         }
         let asked = self.unit.reading();
         let error = match self.fetch_blocks(blocks, asked).await {
-            Ok(bytes) => return Ok(bytes),
+            Ok(bytes) => return Ok(self.counted(bytes)),
             Err(e) => e,
         };
         match self.unit.judge(&error, asked, self.base.as_str()) {
             Verdict::Unrelated => Err(error),
             Verdict::Mismatch(explained) => Err(explained),
             // Once, in the other unit: a switch costs at most the one failed request.
-            Verdict::Switched => self.fetch_blocks(blocks, self.unit.reading()).await,
+            Verdict::Switched => self
+                .fetch_blocks(blocks, self.unit.reading())
+                .await
+                .map(|bytes| self.counted(bytes)),
         }
     }
 

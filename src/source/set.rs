@@ -127,6 +127,10 @@ pub struct MemberSnapshot {
     pub in_use: bool,
     /// How the source reads `block_size` now (`POST /api/v1/entropy` only).
     pub block_unit: Option<&'static str>,
+    /// The API token's expiry, when it is a JWT.
+    pub token_expiry: Option<std::time::SystemTime>,
+    /// This month's bytes bought, forecast and budget (API sources).
+    pub month: Option<super::quota::MonthFigures>,
 }
 
 impl Member {
@@ -273,6 +277,14 @@ impl Member {
             in_use: self.in_use.load(Ordering::Relaxed),
             block_unit: match &self.source {
                 AnySource::Qrypt(client) => client.block_unit(),
+                AnySource::Device(_) => None,
+            },
+            token_expiry: match &self.source {
+                AnySource::Qrypt(client) => client.token_expiry(),
+                AnySource::Device(_) => None,
+            },
+            month: match &self.source {
+                AnySource::Qrypt(client) => Some(client.month_figures()),
                 AnySource::Device(_) => None,
             },
         }

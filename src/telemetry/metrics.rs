@@ -646,6 +646,63 @@ impl Collector for SourcesCollector {
                 ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
             }
         }
+        // What a paid source allows (issue 23, item 3): the token's expiry, the month.
+        let expiries: Vec<_> = members
+            .iter()
+            .filter_map(|m| Some((m.name.clone(), m.token_expiry?)))
+            .collect();
+        if !expiries.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "source_token_expiry_timestamp_seconds",
+                "Unix time the source's API token expires (tokens that are JWTs only)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (source, expiry) in expiries {
+                let secs = expiry
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                ConstGauge::new(secs).encode(family.encode_family(&SourceLabels { source })?)?;
+            }
+        }
+        type MonthField = fn(&crate::source::quota::MonthFigures) -> Option<u64>;
+        let month: [(&str, &str, MonthField); 3] = [
+            (
+                "source_month_bytes",
+                "Bytes bought from the source this calendar month (UTC), all qseed processes of \
+                 the state folder",
+                |m| Some(m.bytes),
+            ),
+            (
+                "source_month_forecast_bytes",
+                "Bytes the source will have sold by the month's end at this month's pace",
+                |m| Some(m.forecast),
+            ),
+            (
+                "source_monthly_budget_bytes",
+                "source.monthly_budget: bytes the source may sell per month",
+                |m| m.budget,
+            ),
+        ];
+        for (name, help, field) in month {
+            let values: Vec<_> = members
+                .iter()
+                .filter_map(|m| Some((m.name.clone(), field(m.month.as_ref()?)?)))
+                .collect();
+            if values.is_empty() {
+                continue;
+            }
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (source, value) in values {
+                ConstGauge::new(value as i64)
+                    .encode(family.encode_family(&SourceLabels { source })?)?;
+            }
+        }
         // The per-source figures repeat the pool's when there is one source.
         if members.len() < 2 {
             return Ok(());
