@@ -80,6 +80,7 @@ async fn soak(dir: &Path, module: &Path, sizes: &[usize], length: Duration) {
         .iter()
         .enumerate()
         .map(|(i, &size)| TargetConfig {
+            kind: qseed::config::TargetKind::Pkcs11,
             name: format!("soak-{i}"),
             module: module.to_path_buf(),
             token: TokenSelector::Label(format!("soak-{i}")),

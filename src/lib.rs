@@ -12,13 +12,14 @@
 //! - [`pool`]: the local buffer; hands every downloaded byte out once, wipes what it drops.
 //! - [`hsm`]: PKCS#11 modules (their gates and recovery), finding tokens, sessions, the PIN
 //!   guard, login and seeding; the table of known vendor modules.
+//! - [`kernel`]: the host kernel as a target (`RNDADDENTROPY`, `RNDRESEEDCRNG`).
 //! - [`service`]: the period loops, rounds, shutdown.
 //! - [`config`]: the TOML file, checked in two stages (shape, then resolved secrets and paths).
 //! - [`simulator`]: a local stand-in for the entropy API, for tests and the demo only.
 //! - [`files`]: bounded reads of the files an operator names (regular files only).
 //! - [`commands`]: what each CLI subcommand does; [`cli`] parses the command line.
-// Two functions may use `unsafe` (`hsm::ffi`, each block with its SAFETY argument); everything else
-// is denied it.
+// Two functions of `hsm::ffi` and the two ioctls of `kernel` may use `unsafe`, each block with
+// its SAFETY argument; everything else is denied it.
 #![deny(unsafe_code)]
 #![warn(missing_debug_implementations)]
 
@@ -51,6 +52,7 @@ pub mod files;
 pub mod folder;
 pub mod health;
 pub mod hsm;
+pub mod kernel;
 pub mod pool;
 pub mod repeat;
 pub mod secret;

@@ -135,6 +135,20 @@ fn the_man_pages_and_completions_follow_the_cli() {
     );
     let mut pages = vec!["qseed.8".to_string(), "qseed.toml.5".to_string()];
     pages.extend(commands.iter().map(|c| format!("qseed-{c}.8")));
+    // A command group (`qseed audit`) has a page per command of its own.
+    for c in &commands {
+        let help = String::from_utf8(qseed(&[c, "--help"]).stdout).unwrap();
+        if let Some((_, list)) = help.split_once("Commands:\n") {
+            pages.extend(
+                list.lines()
+                    .take_while(|l| !l.is_empty())
+                    .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+                    .filter_map(|l| l.split_whitespace().next())
+                    .filter(|n| *n != "help")
+                    .map(|n| format!("qseed-{c}-{n}.8")),
+            );
+        }
+    }
     for page in &pages {
         let path = dir.path().join(page);
         let text = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("{page} exists"));

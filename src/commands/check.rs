@@ -16,6 +16,9 @@ pub fn check(config_path: &Path) -> Result<(), Error> {
     let mut problems = Vec::new();
     let mut modules = std::collections::BTreeSet::new();
     for target in &config.targets {
+        if target.kind != crate::config::TargetKind::Pkcs11 {
+            continue;
+        }
         if modules.insert(target.module.clone()) {
             if let Err(why) = check_module(&target.module) {
                 problems.push(format!(

@@ -477,6 +477,31 @@ fn check_target(
 ) -> Vec<Line> {
     let mut lines = Vec::new();
     let name = config.name.clone();
+    if let crate::config::TargetKind::Kernel { credit } = config.kind {
+        // The bytes bought for it are used: the kernel takes them as it will in the service.
+        let result = match &seed {
+            Some(bytes) => crate::kernel::inject(bytes.expose(), credit),
+            None => crate::kernel::check_permission().map(|()| crate::kernel::Reseeded::Now),
+        };
+        lines.push(match result {
+            Ok(reseeded) => Line::Ok(format!(
+                "target {name}: the kernel took {} (RNDADDENTROPY, credit {credit:?}){}",
+                seed.as_ref()
+                    .map_or("an empty seed".to_string(), |b| format!(
+                        "a {}-byte seed",
+                        b.len()
+                    )),
+                match reseeded {
+                    crate::kernel::Reseeded::Now => " and reseeded its generator (RNDRESEEDCRNG)",
+                    crate::kernel::Reseeded::AtNextReseed => {
+                        "; this kernel has no RNDRESEEDCRNG: used at its next scheduled reseed"
+                    }
+                }
+            )),
+            Err(e) => Line::Fail(format!("target {name}: kernel"), e.to_string()),
+        });
+        return lines;
+    }
     let path = config.module.clone();
     let shown = path.display().to_string();
     let pkcs11 = match modules.get(&path, config.init_args.as_deref()) {

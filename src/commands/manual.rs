@@ -21,6 +21,15 @@ pub fn pages() -> Result<Vec<(String, Vec<u8>)>, std::io::Error> {
     let mut pages = vec![("qseed.8".to_string(), main_page(&command)?)];
     for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
         pages.push((format!("qseed-{}.8", sub.get_name()), command_page(sub)?));
+        // `qseed audit verify`: the group's page refers to qseed-audit-verify(8).
+        for nested in sub.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let name = format!("{}-{}", sub.get_name(), nested.get_name());
+            let nested = nested.clone().name(name);
+            pages.push((
+                format!("qseed-{}.8", nested.get_name()),
+                command_page(&nested)?,
+            ));
+        }
     }
     pages.push(("qseed.toml.5".to_string(), configuration_page()?));
     Ok(pages)

@@ -109,7 +109,10 @@ fn from_config(config_path: &Path) -> Result<Vec<Wanted>, Error> {
         token,
         init_args,
         ..
-    } in config.targets
+    } in config
+        .targets
+        .into_iter()
+        .filter(|t| t.kind == crate::config::TargetKind::Pkcs11)
     {
         match wanted.iter_mut().find(|w| w.path == module) {
             Some(w) => w.targets.push((name, token)),

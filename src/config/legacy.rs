@@ -146,6 +146,8 @@ impl LegacyConfig {
         let login = self.pin.as_ref().map(|_| Login::User);
         raw.targets.push(RawTarget {
             name: Some(TARGET_NAME.into()),
+            kind: None,
+            credit: None,
             module: Some(self.module),
             token: None,
             token_label: None,

@@ -91,6 +91,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct TargetConfig {
     pub name: String,
+    /// A PKCS#11 token, or the host kernel (then `module`, `token` and `login` are unused).
+    pub kind: TargetKind,
     pub module: PathBuf,
     pub token: TokenSelector,
     /// The PIN to log in with and where it came from, or `None` to seed without logging in.
@@ -140,6 +142,7 @@ impl TargetConfig {
         };
         same_login
             && self.name == other.name
+            && self.kind == other.kind
             && self.module == other.module
             && self.token == other.token
             && self.size == other.size
@@ -149,6 +152,16 @@ impl TargetConfig {
             && self.max_seed == other.max_seed
             && self.init_args == other.init_args
     }
+}
+
+/// What a target seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    Pkcs11,
+    /// The host kernel's generator (see [`crate::kernel`]), with the entropy it is credited.
+    Kernel {
+        credit: crate::kernel::Credit,
+    },
 }
 
 /// How a target's token is found among the module's slots.
@@ -750,8 +763,8 @@ fn resolve_source(raw: RawSource, base: &Path) -> Result<SourceConfig, String> {
     })
 }
 
-fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetConfig, String> {
-    let name = match raw.name {
+fn resolve_target(mut raw: RawTarget, index: usize, base: &Path) -> Result<TargetConfig, String> {
+    let name = match raw.name.take() {
         Some(n) if valid_name(&n) => n,
         Some(n) => {
             return Err(format!(
@@ -768,6 +781,16 @@ fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetCon
         }
     };
     let at = |message: String| format!("target {name:?}: {message}");
+    if raw.kind == Some(raw::TargetKind::Kernel) {
+        return resolve_kernel_target(raw, name);
+    }
+    if raw.credit.is_some() {
+        return Err(at(
+            "credit applies to kind = \"kernel\" only (a PKCS#11 token is not told how much \
+             entropy a seed carries); remove it"
+                .into(),
+        ));
+    }
     let uri = match &raw.token {
         Some(text) => Some(uri::Pkcs11Uri::parse(text).map_err(|e| at(format!("token: {e}")))?),
         None => None,
@@ -888,6 +911,101 @@ fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetCon
         (Some(Login::None), None) | (None, None) => None,
     };
 
+    let (size, period, offset, timeout) =
+        resolve_timing(raw.size, raw.period, raw.offset, raw.timeout).map_err(&at)?;
+    let max_seed = match raw.max_seed {
+        None => None,
+        Some(m) => Some(
+            usize::try_from(m)
+                .ok()
+                .filter(|m| SIZE_RANGE.contains(m))
+                .ok_or_else(|| {
+                    at(format!(
+                        "max_seed = {m} is out of range: allowed {}..={} bytes per C_SeedRandom \
+                         call",
+                        SIZE_RANGE.start(),
+                        SIZE_RANGE.end()
+                    ))
+                })?,
+        ),
+    };
+    if raw.init_args.as_deref().is_some_and(|a| a.contains('\0')) {
+        return Err(at("init_args holds a NUL character".into()));
+    }
+    Ok(TargetConfig {
+        name,
+        kind: TargetKind::Pkcs11,
+        module,
+        token,
+        login,
+        size,
+        period,
+        offset,
+        timeout,
+        max_seed,
+        init_args: raw.init_args,
+    })
+}
+
+/// `kind = "kernel"`: the PKCS#11 keys do not apply; the timing keys do.
+fn resolve_kernel_target(raw: RawTarget, name: String) -> Result<TargetConfig, String> {
+    let at = |message: String| format!("target {name:?}: {message}");
+    let pkcs11_keys: Vec<&str> = [
+        ("module", raw.module.is_some()),
+        ("token", raw.token.is_some()),
+        ("token_label", raw.token_label.is_some()),
+        ("slot_id", raw.slot_id.is_some()),
+        ("serial", raw.serial.is_some()),
+        ("login", raw.login.is_some()),
+        ("pin_file", raw.pin_file.is_some()),
+        ("pin_env", raw.pin_env.is_some()),
+        ("pin", raw.pin.is_some()),
+        ("max_seed", raw.max_seed.is_some()),
+        ("init_args", raw.init_args.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(key, set)| set.then_some(key))
+    .collect();
+    if !pkcs11_keys.is_empty() {
+        return Err(at(format!(
+            "kind = \"kernel\" takes size, period, offset, timeout and credit; {} belong(s) to \
+             PKCS#11 targets",
+            pkcs11_keys.join(", ")
+        )));
+    }
+    let (size, period, offset, timeout) =
+        resolve_timing(raw.size, raw.period, raw.offset, raw.timeout).map_err(&at)?;
+    Ok(TargetConfig {
+        name,
+        kind: TargetKind::Kernel {
+            credit: raw.credit.unwrap_or_default(),
+        },
+        module: PathBuf::new(),
+        token: TokenSelector::Label(String::new()),
+        login: None,
+        size,
+        period,
+        offset,
+        timeout,
+        max_seed: None,
+        init_args: None,
+    })
+}
+
+/// A target's size, period, offset and timeout, checked.
+fn resolve_timing(
+    size: Option<i64>,
+    period: Option<values::DurationValue>,
+    offset: Option<values::DurationValue>,
+    timeout: Option<values::DurationValue>,
+) -> Result<(usize, Duration, Duration, Duration), String> {
+    let raw = RawTiming {
+        size,
+        period,
+        offset,
+        timeout,
+    };
+    let at = |m: String| m;
     let size = match raw.size {
         None => DEFAULT_SIZE,
         Some(s) => usize::try_from(s)
@@ -920,37 +1038,14 @@ fn resolve_target(raw: RawTarget, index: usize, base: &Path) -> Result<TargetCon
         None => DEFAULT_CALL_TIMEOUT,
         Some(t) => in_range("timeout", t.0, &TIMEOUT_RANGE).map_err(&at)?,
     };
-    let max_seed = match raw.max_seed {
-        None => None,
-        Some(m) => Some(
-            usize::try_from(m)
-                .ok()
-                .filter(|m| SIZE_RANGE.contains(m))
-                .ok_or_else(|| {
-                    at(format!(
-                        "max_seed = {m} is out of range: allowed {}..={} bytes per C_SeedRandom \
-                         call",
-                        SIZE_RANGE.start(),
-                        SIZE_RANGE.end()
-                    ))
-                })?,
-        ),
-    };
-    if raw.init_args.as_deref().is_some_and(|a| a.contains('\0')) {
-        return Err(at("init_args holds a NUL character".into()));
-    }
-    Ok(TargetConfig {
-        name,
-        module,
-        token,
-        login,
-        size,
-        period,
-        offset,
-        timeout,
-        max_seed,
-        init_args: raw.init_args,
-    })
+    Ok((size, period, offset, timeout))
+}
+
+struct RawTiming {
+    size: Option<i64>,
+    period: Option<values::DurationValue>,
+    offset: Option<values::DurationValue>,
+    timeout: Option<values::DurationValue>,
 }
 
 /// The PIN and where it comes from. A reload compares both: a target whose PIN and source

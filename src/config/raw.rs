@@ -190,6 +190,10 @@ pub enum Auth {
 #[serde(deny_unknown_fields)]
 pub struct RawTarget {
     pub name: Option<String>,
+    /// `pkcs11` (the default) or `kernel`: the host kernel's generator.
+    pub kind: Option<TargetKind>,
+    /// `kind = "kernel"`: the entropy RNDADDENTROPY claims, `none` (default) or `full`.
+    pub credit: Option<crate::kernel::Credit>,
     pub module: Option<PathBuf>,
     /// An RFC 7512 `pkcs11:` URI naming the token (and maybe the module and PIN).
     pub token: Option<String>,
@@ -206,6 +210,17 @@ pub struct RawTarget {
     pub timeout: Option<DurationValue>,
     pub max_seed: Option<i64>,
     pub init_args: Option<String>,
+}
+
+/// What a `[[target]]` seeds.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetKind {
+    /// A PKCS#11 token, with `C_SeedRandom`.
+    #[default]
+    Pkcs11,
+    /// The host kernel, with `ioctl(RNDADDENTROPY)` and `RNDRESEEDCRNG`.
+    Kernel,
 }
 
 /// Whether to log in before seeding.

@@ -261,3 +261,45 @@ fn telemetry_addresses_as_operators_write_them() {
     let e = parse_err("[source]\nauth = \"none\"\n[telemetry]\nlisten = \"example.com:1\"\n");
     assert!(e.contains("is not an address"), "{e}");
 }
+
+/// Issue 23, item 1: a kernel target takes the timing keys and `credit`, and refuses the
+/// PKCS#11 ones; `credit` on a PKCS#11 target is refused.
+#[test]
+fn a_kernel_target_takes_timing_and_credit_only() {
+    let config = parse_ok(
+        "[source]\nauth = \"none\"\n[[target]]\nname = \"host\"\nkind = \"kernel\"\nsize = 64\n\
+         period = \"30s\"\n",
+    );
+    assert_eq!(
+        config.targets[0].kind,
+        TargetKind::Kernel {
+            credit: crate::kernel::Credit::None
+        }
+    );
+    assert_eq!(config.targets[0].size, 64);
+    let full = parse_ok(
+        "[source]\nauth = \"none\"\n[[target]]\nname = \"host\"\nkind = \"kernel\"\ncredit = \"full\"\n",
+    );
+    assert_eq!(
+        full.targets[0].kind,
+        TargetKind::Kernel {
+            credit: crate::kernel::Credit::Full
+        }
+    );
+    let e = parse_err(&format!(
+        "[source]\nauth = \"none\"\n[[target]]\nname = \"host\"\nkind = \"kernel\"\nmodule = \"{MODULE}\"\ntoken_label = \"x\"\n"
+    ));
+    assert!(
+        e.contains("module, token_label belong(s) to PKCS#11 targets"),
+        "{e}"
+    );
+    let e = parse_err(&target("token_label = \"x\"\ncredit = \"full\""));
+    assert!(
+        e.contains("credit applies to kind = \"kernel\" only"),
+        "{e}"
+    );
+    let e = parse_err(
+        "[source]\nauth = \"none\"\n[[target]]\nname = \"host\"\nkind = \"kernel\"\ncredit = \"some\"\n",
+    );
+    assert!(e.contains("expected `none` or `full`"), "{e}");
+}

@@ -25,6 +25,10 @@ pub enum HsmError {
     MissingFunction,
     #[error("unexpected answer from the PKCS#11 module: {0}")]
     Unexpected(String),
+    /// A kernel target's ioctl failed (see [`crate::kernel`]); `permanent` when it lacks the
+    /// capability, which restarting will not give it.
+    #[error("{message}")]
+    Kernel { message: String, permanent: bool },
     #[error("no token with {selector} in module {module}; {found}")]
     TokenNotFound {
         selector: String,
@@ -111,6 +115,7 @@ impl HsmError {
             | HsmError::PinGuarded(_)
             | HsmError::TokenTaken { .. }
             | HsmError::MissingFunction => true,
+            HsmError::Kernel { permanent, .. } => *permanent,
             HsmError::TokenNotFound { .. }
             | HsmError::Ambiguous { .. }
             | HsmError::LoginBusy
@@ -130,6 +135,9 @@ impl HsmError {
             HsmError::TokenTaken { .. } => "duplicate_token",
             HsmError::NoRng => "no_rng",
             HsmError::MissingFunction => "function_missing",
+            HsmError::Kernel {
+                permanent: true, ..
+            } => "not_permitted",
             HsmError::Call { rv, .. } => match rv {
                 RvError::RandomSeedNotSupported | RvError::FunctionNotSupported => {
                     "seed_not_supported"

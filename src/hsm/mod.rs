@@ -40,6 +40,43 @@ pub struct Target {
     instance: u64,
 }
 
+/// The kernel's lack of RNDRESEEDCRNG is said once per process.
+static KERNEL_RESEED_TOLD: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `token` is the host kernel's stand-in identity (a kernel target's).
+pub fn is_kernel(token: &TokenIdentity) -> bool {
+    std::ptr::eq(token, &*kernel_identity())
+}
+
+/// How the host kernel appears where a token's identity goes (audit records, logs).
+fn kernel_identity() -> Arc<TokenIdentity> {
+    static IDENTITY: std::sync::OnceLock<Arc<TokenIdentity>> = std::sync::OnceLock::new();
+    IDENTITY
+        .get_or_init(|| {
+            Arc::new(TokenIdentity {
+                slot: cryptoki::slot::Slot::try_from(0u64).expect("slot 0 converts"),
+                label: "kernel".into(),
+                serial: String::new(),
+                model: "Linux random".into(),
+                manufacturer: "Linux".into(),
+                slot_description: String::new(),
+                slot_manufacturer: String::new(),
+                initialized: true,
+                has_rng: true,
+                user_pin_final_try: false,
+                user_pin_locked: false,
+                login_required: false,
+                user_pin_initialized: false,
+                user_pin_count_low: false,
+                user_pin_to_be_changed: false,
+                protected_authentication_path: false,
+                partly_unknown: None,
+            })
+        })
+        .clone()
+}
+
 /// Instance numbers of [`Target`]s, unique in the process.
 static NEXT_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -74,6 +111,9 @@ impl Target {
     /// Finds the token, opens a session and logs in if configured; a no-op while a session
     /// of the module's current generation is open.
     pub fn connect(&mut self) -> Result<Arc<TokenIdentity>, HsmError> {
+        if let crate::config::TargetKind::Kernel { .. } = self.config.kind {
+            return Ok(kernel_identity());
+        }
         let module = self.module()?;
         let call = module.enter(self.config.period)?;
         let generation = call.generation;
@@ -190,6 +230,26 @@ impl Target {
     /// [`Target::max_seed`] bytes, each byte once. A failed call ends the round (the bytes not
     /// yet injected are wiped with the buffer, never offered again).
     pub fn seed(&mut self, seed: &EntropyBytes) -> Result<Arc<TokenIdentity>, HsmError> {
+        if let crate::config::TargetKind::Kernel { credit } = self.config.kind {
+            return match crate::kernel::inject(seed.expose(), credit) {
+                Ok(reseeded) => {
+                    if reseeded == crate::kernel::Reseeded::AtNextReseed
+                        && !KERNEL_RESEED_TOLD.swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::warn!(
+                            "this kernel has no RNDRESEEDCRNG (Linux before 4.17): the bytes are \
+                             mixed into its input pool and used at its next scheduled reseed, \
+                             not at once"
+                        );
+                    }
+                    Ok(kernel_identity())
+                }
+                Err(e) => Err(HsmError::Kernel {
+                    permanent: e == crate::kernel::KernelError::NotPermitted,
+                    message: e.to_string(),
+                }),
+            };
+        }
         // One pass through the module's gate for the session check and the seed.
         let module = self.module()?;
         let call = module.enter(self.config.period)?;
@@ -249,11 +309,14 @@ impl Target {
 
     /// Whether a session is open (it may still have died with its module; `connect` checks).
     pub fn is_connected(&self) -> bool {
-        self.open.is_some()
+        self.open.is_some() || matches!(self.config.kind, crate::config::TargetKind::Kernel { .. })
     }
 
     /// Closes the session (which also logs out if it was the last one on the token).
     pub fn close(&mut self) {
+        if let crate::config::TargetKind::Kernel { .. } = self.config.kind {
+            return;
+        }
         let Ok(module) = self.module() else {
             self.forget_stale(u64::MAX);
             return;

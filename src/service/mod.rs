@@ -85,6 +85,7 @@ impl Outcome {
 pub async fn load_modules(targets: &[TargetConfig], modules: &Modules) -> Result<(), HsmError> {
     let paths: Vec<_> = targets
         .iter()
+        .filter(|t| t.kind == crate::config::TargetKind::Pkcs11)
         .map(|t| (t.module.clone(), t.init_args.clone()))
         .collect();
     let modules = modules.clone();
@@ -606,12 +607,22 @@ pub fn audit(
     source: &str,
     requests: &str,
 ) {
+    let kernel = crate::hsm::is_kernel(token);
     let (event, what) = match why {
+        Injected::Round if kernel => ("kernel", format!("seeded {name}: {len} bytes")),
         Injected::Round => ("injection", format!("seeded {name}: {len} bytes")),
         Injected::Flush => (
             "flush",
             format!("flushed into {name}: {len} bytes left at the stop"),
         ),
+    };
+    let into = if kernel {
+        "into the host kernel (RNDADDENTROPY)".to_string()
+    } else {
+        format!(
+            "into token {:?} (serial {}, slot {})",
+            token.label, token.serial, token.slot
+        )
     };
     let simulated = crate::source::simulated_accepted();
     crate::telemetry::ledger::append(crate::telemetry::ledger::Record {
@@ -639,10 +650,7 @@ pub fn audit(
         bytes = len,
         source = %source,
         request_ids = %requests,
-        "{what} into token {:?} (serial {}, slot {}) from {requests}{}",
-        token.label,
-        token.serial,
-        token.slot,
+        "{what} {into} from {requests}{}",
         if simulated {
             " (SIMULATED entropy: source.allow_simulated)"
         } else {
