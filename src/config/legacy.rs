@@ -148,6 +148,7 @@ impl LegacyConfig {
             name: Some(TARGET_NAME.into()),
             kind: None,
             credit: None,
+            check_output: None,
             module: Some(self.module),
             token: None,
             token_label: None,

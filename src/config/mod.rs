@@ -109,6 +109,9 @@ pub struct TargetConfig {
     pub max_seed: Option<usize>,
     /// Initialization parameters for the module's `C_Initialize` (NSS's softoken).
     pub init_args: Option<String>,
+    /// Read the token's output after each seed to detect cloned generators (see
+    /// [`crate::hsm::clone_watch`]).
+    pub check_output: bool,
 }
 
 /// A user login: the PIN, and the identity of its source for the PIN guard.
@@ -151,6 +154,7 @@ impl TargetConfig {
             && self.timeout == other.timeout
             && self.max_seed == other.max_seed
             && self.init_args == other.init_args
+            && self.check_output == other.check_output
     }
 }
 
@@ -944,6 +948,7 @@ fn resolve_target(mut raw: RawTarget, index: usize, base: &Path) -> Result<Targe
         timeout,
         max_seed,
         init_args: raw.init_args,
+        check_output: raw.check_output.unwrap_or(false),
     })
 }
 
@@ -962,6 +967,7 @@ fn resolve_kernel_target(raw: RawTarget, name: String) -> Result<TargetConfig, S
         ("pin", raw.pin.is_some()),
         ("max_seed", raw.max_seed.is_some()),
         ("init_args", raw.init_args.is_some()),
+        ("check_output", raw.check_output.is_some()),
     ]
     .into_iter()
     .filter_map(|(key, set)| set.then_some(key))
@@ -989,6 +995,7 @@ fn resolve_kernel_target(raw: RawTarget, name: String) -> Result<TargetConfig, S
         timeout,
         max_seed: None,
         init_args: None,
+        check_output: false,
     })
 }
 

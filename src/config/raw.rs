@@ -194,6 +194,8 @@ pub struct RawTarget {
     pub kind: Option<TargetKind>,
     /// `kind = "kernel"`: the entropy RNDADDENTROPY claims, `none` (default) or `full`.
     pub credit: Option<crate::kernel::Credit>,
+    /// Read a few bytes of the token's own output after each seed (cloned generators).
+    pub check_output: Option<bool>,
     pub module: Option<PathBuf>,
     /// An RFC 7512 `pkcs11:` URI naming the token (and maybe the module and PIN).
     pub token: Option<String>,

@@ -4,6 +4,7 @@
 //! blocking threads. A [`Target`] owns its session; it is moved to the thread that uses it
 //! and never shared, as PKCS#11 forbids two threads in one session at once.
 
+pub mod clone_watch;
 pub mod error;
 pub mod ffi;
 pub mod module;
@@ -277,7 +278,27 @@ impl Target {
                 break;
             }
         }
+        // Cloned generator detection: a few bytes of the token's own output, while the
+        // module's gate is still held (see `clone_watch`).
+        let output = match (&result, self.config.check_output) {
+            (Ok(()), true) => Some(
+                open.session
+                    .generate_random_vec(clone_watch::OUTPUT_LEN as u32)
+                    .map(zeroize::Zeroizing::new),
+            ),
+            _ => None,
+        };
         drop(call);
+        match output {
+            Some(Ok(output)) => clone_watch::check(&self.config.name, &output),
+            Some(Err(e)) => tracing::warn!(
+                target_name = %self.config.name,
+                "check_output: C_GenerateRandom failed after the seed ({}); the generator's \
+                 output could not be checked this round",
+                error::from_cryptoki(e)
+            ),
+            None => {}
+        }
         match result {
             Ok(()) => {
                 module.succeeded(generation);

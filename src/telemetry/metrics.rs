@@ -147,6 +147,7 @@ impl Metrics {
         if let Some(modules) = modules {
             registry.register_collector(Box::new(ModuleCollector(modules)));
         }
+        registry.register_collector(Box::new(GeneratorAlerts));
         let injections = Family::<InjectionLabels, Counter>::default();
         registry.register(
             "injections",
@@ -512,6 +513,11 @@ impl Metrics {
                 });
             }
         }
+        for (target, why) in crate::hsm::clone_watch::alerts() {
+            if targets.contains_key(&target) {
+                problems.push(format!("{target}: cloned generator: {why}"));
+            }
+        }
         if active == 0 && problems.is_empty() {
             problems.push("no active target".into());
         }
@@ -809,6 +815,36 @@ impl Collector for ModuleCollector {
                 module: s.path.clone(),
             };
             ConstGauge::new(i64::from(s.down)).encode(down.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// `qseed_generator_output_alert{target}`: 1 for each target whose token's output repeated
+/// or matched another's (`check_output`; see `hsm::clone_watch`).
+#[derive(Debug)]
+struct GeneratorAlerts;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertLabels {
+    target: String,
+}
+
+impl Collector for GeneratorAlerts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let alerts = crate::hsm::clone_watch::alerts();
+        if alerts.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "generator_output_alert",
+            "1 when the token's generator output repeated, or matched another token's, after \
+             seeding (check_output): cloned generator state",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for target in alerts.into_keys() {
+            ConstGauge::new(1i64).encode(family.encode_family(&AlertLabels { target })?)?;
         }
         Ok(())
     }

@@ -15,6 +15,7 @@
 //! | `hang` | `C_SeedRandom` blocks while the file says `hang` (at most 60 s) |
 //! | `no-rng` | `C_GetTokenInfo` clears `CKF_RNG` |
 //! | `init-hang` | `C_Initialize` blocks while the file says `init-hang` (at most 120 s) |
+//! | `cloned-rng` | `C_GenerateRandom` returns the same bytes on every token, every call (as two tokens with cloned generator state would) |
 //!
 //! With `QSEED_FAULT_SEED_LOG` set, every successful `C_SeedRandom` appends one line to that
 //! file: the seed in hex. Unlike pkcs11-spy's log, lines of concurrent calls never interleave.
@@ -81,6 +82,7 @@ fn load() -> Result<Real, String> {
     ours.C_SeedRandom = Some(seed_random);
     ours.C_GetTokenInfo = Some(get_token_info);
     ours.C_Initialize = Some(initialize);
+    ours.C_GenerateRandom = Some(generate_random);
     Ok(Real {
         _library: library,
         functions,
@@ -165,6 +167,34 @@ fn log_seed(bytes: &[u8]) {
         .open(path)
     {
         let _ = file.write_all(line.as_bytes());
+    }
+}
+
+/// `cloned-rng`: the output of a generator whose state was cloned (an HA clone, a restored
+/// backup, a VM snapshot): the same bytes from every token, every time.
+unsafe extern "C" fn generate_random(
+    session: CK_SESSION_HANDLE,
+    out: *mut CK_BYTE,
+    len: CK_ULONG,
+) -> CK_RV {
+    if fault() == "cloned-rng" {
+        if out.is_null() {
+            return cryptoki_sys::CKR_ARGUMENTS_BAD;
+        }
+        // SAFETY: the caller passed `len` writable bytes at `out` (PKCS#11's contract).
+        let bytes = unsafe { std::slice::from_raw_parts_mut(out, len as usize) };
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37).wrapping_add(11);
+        }
+        return CKR_OK;
+    }
+    let Ok(real) = real() else {
+        return CKR_FUNCTION_FAILED;
+    };
+    match real.functions.C_GenerateRandom {
+        // SAFETY: forwarding the caller's arguments unchanged to the real module's function.
+        Some(f) => unsafe { f(session, out, len) },
+        None => cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED,
     }
 }
 
