@@ -218,3 +218,37 @@ fn a_reload_during_a_hung_call_neither_finalizes_nor_opens_a_second_session() {
 fn service_log_of(world: &World) -> String {
     std::fs::read_to_string(world.path("service.log")).unwrap_or_default()
 }
+
+/// Issue 23, item 2: a token that comes back after a device loss is seeded as soon as it is
+/// back (looked for again on a backoff from 1 s), not a whole period later.
+#[test]
+fn a_token_back_after_a_device_loss_is_seeded_at_once() {
+    let world = World::new();
+    world.use_fault_module();
+    world.add_token("faulty");
+    world.write_config(&format!(
+        "{}{}",
+        world.source("entropy"),
+        world.target("faulty", "faulty", 48, "30s", true)
+    ));
+    world.set_hsm_fault("device-removed");
+    let service = world.start_service();
+    assert!(
+        service.wait_for_log("CKR_DEVICE_REMOVED", Duration::from_secs(5)),
+        "{}",
+        service.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    world.set_hsm_fault("");
+    let back = std::time::Instant::now();
+    assert!(
+        world.wait_for_seeds(1, Duration::from_secs(15)),
+        "not seeded within 15 s of the token coming back (period 30 s): {}",
+        service.log()
+    );
+    eprintln!("seeded {:?} after the token came back", back.elapsed());
+    let (status, _) = service.stop();
+    assert!(status.success());
+    // The looks while it was away cost at most one seed's bytes each.
+    assert_seeds_are_distinct_served_bytes(&world.spy().seeds(), &world.sim.served());
+}

@@ -31,6 +31,11 @@ use crate::telemetry::metrics::Metrics;
 use crate::telemetry::AUDIT;
 use worker::{CallError, Worker};
 
+/// The first look for a token that went away (see `target_loop`), doubling up to
+/// [`TOKEN_AWAY_MAX`] (never more than the target's period).
+const TOKEN_AWAY_FIRST: Duration = Duration::from_secs(1);
+const TOKEN_AWAY_MAX: Duration = Duration::from_secs(60);
+
 /// How long shutdown waits for an in-flight PKCS#11 call before leaving it behind.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
@@ -424,16 +429,33 @@ async fn target_loop<S: EntropySource + 'static>(
     };
     let mut refills = pool.watch_refills();
     let mut starved = false;
+    // While the token is away (its session lost: a device removed, a server restarted), it is
+    // looked for again on a backoff of its own, so that it is seeded as soon as it is back,
+    // not a whole period later. Looking costs no entropy: a round that has no session opens
+    // one before it takes bytes.
+    let mut away: Option<(Duration, Instant)> = None;
     loop {
         let early = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep_until(next) => false,
             Ok(()) = refills.changed(), if starved => true,
+            _ = tokio::time::sleep_until(away.map_or(next, |(_, at)| at)), if away.is_some() => true,
         };
         refills.mark_unchanged();
         let result = round(&mut worker, &pool, demand, size, timeout, &stop).await;
         starved = matches!(result, Err(RoundError::Source(_)));
+        let away_wait = match (&result, again) {
+            (Err(RoundError::Call(CallError::Hsm(e))), Some(period))
+                if !e.is_permanent() && !worker.is_connected() =>
+            {
+                Some(
+                    away.map_or(TOKEN_AWAY_FIRST, |(wait, _)| (wait * 2).min(TOKEN_AWAY_MAX))
+                        .min(period),
+                )
+            }
+            _ => None,
+        };
         match result {
             Ok((token, requests)) => {
                 if let Some(recovery) = failing.succeeded(Instant::now()) {
@@ -504,15 +526,19 @@ async fn target_loop<S: EntropySource + 'static>(
         if matches!(rounds, Rounds::Limit(n) if done >= n) {
             break;
         }
-        if early {
-            continue;
+        // A round out of schedule (bytes arrived, a look for a token that was away) leaves the
+        // schedule as it was.
+        if !early {
+            next += period;
+            // After a stall (a slow HSM, a suspended machine), skip the missed rounds.
+            let now = Instant::now();
+            if next < now {
+                next = now + period;
+            }
         }
-        next += period;
-        // After a stall (a slow HSM, a suspended machine), skip the missed rounds.
-        let now = Instant::now();
-        if next < now {
-            next = now + period;
-        }
+        away = away_wait
+            .map(|wait| (wait, Instant::now() + wait))
+            .filter(|(_, at)| *at < next);
     }
     // The service ends (not only this loop): what the pool holds goes into the targets.
     let service_ends =
