@@ -193,12 +193,19 @@ impl StateFolder {
         result
     }
 
-    /// Appends `bytes` to `name` (made 0600 if missing) in one write, without a sync: for
-    /// records whose loss in a crash is acceptable but whose order is not (the audit ledger,
-    /// written on every injection).
-    pub fn append_unsynced(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-        let mut file = self.open_file(name, OFlags::CREATE | OFlags::WRONLY | OFlags::APPEND)?;
-        file.write_all(bytes)
+    /// `name` (made 0600 if missing) opened for appending, to be kept open by a writer that
+    /// appends often (the audit ledger, on every injection).
+    pub fn open_append(&self, name: &str) -> std::io::Result<File> {
+        self.open_file(name, OFlags::CREATE | OFlags::WRONLY | OFlags::APPEND)
+    }
+
+    /// `name`'s inode number and length, without following a link; `None` if it is missing.
+    pub fn inode_and_len(&self, name: &str) -> std::io::Result<Option<(u64, u64)>> {
+        match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => Ok(Some((stat.st_ino, stat.st_size as u64))),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Renames `from` to `to` within the folder (replacing `to`); `Ok(false)` if `from` does

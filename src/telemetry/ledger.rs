@@ -10,6 +10,7 @@
 //! finds the file grown since it last wrote reads the new last line before chaining on.
 
 use std::io::{BufRead, Read, Seek, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
@@ -79,14 +80,19 @@ pub fn append(record: Record) {
 #[derive(Debug)]
 pub struct Ledger {
     folder: StateFolder,
-    /// What this process last saw at the end of the file: its length and last line's hash.
+    /// What this process last saw at the end of the file, and its open descriptors.
     tail: Mutex<Tail>,
 }
 
 #[derive(Debug, Default)]
 struct Tail {
+    /// The file's inode and length after this process's last append.
+    inode: u64,
     len: u64,
     head: String,
+    /// Kept open: an append costs a lock, a stat and a write, not three opens.
+    lock: Option<std::fs::File>,
+    file: Option<std::fs::File>,
 }
 
 impl Ledger {
@@ -99,42 +105,66 @@ impl Ledger {
     }
 
     pub fn append(&self, mut record: Record) -> Result<(), String> {
-        let _lock = self.folder.lock(LOCK, true, true).map_err(|e| {
-            format!(
-                "cannot lock {}: {e:?}",
-                self.folder.file_path(LOCK).display()
-            )
-        })?;
         let mut tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
-        let len = self.current_len()?;
-        if len != tail.len || tail.head.is_empty() {
-            // Another process wrote (or this is our first line): chain on from what is there.
+        if tail.lock.is_none() {
+            let lock = self
+                .folder
+                .open_append(LOCK)
+                .map_err(|e| format!("{}: {e}", self.folder.file_path(LOCK).display()))?;
+            tail.lock = Some(lock);
+        }
+        if let Some(lock) = &tail.lock {
+            rustix::fs::flock(lock, rustix::fs::FlockOperation::LockExclusive)
+                .map_err(|e| format!("cannot lock the ledger: {e}"))?;
+        }
+        let result = self.append_locked(&mut tail, &mut record);
+        // The descriptor stays open; the lock is released now (and by the kernel, should this
+        // process end first).
+        if let Some(lock) = &tail.lock {
+            let _ = rustix::fs::flock(lock, rustix::fs::FlockOperation::Unlock);
+        }
+        result
+    }
+
+    fn append_locked(&self, tail: &mut Tail, record: &mut Record) -> Result<(), String> {
+        let shown = || self.folder.file_path(FILE).display().to_string();
+        let (inode, len) = self
+            .folder
+            .inode_and_len(FILE)
+            .map_err(|e| format!("{}: {e}", shown()))?
+            .unwrap_or((0, 0));
+        if inode != tail.inode || len != tail.len || tail.head.is_empty() || tail.file.is_none() {
+            // Another process wrote or rotated (or this is our first line): chain on from
+            // what is there, through a descriptor of the file now in place.
             tail.head = self.last_hash()?;
             tail.len = len;
+            tail.file = None;
         }
         if tail.len >= MAX_FILE_BYTES {
             self.rotate()?;
             tail.len = 0;
+            tail.file = None;
+        }
+        if tail.file.is_none() {
+            let file = self
+                .folder
+                .open_append(FILE)
+                .map_err(|e| format!("{}: {e}", shown()))?;
+            tail.inode = file.metadata().map_err(|e| e.to_string())?.ino();
+            tail.file = Some(file);
         }
         record.prev = tail.head.clone();
         record.pid = std::process::id();
         let line = serde_json::to_string(&record).map_err(|e| e.to_string())?;
         let mut bytes = line.clone().into_bytes();
         bytes.push(b'\n');
-        self.folder
-            .append_unsynced(FILE, &bytes)
-            .map_err(|e| format!("{}: {e}", self.folder.file_path(FILE).display()))?;
+        if let Some(file) = tail.file.as_mut() {
+            file.write_all(&bytes)
+                .map_err(|e| format!("{}: {e}", shown()))?;
+        }
         tail.head = hash_line(line.as_bytes());
         tail.len += bytes.len() as u64;
         Ok(())
-    }
-
-    fn current_len(&self) -> Result<u64, String> {
-        match self.folder.open_read(FILE) {
-            Ok(Some(file)) => file.metadata().map(|m| m.len()).map_err(|e| e.to_string()),
-            Ok(None) => Ok(0),
-            Err(e) => Err(format!("{}: {e}", self.folder.file_path(FILE).display())),
-        }
     }
 
     /// The hash of the current file's last line; of the newest rotated file's when the
@@ -373,7 +403,6 @@ mod tests {
         ledger.append(record(1)).unwrap();
         ledger.append(record(2)).unwrap();
         ledger.rotate().unwrap();
-        ledger.tail.lock().unwrap().len = 0;
         ledger.append(record(3)).unwrap();
         let files = files_in(dir.path());
         assert_eq!(files.len(), 2);
