@@ -293,8 +293,13 @@ pub enum AuditCommand {
     /// the first line that does not (edited, removed or inserted).
     #[command(after_help = "Examples:\n  \
         sudo -u qseed qseed audit verify   # the state folder's ledger, rotated files included\n  \
-        qseed audit verify copy-of-ledger.jsonl")]
+        qseed audit verify copy-of-ledger.jsonl\n  \
+        qseed audit verify --public-key audit-key.pem   # the signed heads too")]
     Verify {
+        /// Also check every signature record against this EC P-256 public key (PEM, as
+        /// `openssl ec -pubout` writes it): the HSM's key that [audit] sign_with names.
+        #[arg(long, value_name = "PEM")]
+        public_key: Option<PathBuf>,
         /// Ledger files, oldest first [default: the state folder's].
         #[arg(value_name = "FILE")]
         files: Vec<PathBuf>,
@@ -399,8 +404,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             Command::Wait { targets, timeout } => {
                 tokio::task::block_in_place(|| commands::wait::wait(&config, &targets, timeout))
             }
-            Command::Audit(AuditCommand::Verify { files }) => {
-                commands::audit::verify(&config, &files)
+            Command::Audit(AuditCommand::Verify { public_key, files }) => {
+                commands::audit::verify(&config, &files, public_key.as_deref())
             }
             Command::Audit(AuditCommand::Export {
                 since,

@@ -72,3 +72,102 @@ fn every_injection_is_chained_in_the_ledger_and_an_edit_is_found() {
         stderr(&out)
     );
 }
+
+/// `[audit] sign_with`: the chain head is signed with an EC P-256 key in the token, and the
+/// signatures verify offline against its public key (and not against another key).
+#[test]
+fn the_signed_head_verifies_against_the_hsm_key() {
+    let world = World::new();
+    world.add_token("tok");
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(world.path(""))
+            .output()
+            .expect("openssl runs (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for name in ["audit", "other"] {
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            &format!("{name}-key.pem"),
+        ]);
+        openssl(&[
+            "pkey",
+            "-in",
+            &format!("{name}-key.pem"),
+            "-pubout",
+            "-out",
+            &format!("{name}-pub.pem"),
+        ]);
+    }
+    let import = std::process::Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", world.path("softhsm2.conf"))
+        .args(["--import"])
+        .arg(world.path("audit-key.pem"))
+        .args([
+            "--token",
+            "tok",
+            "--label",
+            "qseed-audit",
+            "--id",
+            "a1",
+            "--pin",
+            PIN,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    world.write_config(&format!(
+        "{}{}\n[audit]\nsign_with = \"tok\"\nsign_every = \"1s\"\n",
+        world.source("entropy"),
+        world.target("tok", "tok", 48, "1s", true)
+    ));
+    let service = world.start_service();
+    assert!(
+        service.wait_for_log("signed the audit ledger's head", Duration::from_secs(10)),
+        "{}",
+        service.log()
+    );
+    assert!(world.wait_for_seeds(3, Duration::from_secs(10)));
+    let (status, _) = service.stop();
+    assert!(status.success());
+
+    let out = world.run(&[
+        "audit",
+        "verify",
+        "--public-key",
+        world.path("audit-pub.pem").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains("signature(s) verify with the public key"),
+        "{said}"
+    );
+    let out = world.run(&[
+        "audit",
+        "verify",
+        "--public-key",
+        world.path("other-pub.pem").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("does not verify with this public key"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -28,6 +28,8 @@ if [ "${QSEED_SETUP:-}" = "test" ]; then
     command -v tpm2-abrmd >/dev/null 2>&1 || need_apt+=(tpm2-abrmd libtss2-tcti-tabrmd0)
     command -v dbus-daemon >/dev/null 2>&1 || need_apt+=(dbus)
     command -v strace >/dev/null 2>&1 || need_apt+=(strace)
+    # tests/audit.rs makes the EC key the ledger is signed with.
+    command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
     # openCryptoki: a token with odd token info that refuses seeds.
     [ -x /usr/sbin/pkcsslotd ] || need_apt+=(opencryptoki)
     # scripts/package-check and scripts/bench-modules pick free ports with it.

@@ -32,7 +32,11 @@ fn ledger_files(config_path: &Path, given: &[PathBuf]) -> Result<Vec<PathBuf>, E
     Ok(files)
 }
 
-pub fn verify(config_path: &Path, given: &[PathBuf]) -> Result<(), Error> {
+pub fn verify(
+    config_path: &Path,
+    given: &[PathBuf],
+    public_key: Option<&Path>,
+) -> Result<(), Error> {
     let files = ledger_files(config_path, given)?;
     match ledger::verify(&files).map_err(Error::Failed)? {
         Verdict::Intact { lines, head } => {
@@ -40,6 +44,29 @@ pub fn verify(config_path: &Path, given: &[PathBuf]) -> Result<(), Error> {
                 "{lines} record(s) in {} file(s): the chain is intact; head {head}",
                 files.len()
             );
+            if let Some(pem_path) = public_key {
+                let (pem, _) = crate::files::read_text(pem_path, 64 * 1024).map_err(|e| {
+                    Error::Config(format!("--public-key {}: {e}", pem_path.display()))
+                })?;
+                let point = ledger::p256_point_from_pem(&pem).map_err(|e| {
+                    Error::Config(format!("--public-key {}: {e}", pem_path.display()))
+                })?;
+                match ledger::verify_signatures(&files, &point).map_err(Error::Failed)? {
+                    Ok(0) => {
+                        return Err(Error::Failed(
+                            "no signature record in the ledger ([audit] sign_with signs the head \
+                             every sign_every)"
+                                .into(),
+                        ))
+                    }
+                    Ok(good) => say!("{good} signature(s) verify with the public key"),
+                    Err((line, why)) => {
+                        return Err(Error::Failed(format!(
+                            "signature record {line} does not verify: {why}"
+                        )))
+                    }
+                }
+            }
             Ok(())
         }
         Verdict::Broken { line, why } => Err(Error::Failed(format!(

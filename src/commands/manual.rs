@@ -369,6 +369,7 @@ mod tests {
             "[pool]",
             "[telemetry]",
             "[service]",
+            "[audit]",
             "[[target]]",
         ] {
             assert!(

@@ -65,6 +65,7 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
         stop.clone(),
         metrics.clone(),
     );
+    service.set_signing(config.audit_signing.clone());
     service.apply(config.targets).await;
     // Where `qseed reload` (ExecReload=) learns each reload's outcome.
     let reports = StateDir::resolve(config.state_dir.as_deref())
@@ -135,6 +136,7 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
                         }
                         crate::repeat::set_log_repeat(new.log_repeat);
                         pool.reconfigure(new_client, new.pool);
+                        service.set_signing(new.audit_signing.clone());
                         let applied = service.apply(new.targets).await;
                         let summary = format!(
                             "configuration reloaded from {}: {} target(s) unchanged (not \

@@ -85,7 +85,24 @@ pub struct Config {
     pub overrides: Vec<env::Override>,
     /// Read from Qrypt's qseed's YAML format.
     pub legacy: bool,
+    /// `[audit] sign_with`: the ledger's head signed with a key in a target's token.
+    pub audit_signing: Option<AuditSigning>,
 }
+
+/// Signing the audit ledger's chain head (see [`crate::telemetry::ledger`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSigning {
+    /// The target whose token holds the key (its session signs).
+    pub target: String,
+    /// The private key's CKA_LABEL (an EC P-256 key).
+    pub key_label: String,
+    pub every: Duration,
+}
+
+/// The signing key's label when `[audit] key_label` is not given.
+pub const DEFAULT_AUDIT_KEY_LABEL: &str = "qseed-audit";
+/// How often the ledger's head is signed when `[audit] sign_every` is not given.
+pub const DEFAULT_SIGN_EVERY: Duration = Duration::from_secs(3600);
 
 /// One HSM token to seed.
 #[derive(Debug, Clone)]
@@ -558,6 +575,17 @@ fn resolve(raw: RawConfig, base: &Path) -> Result<Config, String> {
                 target.module.display()
             ));
         }
+        if target.kind != TargetKind::Pkcs11
+            && targets
+                .iter()
+                .any(|t: &TargetConfig| t.kind != TargetKind::Pkcs11)
+        {
+            return Err(format!(
+                "target {:?} is a second kind = \"kernel\" target; one is enough (give it the \
+                 size and period you want)",
+                target.name
+            ));
+        }
         // Two paths to one module file (a symlink) are one module.
         let module_file = std::fs::canonicalize(&target.module).unwrap_or(target.module.clone());
         if !tokens.insert((module_file, target.token.clone())) {
@@ -571,6 +599,7 @@ fn resolve(raw: RawConfig, base: &Path) -> Result<Config, String> {
         }
         targets.push(target);
     }
+    let audit_signing = resolve_audit(raw.audit, &targets)?;
     Ok(Config {
         sources,
         source_mode,
@@ -581,7 +610,57 @@ fn resolve(raw: RawConfig, base: &Path) -> Result<Config, String> {
         targets,
         overrides: Vec::new(),
         legacy: false,
+        audit_signing,
     })
+}
+
+fn resolve_audit(
+    raw: raw::RawAudit,
+    targets: &[TargetConfig],
+) -> Result<Option<AuditSigning>, String> {
+    let Some(target) = raw.sign_with else {
+        if raw.key_label.is_some() || raw.sign_every.is_some() {
+            return Err(
+                "audit.key_label and audit.sign_every need audit.sign_with = \"<target name>\" \
+                 (the target whose token holds the signing key)"
+                    .into(),
+            );
+        }
+        return Ok(None);
+    };
+    match targets.iter().find(|t| t.name == target) {
+        None => {
+            return Err(format!(
+                "audit.sign_with = {target:?} names no target; name the [[target]] whose token \
+                 holds the signing key"
+            ))
+        }
+        Some(t) if t.kind != TargetKind::Pkcs11 => {
+            return Err(format!(
+                "audit.sign_with = {target:?} is a kernel target; name a PKCS#11 target"
+            ))
+        }
+        Some(_) => {}
+    }
+    let key_label = raw
+        .key_label
+        .unwrap_or_else(|| DEFAULT_AUDIT_KEY_LABEL.to_string());
+    if key_label.is_empty() {
+        return Err("audit.key_label is empty; give the signing key's label".into());
+    }
+    let every = match raw.sign_every {
+        None => DEFAULT_SIGN_EVERY,
+        Some(d) => in_range(
+            "audit.sign_every",
+            d.0,
+            &(Duration::from_secs(1)..=Duration::from_secs(7 * 86_400)),
+        )?,
+    };
+    Ok(Some(AuditSigning {
+        target,
+        key_label,
+        every,
+    }))
 }
 
 fn resolve_pool(raw: RawPool) -> Result<PoolConfig, String> {

@@ -23,6 +23,20 @@ pub struct RawConfig {
     pub service: RawService,
     #[serde(default, rename = "target")]
     pub targets: Vec<RawTarget>,
+    #[serde(default)]
+    pub audit: RawAudit,
+}
+
+/// `[audit]`: signing the audit ledger's chain head with a key in an HSM.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// The target whose token holds the signing key.
+    pub sign_with: Option<String>,
+    /// The private key's CKA_LABEL (default `qseed-audit`).
+    pub key_label: Option<String>,
+    /// How often the head is signed (default one hour).
+    pub sign_every: Option<DurationValue>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -303,3 +303,40 @@ fn a_kernel_target_takes_timing_and_credit_only() {
     );
     assert!(e.contains("expected `none` or `full`"), "{e}");
 }
+
+/// Issue 23, item 4: `[audit] sign_with` names a PKCS#11 target; its other keys need it.
+#[test]
+fn audit_signing_names_a_pkcs11_target() {
+    let ok = parse_ok(&format!(
+        "{}\n[audit]\nsign_with = \"t1\"\nsign_every = \"10m\"\n",
+        target("token_label = \"x\"")
+    ));
+    assert_eq!(
+        ok.audit_signing,
+        Some(AuditSigning {
+            target: "t1".into(),
+            key_label: DEFAULT_AUDIT_KEY_LABEL.into(),
+            every: Duration::from_secs(600),
+        })
+    );
+    let e = parse_err(&format!(
+        "{}\n[audit]\nsign_with = \"nope\"\n",
+        target("token_label = \"x\"")
+    ));
+    assert!(e.contains("names no target"), "{e}");
+    let e = parse_err(&format!(
+        "{}\n[audit]\nkey_label = \"k\"\n",
+        target("token_label = \"x\"")
+    ));
+    assert!(e.contains("need audit.sign_with"), "{e}");
+    let e = parse_err(
+        "[source]\nauth = \"none\"\n[[target]]\nname = \"host\"\nkind = \"kernel\"\n\
+         [audit]\nsign_with = \"host\"\n",
+    );
+    assert!(e.contains("is a kernel target"), "{e}");
+    let e = parse_err(
+        "[source]\nauth = \"none\"\n[[target]]\nname = \"k1\"\nkind = \"kernel\"\n\
+         [[target]]\nname = \"k2\"\nkind = \"kernel\"\n",
+    );
+    assert!(e.contains("second kind = \"kernel\" target"), "{e}");
+}

@@ -316,6 +316,62 @@ impl Target {
         }
     }
 
+    /// Signs `message` with the EC P-256 private key labelled `key_label` on this target's
+    /// token (`CKM_ECDSA` over its SHA-256): the audit ledger's chain head (see
+    /// [`crate::telemetry::ledger`]). The signature is `r || s`, 64 bytes.
+    pub fn sign_ecdsa(&mut self, key_label: &str, message: &[u8]) -> Result<Vec<u8>, HsmError> {
+        use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+        let module = self.module()?;
+        let call = module.enter(self.config.period)?;
+        self.connect_in(&call)?;
+        let Some(open) = &self.open else {
+            return Err(HsmError::Unexpected("no session to sign with".into()));
+        };
+        let keys = open
+            .session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Label(key_label.as_bytes().to_vec()),
+            ])
+            .map_err(error::from_cryptoki)?;
+        let key = match keys.as_slice() {
+            [key] => *key,
+            [] => {
+                return Err(HsmError::Unexpected(format!(
+                    "no private key labelled {key_label:?} on the token (audit.key_label); \
+                     create an EC P-256 key pair with that label"
+                )))
+            }
+            _ => {
+                return Err(HsmError::Unexpected(format!(
+                    "{} private keys are labelled {key_label:?}; give the signing key a label of \
+                     its own",
+                    keys.len()
+                )))
+            }
+        };
+        let kind = open
+            .session
+            .get_attributes(key, &[AttributeType::KeyType])
+            .map_err(error::from_cryptoki)?;
+        if !kind
+            .iter()
+            .any(|a| matches!(a, Attribute::KeyType(k) if *k == KeyType::EC))
+        {
+            return Err(HsmError::Unexpected(format!(
+                "the key labelled {key_label:?} is not an EC key; qseed signs the ledger with \
+                 EC P-256 (CKM_ECDSA)"
+            )));
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, message);
+        let signature = open
+            .session
+            .sign(&cryptoki::mechanism::Mechanism::Ecdsa, key, digest.as_ref())
+            .map_err(error::from_cryptoki)?;
+        drop(call);
+        Ok(signature)
+    }
+
     /// The target's module, loaded on first use.
     fn module(&mut self) -> Result<Arc<module::Module>, HsmError> {
         if let Some(module) = &self.module {

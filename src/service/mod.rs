@@ -149,6 +149,8 @@ pub struct Service<S: EntropySource + 'static> {
     ended_names: HashSet<String>,
     /// Loops still doing rounds; the flush at the stop waits for them.
     gate: Arc<flush::RoundsGate>,
+    /// `[audit] sign_with`: the target whose loop signs the ledger's head.
+    signing: Option<crate::config::AuditSigning>,
 }
 
 #[derive(Debug)]
@@ -203,7 +205,14 @@ impl<S: EntropySource + 'static> Service<S> {
             ended: Vec::new(),
             ended_names: HashSet::new(),
             gate: Arc::default(),
+            signing: None,
         }
+    }
+
+    /// Which target signs the audit ledger's head, for loops started from now on (a reload
+    /// that changes it restarts nothing by itself).
+    pub fn set_signing(&mut self, signing: Option<crate::config::AuditSigning>) {
+        self.signing = signing;
     }
 
     /// Makes `targets` the running set (see [`Service`]).
@@ -300,8 +309,13 @@ impl<S: EntropySource + 'static> Service<S> {
         let cancel = self.stop.child_token();
         let target = Target::new(config.clone(), self.modules.clone(), self.guard.clone());
         self.gate.enter();
+        let signing = self
+            .signing
+            .clone()
+            .filter(|s| s.target == config.name && self.rounds == Rounds::Forever);
         let loop_task = target_loop(
             target,
+            signing,
             self.pool.clone(),
             self.rounds,
             Stops {
@@ -384,6 +398,7 @@ struct Stops {
 
 async fn target_loop<S: EntropySource + 'static>(
     target: Target,
+    signing: Option<crate::config::AuditSigning>,
     pool: Arc<Pool<S>>,
     rounds: Rounds,
     stops: Stops,
@@ -434,6 +449,7 @@ async fn target_loop<S: EntropySource + 'static>(
     // not a whole period later. Looking costs no entropy: a round that has no session opens
     // one before it takes bytes.
     let mut away: Option<(Duration, Instant)> = None;
+    let mut last_signed: Option<Instant> = None;
     loop {
         let early = tokio::select! {
             biased;
@@ -472,6 +488,12 @@ async fn target_loop<S: EntropySource + 'static>(
                 outcome.bytes_injected += size as u64;
                 metrics.injected(&name, size as u64);
                 audit(Injected::Round, &name, &token, size, &source, &requests);
+                if let Some(signing) = &signing {
+                    if last_signed.is_none_or(|at: Instant| at.elapsed() >= signing.every) {
+                        last_signed = Some(Instant::now());
+                        sign_ledger_head(&mut worker, signing, &name, &token, timeout, &stop).await;
+                    }
+                }
             }
             Err(RoundError::Call(CallError::Cancelled)) => break,
             Err(RoundError::Source(e)) => {
@@ -569,6 +591,63 @@ async fn target_loop<S: EntropySource + 'static>(
     outcome
 }
 
+/// Signs the audit ledger's head with the key in this target's token and appends the
+/// signature to the ledger (see [`crate::telemetry::ledger`]); a failure is a warning and is
+/// tried again at the next interval.
+async fn sign_ledger_head(
+    worker: &mut Worker,
+    signing: &crate::config::AuditSigning,
+    name: &str,
+    token: &TokenIdentity,
+    timeout: Duration,
+    stop: &CancellationToken,
+) {
+    use crate::telemetry::ledger;
+    let Some(head) = ledger::current_head() else {
+        return;
+    };
+    let label = signing.key_label.clone();
+    let message = head.clone();
+    let signed = worker
+        .call("C_Sign", timeout, stop, move |t| {
+            t.sign_ecdsa(&label, message.as_bytes())
+        })
+        .await;
+    match signed {
+        Ok(signature) => {
+            ledger::append(ledger::Record {
+                time: ledger::now(),
+                event: "signature".into(),
+                target: name.to_string(),
+                token_label: token.label.clone(),
+                token_serial: token.serial.clone(),
+                slot: token.slot.id(),
+                bytes: 0,
+                source: String::new(),
+                request_ids: String::new(),
+                simulated: false,
+                pid: 0,
+                prev: String::new(),
+                signed_head: Some(head),
+                signature: Some(ledger::hex(&signature)),
+                key_label: Some(signing.key_label.clone()),
+            });
+            tracing::info!(
+                target_name = %name,
+                "signed the audit ledger's head with key {:?} on token {:?}",
+                signing.key_label,
+                token.label
+            );
+        }
+        Err(e) => tracing::warn!(
+            target_name = %name,
+            "cannot sign the audit ledger's head with key {:?}: {e}; trying again in {}",
+            signing.key_label,
+            crate::units::short_duration(signing.every)
+        ),
+    }
+}
+
 /// Why bytes went into a token, for its audit record.
 #[derive(Debug, Clone, Copy)]
 pub enum Injected {
@@ -664,6 +743,9 @@ pub fn audit(
         simulated,
         pid: 0,
         prev: String::new(),
+        signed_head: None,
+        signature: None,
+        key_label: None,
     });
     tracing::info!(
         target: AUDIT,

@@ -50,6 +50,15 @@ pub struct Record {
     pub simulated: bool,
     /// The process that wrote it.
     pub pid: u32,
+    /// `event = "signature"`: the chain head signed (the `prev` it signs), hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_head: Option<String>,
+    /// `event = "signature"`: ECDSA P-256 `r || s` over `signed_head`'s text, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// `event = "signature"`: the signing key's label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_label: Option<String>,
     /// Hex SHA-256 of the previous line (without its newline); [`GENESIS`] for the first.
     pub prev: String,
 }
@@ -62,6 +71,12 @@ pub fn install(state: &Path) -> Result<(), String> {
     let ledger = Ledger::open(state)?;
     let _ = LEDGER.set(ledger);
     Ok(())
+}
+
+/// The hash of the ledger's last line now (what a signature covers), if a ledger is
+/// installed.
+pub fn current_head() -> Option<String> {
+    LEDGER.get()?.current_head().ok()
 }
 
 /// Appends `record` (its `prev` and `pid` are filled in here) to this process's ledger, if
@@ -124,6 +139,16 @@ impl Ledger {
             let _ = rustix::fs::flock(lock, rustix::fs::FlockOperation::Unlock);
         }
         result
+    }
+
+    fn current_head(&self) -> Result<String, String> {
+        let tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = self.folder.inode_and_len(FILE).map_err(|e| e.to_string())?;
+        if now == Some((tail.inode, tail.len)) && !tail.head.is_empty() {
+            return Ok(tail.head.clone());
+        }
+        drop(tail);
+        self.last_hash()
     }
 
     fn append_locked(&self, tail: &mut Tail, record: &mut Record) -> Result<(), String> {
@@ -313,6 +338,98 @@ pub fn verify(files: &[PathBuf]) -> Result<Verdict, String> {
     })
 }
 
+/// The DER prefix of an EC P-256 public key's SubjectPublicKeyInfo, before its 65-byte point.
+const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+
+/// The point of an EC P-256 public key in PEM (`-----BEGIN PUBLIC KEY-----`, as `openssl ec
+/// -pubout` and `pkcs11-tool --read-object --type pubkey` write it).
+pub fn p256_point_from_pem(pem: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let body: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::trim)
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|e| format!("not a PEM public key ({e})"))?;
+    match der.strip_prefix(&P256_SPKI_PREFIX[..]) {
+        Some(point) if point.len() == 65 && point[0] == 4 => Ok(point.to_vec()),
+        _ => Err("not an EC P-256 public key (SubjectPublicKeyInfo)".into()),
+    }
+}
+
+/// Checks every signature record in `files` against the public key `point`: the count of
+/// good signatures, or the first bad one's record number and why.
+pub fn verify_signatures(
+    files: &[PathBuf],
+    point: &[u8],
+) -> Result<Result<u64, (u64, String)>, String> {
+    let key =
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point);
+    let mut line_no = 0u64;
+    let mut good = 0u64;
+    let mut heads: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for path in files {
+        let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            line_no += 1;
+            let Ok(record) = serde_json::from_slice::<Record>(line) else {
+                continue;
+            };
+            // Every head up to the line before this one (a line's `prev` is its predecessor's
+            // hash); the chain itself is `verify`'s to check.
+            heads.insert(record.prev.clone());
+            if record.event != "signature" {
+                continue;
+            }
+            let (Some(head), Some(signature)) = (&record.signed_head, &record.signature) else {
+                return Ok(Err((
+                    line_no,
+                    "a signature record without its head or signature".into(),
+                )));
+            };
+            // The head when the signature was asked for: this line's `prev`, or an earlier
+            // line's hash when other records came in while the HSM signed.
+            if !heads.contains(head.as_str()) {
+                return Ok(Err((
+                    line_no,
+                    "it signs a head that is no earlier line's hash".into(),
+                )));
+            }
+            let Some(bytes) = unhex(signature) else {
+                return Ok(Err((line_no, "its signature is not hex".into())));
+            };
+            if key.verify(head.as_bytes(), &bytes).is_err() {
+                return Ok(Err((
+                    line_no,
+                    "the signature does not verify with this public key".into(),
+                )));
+            }
+            good += 1;
+        }
+    }
+    Ok(Ok(good))
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The ledger's files in `state`, oldest first.
 pub fn files_in(state: &Path) -> Vec<PathBuf> {
     let folder = state.join(FOLDER);
@@ -357,6 +474,9 @@ mod tests {
             simulated: false,
             pid: 0,
             prev: String::new(),
+            signed_head: None,
+            signature: None,
+            key_label: None,
         }
     }
 
