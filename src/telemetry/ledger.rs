@@ -66,37 +66,59 @@ pub struct Record {
 /// The ledger of this process, once the state folder is known (`run`, `once`).
 static LEDGER: OnceLock<Ledger> = OnceLock::new();
 
-/// Opens the ledger in `state` for this process's audit records; a second call is ignored.
+/// How long the writer gathers records before it writes them: one lock, one stat and one
+/// write for every record of that window, instead of each injection paying for its own.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Opens the ledger in `state` for this process's audit records, with its writer thread; a
+/// second call is ignored.
 pub fn install(state: &Path) -> Result<(), String> {
     let ledger = Ledger::open(state)?;
-    let _ = LEDGER.set(ledger);
+    if LEDGER.set(ledger).is_ok() {
+        std::thread::Builder::new()
+            .name("qseed-ledger".into())
+            .spawn(|| {
+                if let Some(ledger) = LEDGER.get() {
+                    ledger.write_forever();
+                }
+            })
+            .map_err(|e| format!("cannot start the ledger's writer: {e}"))?;
+    }
     Ok(())
 }
 
-/// The hash of the ledger's last line now (what a signature covers), if a ledger is
-/// installed.
+/// The hash of the ledger's last line now (what a signature covers), pending records
+/// written first, if a ledger is installed.
 pub fn current_head() -> Option<String> {
-    LEDGER.get()?.current_head().ok()
+    let ledger = LEDGER.get()?;
+    ledger.drain();
+    ledger.current_head().ok()
 }
 
-/// Appends `record` (its `prev` and `pid` are filled in here) to this process's ledger, if
-/// one is installed. A failure is logged loudly: the injection already happened.
+/// Queues `record` (its `prev` and `pid` are filled in when written) for this process's
+/// ledger, if one is installed; the writer thread appends it within [`GATHER`].
 pub fn append(record: Record) {
     if let Some(ledger) = LEDGER.get() {
-        if let Err(e) = ledger.append(record) {
-            tracing::error!(
-                "the audit ledger {} cannot be written: {e}; this injection is in the log only",
-                ledger.folder.file_path(FILE).display()
-            );
-        }
+        ledger.queue(record);
+    }
+}
+
+/// Writes what is queued now (at the end of `run` and `once`).
+pub fn flush() {
+    if let Some(ledger) = LEDGER.get() {
+        ledger.drain();
     }
 }
 
 #[derive(Debug)]
 pub struct Ledger {
     folder: StateFolder,
-    /// What this process last saw at the end of the file, and its open descriptors.
+    /// What this process last saw at the end of the file, and its open descriptors. Taken
+    /// before `pending`, so batches are written in the order they were queued.
     tail: Mutex<Tail>,
+    /// Records queued and not yet written.
+    pending: Mutex<Vec<Record>>,
+    wake: std::sync::Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -116,11 +138,61 @@ impl Ledger {
         Ok(Self {
             folder,
             tail: Mutex::new(Tail::default()),
+            pending: Mutex::new(Vec::new()),
+            wake: std::sync::Condvar::new(),
         })
     }
 
-    pub fn append(&self, mut record: Record) -> Result<(), String> {
+    fn queue(&self, record: Record) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.push(record);
+        if pending.len() == 1 {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The writer thread: waits for a record, gathers for [`GATHER`], writes the batch.
+    fn write_forever(&self) {
+        loop {
+            {
+                let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                while pending.is_empty() {
+                    pending = self
+                        .wake
+                        .wait(pending)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+            std::thread::sleep(GATHER);
+            self.drain();
+        }
+    }
+
+    /// Writes every queued record, in order; a failure is logged loudly (the injections
+    /// happened and are in the log's audit records).
+    fn drain(&self) {
         let mut tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
+        let batch =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        if batch.is_empty() {
+            return;
+        }
+        let count = batch.len();
+        if let Err(e) = self.write_batch(&mut tail, batch) {
+            tracing::error!(
+                "the audit ledger {} cannot be written: {e}; {count} record(s) are in the log only",
+                self.folder.file_path(FILE).display()
+            );
+        }
+    }
+
+    /// Appends one record now (tests; the service queues).
+    pub fn append(&self, record: Record) -> Result<(), String> {
+        let mut tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
+        self.write_batch(&mut tail, vec![record])
+    }
+
+    fn write_batch(&self, tail: &mut Tail, mut records: Vec<Record>) -> Result<(), String> {
         if tail.lock.is_none() {
             let lock = self
                 .folder
@@ -132,7 +204,7 @@ impl Ledger {
             rustix::fs::flock(lock, rustix::fs::FlockOperation::LockExclusive)
                 .map_err(|e| format!("cannot lock the ledger: {e}"))?;
         }
-        let result = self.append_locked(&mut tail, &mut record);
+        let result = self.append_locked(tail, &mut records);
         // The descriptor stays open; the lock is released now (and by the kernel, should this
         // process end first).
         if let Some(lock) = &tail.lock {
@@ -151,7 +223,7 @@ impl Ledger {
         self.last_hash()
     }
 
-    fn append_locked(&self, tail: &mut Tail, record: &mut Record) -> Result<(), String> {
+    fn append_locked(&self, tail: &mut Tail, records: &mut [Record]) -> Result<(), String> {
         let shown = || self.folder.file_path(FILE).display().to_string();
         let (inode, len) = self
             .folder
@@ -178,16 +250,22 @@ impl Ledger {
             tail.inode = file.metadata().map_err(|e| e.to_string())?.ino();
             tail.file = Some(file);
         }
-        record.prev = tail.head.clone();
-        record.pid = std::process::id();
-        let line = serde_json::to_string(&record).map_err(|e| e.to_string())?;
-        let mut bytes = line.clone().into_bytes();
-        bytes.push(b'\n');
+        // The batch as one write, each line chained to the one before.
+        let mut bytes = Vec::with_capacity(records.len() * 400);
+        let mut head = tail.head.clone();
+        for record in records.iter_mut() {
+            record.prev = head;
+            record.pid = std::process::id();
+            let line = serde_json::to_string(&record).map_err(|e| e.to_string())?;
+            head = hash_line(line.as_bytes());
+            bytes.extend_from_slice(line.as_bytes());
+            bytes.push(b'\n');
+        }
         if let Some(file) = tail.file.as_mut() {
             file.write_all(&bytes)
                 .map_err(|e| format!("{}: {e}", shown()))?;
         }
-        tail.head = hash_line(line.as_bytes());
+        tail.head = head;
         tail.len += bytes.len() as u64;
         Ok(())
     }
