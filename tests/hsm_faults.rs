@@ -252,3 +252,36 @@ fn a_token_back_after_a_device_loss_is_seeded_at_once() {
     // The looks while it was away cost at most one seed's bytes each.
     assert_seeds_are_distinct_served_bytes(&world.spy().seeds(), &world.sim.served());
 }
+
+/// Issue 24: a size the token refuses by argument (CKR_ARGUMENTS_BAD for a 16-byte seed, as
+/// Kryoptic answers) is tried once and stops the target with the fix, not every period.
+#[test]
+fn a_seed_size_the_token_refuses_stops_the_target_once() {
+    let world = World::new();
+    world.use_fault_module();
+    world.set_hsm_fault("min-seed-32");
+    world.add_token("short");
+    world.write_config(&format!(
+        "{}{}",
+        world.source("entropy"),
+        world.target("short", "short", 16, "1s", true)
+    ));
+    let out = world.run(&["once"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the token refuses a seed of this size")
+            && stderr(&out).contains("set size to 32 or more"),
+        "{}",
+        stderr(&out)
+    );
+    let before = world.spy().failed_seed_calls();
+    let out = world.run_service(Duration::from_secs(4));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(4), "every target stopped: {log}");
+    assert_eq!(
+        world.spy().failed_seed_calls() - before,
+        1,
+        "tried once, not every period: {log}"
+    );
+    assert!(log.contains("target stopped"), "{log}");
+}

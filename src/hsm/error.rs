@@ -25,6 +25,16 @@ pub enum HsmError {
     MissingFunction,
     #[error("unexpected answer from the PKCS#11 module: {0}")]
     Unexpected(String),
+    /// The token refused a seed of this size by argument (`CKR_ARGUMENTS_BAD`,
+    /// `CKR_DATA_LEN_RANGE`): the same size would be refused every period, so the target stops
+    /// with the fix.
+    #[error("{call} ({len} bytes): {code}: the token refuses a seed of this size; {fix}")]
+    SeedSizeRefused {
+        call: String,
+        code: String,
+        len: usize,
+        fix: String,
+    },
     /// A kernel target's ioctl failed (see [`crate::kernel`]); `permanent` when it lacks the
     /// capability, which restarting will not give it.
     #[error("{message}")]
@@ -114,7 +124,8 @@ impl HsmError {
             | HsmError::NoRng
             | HsmError::PinGuarded(_)
             | HsmError::TokenTaken { .. }
-            | HsmError::MissingFunction => true,
+            | HsmError::MissingFunction
+            | HsmError::SeedSizeRefused { .. } => true,
             HsmError::Kernel { permanent, .. } => *permanent,
             HsmError::TokenNotFound { .. }
             | HsmError::Ambiguous { .. }
@@ -135,6 +146,7 @@ impl HsmError {
             HsmError::TokenTaken { .. } => "duplicate_token",
             HsmError::NoRng => "no_rng",
             HsmError::MissingFunction => "function_missing",
+            HsmError::SeedSizeRefused { .. } => "seed_size",
             HsmError::Kernel {
                 permanent: true, ..
             } => "not_permitted",
@@ -202,22 +214,41 @@ fn is_permanent_rv(rv: RvError) -> bool {
 /// fix. (tpm2-pkcs11 answers 129 bytes and more with `CKR_GENERAL_ERROR`.)
 pub fn with_seed_length(e: HsmError, len: usize, max_seed_set: bool) -> HsmError {
     match e {
+        // Refused by argument: a size the token will refuse every time (Kryoptic wants at
+        // least 32 bytes; some tokens take at most so many per call).
         HsmError::Call {
             call,
             code,
-            rv: rv @ (RvError::GeneralError | RvError::ArgumentsBad | RvError::DataLenRange),
-            advice,
+            rv: RvError::ArgumentsBad | RvError::DataLenRange,
+            ..
+        } => HsmError::SeedSizeRefused {
+            call,
+            code,
+            len,
+            fix: if len < 32 {
+                format!(
+                    "some tokens take no seed shorter than 32 bytes (Kryoptic): set size to 32 \
+                     or more (it is {len})"
+                )
+            } else if max_seed_set {
+                format!("set max_seed below {len} (bytes per C_SeedRandom call), or a smaller size")
+            } else {
+                "the token may take fewer bytes per call: set max_seed (tpm2-pkcs11 takes at \
+                 most 128), and a larger size is injected in several calls"
+                    .to_string()
+            },
+        },
+        HsmError::Call {
+            call,
+            code,
+            rv: rv @ RvError::GeneralError,
+            ..
         } if len > 32 && !max_seed_set => HsmError::Call {
             call: format!("{call} ({len} bytes)"),
             code,
             rv,
-            advice: match rv {
-                RvError::ArgumentsBad => advice,
-                _ => {
-                    "the token may take fewer bytes per call: set max_seed (tpm2-pkcs11 takes \
-                     at most 128); a larger size is then injected in several calls"
-                }
-            },
+            advice: "the token may take fewer bytes per call: set max_seed (tpm2-pkcs11 takes \
+                     at most 128); a larger size is then injected in several calls",
         },
         other => other,
     }
@@ -371,6 +402,24 @@ mod tests {
         assert!(!with_seed_length(e, 16, false)
             .to_string()
             .contains("max_seed"));
+    }
+
+    /// Issue 24: a size the token refuses by argument stops the target with the fix.
+    #[test]
+    fn a_seed_size_refused_by_argument_stops_the_target_with_the_fix() {
+        let short = from_cryptoki(CkError::Pkcs11(RvError::ArgumentsBad, Function::SeedRandom));
+        let short = with_seed_length(short, 16, false);
+        assert!(short.is_permanent() && short.reason() == "seed_size");
+        assert!(
+            short.to_string().contains("set size to 32 or more"),
+            "{short}"
+        );
+        let long = from_cryptoki(CkError::Pkcs11(RvError::DataLenRange, Function::SeedRandom));
+        let long = with_seed_length(long, 1000, false);
+        assert!(
+            long.is_permanent() && long.to_string().contains("set max_seed"),
+            "{long}"
+        );
     }
 
     #[test]

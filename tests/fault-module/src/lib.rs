@@ -15,6 +15,7 @@
 //! | `hang` | `C_SeedRandom` blocks while the file says `hang` (at most 60 s) |
 //! | `no-rng` | `C_GetTokenInfo` clears `CKF_RNG` |
 //! | `init-hang` | `C_Initialize` blocks while the file says `init-hang` (at most 120 s) |
+//! | `min-seed-32` | `C_SeedRandom` of fewer than 32 bytes returns `CKR_ARGUMENTS_BAD` (as Kryoptic does) |
 //! | `cloned-rng` | `C_GenerateRandom` returns the same bytes on every token, every call (as two tokens with cloned generator state would) |
 //!
 //! With `QSEED_FAULT_SEED_LOG` set, every successful `C_SeedRandom` appends one line to that
@@ -128,6 +129,7 @@ unsafe extern "C" fn seed_random(
         "device-removed" => return CKR_DEVICE_REMOVED,
         "not-initialized" => return CKR_CRYPTOKI_NOT_INITIALIZED,
         "seed-not-supported" => return CKR_RANDOM_SEED_NOT_SUPPORTED,
+        "min-seed-32" if len < 32 => return cryptoki_sys::CKR_ARGUMENTS_BAD,
         "hang" => {
             let start = Instant::now();
             while fault() == "hang" && start.elapsed() < Duration::from_secs(60) {
