@@ -285,3 +285,37 @@ fn a_seed_size_the_token_refuses_stops_the_target_once() {
     );
     assert!(log.contains("target stopped"), "{log}");
 }
+
+/// Issue 24: a module that cannot initialize at the start (its server down) is a target that
+/// is down, not a configuration error: the other target seeds, `run` keeps running and seeds
+/// the first one once its module initializes; `once` exits 4 naming the module and the cause.
+#[test]
+fn a_module_that_cannot_initialize_at_the_start_is_a_target_that_is_down() {
+    let world = two_targets("30s");
+    world.set_hsm_fault("init-fails");
+    let out = world.run(&["once"]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert!(
+        text.contains(&format!("module {SPY}: C_Initialize: CKR_DEVICE_ERROR")),
+        "{text}"
+    );
+    assert!(text.contains("seeded healthy: 48 bytes"), "{text}");
+
+    let mut service = world.start_service();
+    assert!(
+        service.wait_for_log("seeded healthy:", Duration::from_secs(10)),
+        "{}",
+        service.log()
+    );
+    assert!(service.alive(), "{}", service.log());
+    assert!(!service.log().contains("seeded faulty:"));
+    world.set_hsm_fault("");
+    assert!(
+        service.wait_for_log("seeded faulty:", Duration::from_secs(15)),
+        "{}",
+        service.log()
+    );
+    let (status, _) = service.stop();
+    assert!(status.success());
+}

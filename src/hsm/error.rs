@@ -78,8 +78,12 @@ pub enum HsmError {
          one process at a time"
     )]
     LoginBusy,
-    #[error("C_Initialize: {code}: {diagnosis}")]
-    InitializeRefused { code: String, diagnosis: String },
+    #[error("module {path}: C_Initialize: {code}: {diagnosis}")]
+    InitializeRefused {
+        path: String,
+        code: String,
+        diagnosis: String,
+    },
     #[error(
         "module {path} is down: its device or connection was lost and re-initializing it has not \
          worked yet ({reason})"

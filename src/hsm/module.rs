@@ -652,6 +652,7 @@ pub fn load(path: &Path, init_args: Option<&std::ffi::CStr>) -> Result<Pkcs11, H
         // The module says only that it failed; the usual cause on a new host is a user that
         // may not read the client's files.
         Err(CkError::Pkcs11(rv, _)) => Err(HsmError::InitializeRefused {
+            path: path.display().to_string(),
             code: super::error::rv_name(rv),
             diagnosis: super::quirks::diagnose_initialize(path, rv, init_args.is_some()),
         }),

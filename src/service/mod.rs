@@ -86,17 +86,33 @@ impl Outcome {
 }
 
 /// Loads every target's module once, before the first round, so that a wrong path is
-/// reported as a configuration error at start and not as a failing round later.
+/// reported as a configuration error at start and not as a failing round later. A module that
+/// loads but cannot initialize now (`C_Initialize` refused: its server or device is down) is
+/// no configuration error: it is said, and its targets are down and look for it again on
+/// their own schedule (see `target_loop`) while the other targets seed.
 pub async fn load_modules(targets: &[TargetConfig], modules: &Modules) -> Result<(), HsmError> {
-    let paths: Vec<_> = targets
+    let mut paths: Vec<_> = targets
         .iter()
         .filter(|t| t.kind == crate::config::TargetKind::Pkcs11)
         .map(|t| (t.module.clone(), t.init_args.clone()))
         .collect();
+    paths.dedup();
     let modules = modules.clone();
     tokio::task::spawn_blocking(move || {
         for (path, init_args) in paths {
-            modules.get(&path, init_args.as_deref())?;
+            match modules.get(&path, init_args.as_deref()) {
+                Ok(_) => {}
+                // Refused arguments are the configuration's (init_args), not a server down.
+                Err(e @ HsmError::InitializeRefused { .. })
+                    if !matches!(&e, HsmError::InitializeRefused { code, .. } if code == "CKR_ARGUMENTS_BAD") =>
+                {
+                    tracing::warn!(
+                        "{e}; its targets are down until it initializes (tried again from 1 s \
+                         on, then on a backoff up to a minute); the other targets seed"
+                    )
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     })

@@ -14,6 +14,7 @@
 //! | `seed-not-supported` | `C_SeedRandom` returns `CKR_RANDOM_SEED_NOT_SUPPORTED` |
 //! | `hang` | `C_SeedRandom` blocks while the file says `hang` (at most 60 s) |
 //! | `no-rng` | `C_GetTokenInfo` clears `CKF_RNG` |
+//! | `init-fails` | `C_Initialize` returns `CKR_DEVICE_ERROR` (a network HSM's server down) |
 //! | `init-hang` | `C_Initialize` blocks while the file says `init-hang` (at most 120 s) |
 //! | `min-seed-32` | `C_SeedRandom` of fewer than 32 bytes returns `CKR_ARGUMENTS_BAD` (as Kryoptic does) |
 //! | `cloned-rng` | `C_GenerateRandom` returns the same bytes on every token, every call (as two tokens with cloned generator state would) |
@@ -203,6 +204,9 @@ unsafe extern "C" fn generate_random(
 /// `init-hang`: C_Initialize does not return while the fault stays (at most two minutes), as a
 /// network module whose server never answers.
 unsafe extern "C" fn initialize(args: cryptoki_sys::CK_VOID_PTR) -> CK_RV {
+    if fault() == "init-fails" {
+        return cryptoki_sys::CKR_DEVICE_ERROR;
+    }
     let start = Instant::now();
     while fault() == "init-hang" && start.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(20));
