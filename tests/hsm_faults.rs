@@ -319,3 +319,42 @@ fn a_module_that_cannot_initialize_at_the_start_is_a_target_that_is_down() {
     let (status, _) = service.stop();
     assert!(status.success());
 }
+
+/// Issue 24: `qseed slots` lists every slot it can read and names the one it cannot (a card
+/// the module cannot read), instead of hiding them all.
+#[test]
+fn slots_lists_the_readable_slots_and_names_the_unreadable_one() {
+    let world = World::new();
+    world.use_fault_module();
+    world.add_token("readable");
+    world.add_token("broken");
+    let out = world.run(&["slots", "--module", SPY, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let broken = listing["modules"][0]["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["token"]["label"] == "broken")
+        .map(|s| s["slot_id"].as_u64().unwrap())
+        .expect("the broken token's slot");
+    world.set_hsm_fault(&format!("token-info-fails:{broken}"));
+    let out = world.run(&["slots", "--module", SPY]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{said}{}", stderr(&out));
+    assert!(
+        said.contains("readable"),
+        "the readable token is listed: {said}"
+    );
+    assert!(said.contains("UNREADABLE"), "{said}");
+    assert!(
+        said.contains(&format!("slot {broken}: cannot be read:"))
+            && said.contains("CKR_DEVICE_ERROR"),
+        "{said}"
+    );
+    assert!(
+        stderr(&out).contains(&format!("slot {broken} could not be read")),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -76,6 +76,21 @@ pub async fn slots(
             say!("\n{}: cannot list it: {e}", path.display());
         }
     }
+    let unreadable: Vec<String> = listings
+        .iter()
+        .flat_map(|l| {
+            l.slots
+                .iter()
+                .filter(|s| s.unreadable.is_some())
+                .map(|s| format!("{} slot {}", l.path.display(), s.slot_id))
+        })
+        .collect();
+    if !unreadable.is_empty() && failures.is_empty() {
+        return Err(Error::Failed(format!(
+            "{} could not be read (the other slots are listed above)",
+            unreadable.join(", ")
+        )));
+    }
     if failures.is_empty() {
         Ok(())
     } else {
@@ -232,7 +247,15 @@ fn print_text(listing: &Listing) {
                     &targets,
                 ])
             }
+            None if slot.unreadable.is_some() => {
+                row([&id, "UNREADABLE", "-", "-", "-", "-", "-", "-", "-", "-"])
+            }
             None => row([&id, "no", "-", "-", "-", "-", "-", "-", "-", "-"]),
+        }
+    }
+    for slot in &listing.slots {
+        if let Some(why) = &slot.unreadable {
+            say!("slot {}: cannot be read: {why}", slot.slot_id);
         }
     }
     if listing.slots.is_empty() {
@@ -297,6 +320,7 @@ fn print_json(listings: &[Listing], failures: &[(PathBuf, String)]) {
                 "slots": l.slots.iter().map(|s| json!({
                     "slot_id": s.slot_id,
                     "description": s.description,
+                    "unreadable": s.unreadable,
                     "token": s.token.as_ref().map(|t| json!({
                         "initialized": t.initialized,
                         "label": t.label,

@@ -40,6 +40,9 @@ pub struct SlotReport {
     pub slot_id: u64,
     pub description: String,
     pub token: Option<TokenIdentity>,
+    /// Why the slot or its token could not be read (a card the module cannot read): the
+    /// other slots are listed all the same.
+    pub unreadable: Option<String>,
 }
 
 /// Finds the one token `selector` names. Slot ids can change when tokens come and go
@@ -247,16 +250,31 @@ pub fn list(module: &Pkcs11, path: &std::path::Path) -> Result<Vec<SlotReport>, 
     let slots = module.get_all_slots().map_err(from_cryptoki)?;
     let mut reports = Vec::with_capacity(slots.len());
     for slot in slots {
-        let info = module.get_slot_info(slot).map_err(from_cryptoki)?;
-        let token = if info.token_present() {
-            Some(identify(module, path, slot, true)?)
+        let info = match module.get_slot_info(slot) {
+            Ok(info) => info,
+            Err(e) => {
+                reports.push(SlotReport {
+                    slot_id: slot.id(),
+                    description: String::new(),
+                    token: None,
+                    unreadable: Some(format!("C_GetSlotInfo: {}", from_cryptoki(e))),
+                });
+                continue;
+            }
+        };
+        let (token, unreadable) = if info.token_present() {
+            match identify(module, path, slot, true) {
+                Ok(token) => (Some(token), None),
+                Err(e) => (None, Some(e.to_string())),
+            }
         } else {
-            None
+            (None, None)
         };
         reports.push(SlotReport {
             slot_id: slot.id(),
             description: info.slot_description().to_string(),
             token,
+            unreadable,
         });
     }
     Ok(reports)

@@ -14,6 +14,7 @@
 //! | `seed-not-supported` | `C_SeedRandom` returns `CKR_RANDOM_SEED_NOT_SUPPORTED` |
 //! | `hang` | `C_SeedRandom` blocks while the file says `hang` (at most 60 s) |
 //! | `no-rng` | `C_GetTokenInfo` clears `CKF_RNG` |
+//! | `token-info-fails:N` | `C_GetTokenInfo` of slot N returns `CKR_DEVICE_ERROR` (a card the module cannot read) |
 //! | `init-fails` | `C_Initialize` returns `CKR_DEVICE_ERROR` (a network HSM's server down) |
 //! | `init-hang` | `C_Initialize` blocks while the file says `init-hang` (at most 120 s) |
 //! | `min-seed-32` | `C_SeedRandom` of fewer than 32 bytes returns `CKR_ARGUMENTS_BAD` (as Kryoptic does) |
@@ -228,9 +229,17 @@ unsafe extern "C" fn get_token_info(slot: CK_SLOT_ID, info: *mut CK_TOKEN_INFO) 
     let Some(f) = real.functions.C_GetTokenInfo else {
         return cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED;
     };
+    let fault = fault();
+    if fault
+        .strip_prefix("token-info-fails:")
+        .and_then(|n| n.parse::<CK_SLOT_ID>().ok())
+        == Some(slot)
+    {
+        return cryptoki_sys::CKR_DEVICE_ERROR;
+    }
     // SAFETY: forwarding the caller's arguments unchanged to the real module's function.
     let rv = unsafe { f(slot, info) };
-    if rv == CKR_OK && !info.is_null() && fault() == "no-rng" {
+    if rv == CKR_OK && !info.is_null() && fault == "no-rng" {
         // SAFETY: the real module filled `*info` (CKR_OK) and the pointer is non-null.
         unsafe { (*info).flags &= !CKF_RNG };
     }
