@@ -127,3 +127,18 @@ fn each_broken_item_fails_with_its_fix() {
         "{text}"
     );
 }
+
+/// Issue 24: doctor checks the modules before it buys: when no target's module loads,
+/// nothing is bought.
+#[test]
+fn nothing_is_bought_when_no_module_loads() {
+    let world = World::one_target("entropy", 48, "10s", false);
+    world.use_fault_module();
+    world.set_hsm_fault("init-fails");
+    let out = world.run(&["doctor"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("[warn] entropy source: not asked"), "{said}");
+    assert!(said.contains("C_Initialize: CKR_DEVICE_ERROR"), "{said}");
+    assert_eq!(world.sim.requests(), 0, "nothing bought: {said}");
+}

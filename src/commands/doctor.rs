@@ -142,7 +142,37 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
         }
     }
     check_quota(&mut list, &config);
-    let bytes = check_source(&mut list, &config).await;
+    // Modules first (issue 24): nothing is bought when no target could take the bytes.
+    let modules = Modules::new();
+    let usable = {
+        let modules = modules.clone();
+        let targets: Vec<_> = config
+            .targets
+            .iter()
+            .map(|t| (t.kind, t.module.clone(), t.init_args.clone()))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            targets
+                .into_iter()
+                .filter(|(kind, path, init_args)| {
+                    *kind != config::TargetKind::Pkcs11
+                        || modules.get(path, init_args.as_deref()).is_ok()
+                })
+                .count()
+        })
+        .await
+        .unwrap_or(0)
+    };
+    let bytes = if usable == 0 && !config.targets.is_empty() {
+        list.warn(
+            "entropy source: not asked",
+            "no target's module loads (see below), so nothing was bought; fix the modules \
+             and run doctor again",
+        );
+        Vec::new()
+    } else {
+        check_source(&mut list, &config).await
+    };
     if crate::source::simulated_accepted() {
         list.warn(
             "entropy source: the answers are SIMULATED (qseed's API simulator), not quantum \
@@ -151,7 +181,6 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
              Qrypt's API or your appliance",
         );
     }
-    let modules = Modules::new();
     let mut bytes = bytes.into_iter();
     let mut checked = std::collections::HashSet::new();
     for target in config.targets {
