@@ -500,9 +500,6 @@ async fn target_loop<S: EntropySource + 'static>(
                         recovery.failures
                     );
                 }
-                if outcome.injections == 0 {
-                    pool.seed_accepted(demand);
-                }
                 outcome.injections += 1;
                 outcome.bytes_injected += size as u64;
                 metrics.injected(&name, size as u64);
