@@ -5,7 +5,6 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use crate::error::Error;
-use crate::state::StateDir;
 use crate::telemetry::ledger::{self, Verdict};
 
 /// The ledger files: those given, or the state folder's, oldest first.
@@ -13,10 +12,7 @@ fn ledger_files(config_path: &Path, given: &[PathBuf]) -> Result<Vec<PathBuf>, E
     if !given.is_empty() {
         return Ok(given.to_vec());
     }
-    let configured = crate::config::load(config_path)
-        .ok()
-        .and_then(|c| c.state_dir.clone());
-    let state = StateDir::resolve(configured.as_deref());
+    let state = super::service_state_dir(config_path);
     let Some(dir) = state.folder() else {
         return Err(Error::Config(
             "no state folder, so no ledger: name the ledger files (FILE...)".into(),

@@ -22,16 +22,7 @@ pub fn reload(config_path: &Path, pid: i32) -> Result<(), Error> {
             "--pid {pid}: not a service's process id (under systemd: --pid $MAINPID)"
         )));
     };
-    // The service's own folder: systemd gives both the same $STATE_DIRECTORY. By hand, the
-    // configuration's [service] state_dir when the file still parses.
-    let configured = if std::env::var_os("STATE_DIRECTORY").is_some() {
-        None
-    } else {
-        crate::config::load(config_path)
-            .ok()
-            .and_then(|c| c.state_dir.clone())
-    };
-    let state = StateDir::resolve(configured.as_deref());
+    let state = super::service_state_dir(config_path);
     let Some(path) = state.folder() else {
         return Err(Error::Failed(format!(
             "no state folder to exchange the reload's outcome through ({}); send SIGHUP \

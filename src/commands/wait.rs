@@ -12,14 +12,7 @@ use crate::service::seeded;
 use crate::state::StateDir;
 
 pub fn wait(config_path: &Path, targets: &[String], timeout: Duration) -> Result<(), Error> {
-    let configured = if std::env::var_os("STATE_DIRECTORY").is_some() {
-        None
-    } else {
-        crate::config::load(config_path)
-            .ok()
-            .and_then(|c| c.state_dir.clone())
-    };
-    let state = StateDir::resolve(configured.as_deref());
+    let state = super::service_state_dir(config_path);
     let Some(dir) = state.folder() else {
         return Err(Error::Config(format!(
             "no state folder to read the service's seeds from ({}); run qseed wait as the \

@@ -56,6 +56,8 @@ fn kernel_identity() -> Arc<TokenIdentity> {
     IDENTITY
         .get_or_init(|| {
             Arc::new(TokenIdentity {
+                // Cannot fail: Slot::try_from fails only for an id wider than CK_SLOT_ID,
+                // and 0 fits every width.
                 slot: cryptoki::slot::Slot::try_from(0u64).expect("slot 0 converts"),
                 label: "kernel".into(),
                 serial: String::new(),
