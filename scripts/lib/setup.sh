@@ -30,6 +30,9 @@ if [ "${QSEED_SETUP:-}" = "test" ]; then
     command -v strace >/dev/null 2>&1 || need_apt+=(strace)
     # tests/audit.rs makes the EC key the ledger is signed with.
     command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+    # Caml Crush: a PKCS#11 proxy whose client recovers only by being loaded again (tests/caml_crush.rs).
+    command -v pkcs11proxyd >/dev/null 2>&1 || need_apt+=(caml-crush-server)
+    [ -e /usr/lib/x86_64-linux-gnu/caml-crush/libp11clientunix.so ] || [ -e /usr/lib/aarch64-linux-gnu/caml-crush/libp11clientunix.so ] || need_apt+=(caml-crush-clients)
     # openCryptoki: a token with odd token info that refuses seeds.
     [ -x /usr/sbin/pkcsslotd ] || need_apt+=(opencryptoki)
     # scripts/package-check and scripts/bench-modules pick free ports with it.

@@ -203,7 +203,9 @@ pub async fn doctor(config_path: &Path, retry_pin: Option<&str>) -> Result<(), E
         }
     }
     let finalize = modules.clone();
-    let _ = tokio::task::spawn_blocking(move || finalize.finalize_all()).await;
+    let _ =
+        tokio::task::spawn_blocking(move || finalize.finalize_all(crate::service::SHUTDOWN_GRACE))
+            .await;
 
     say!();
     if list.failures == 0 {

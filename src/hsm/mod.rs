@@ -1,8 +1,10 @@
 //! The PKCS#11 side: modules, tokens, sessions, login and `C_SeedRandom`.
 //!
 //! Every call here blocks (a network HSM may take its time), so the service runs them on
-//! blocking threads. A [`Target`] owns its session; it is moved to the thread that uses it
-//! and never shared, as PKCS#11 forbids two threads in one session at once.
+//! blocking threads. A [`Target`] is moved to the thread that uses it and never shared; its
+//! session is kept by its module ([`module::HeldSession`]) and only this target instance
+//! takes it out, for one call at a time, as PKCS#11 forbids two threads in one session at
+//! once.
 
 pub mod clone_watch;
 pub mod error;
@@ -32,7 +34,9 @@ pub struct Target {
     modules: Modules,
     /// Decides whether a PIN may be presented; shared by the process, kept across processes.
     guard: PinGuard,
-    open: Option<OpenSession>,
+    /// The module generation of this instance's open session, if it has one (the session
+    /// itself is kept by the module): a hint that spares a round the connect step.
+    session_generation: Option<u64>,
     /// The loaded module, once looked up: a module stays loaded for the process's life (a
     /// re-initialization keeps it and bumps its generation), and the lookup by path (a lock
     /// and a hash of the path) showed in profiles when made for every call.
@@ -83,25 +87,13 @@ fn kernel_identity() -> Arc<TokenIdentity> {
 /// Instance numbers of [`Target`]s, unique in the process.
 static NEXT_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-#[derive(Debug)]
-struct OpenSession {
-    session: Session,
-    /// Shared with every round's audit record: a round clones the pointer, not the strings.
-    token: Arc<TokenIdentity>,
-    /// The module generation the session belongs to (see [`module`]): after a
-    /// re-initialization its handle is dead, and may even name another target's new session.
-    generation: u64,
-    /// Marks the token as used by this target instance while the session is open.
-    _lease: Option<module::TokenLease>,
-}
-
 impl Target {
     pub fn new(config: TargetConfig, modules: Modules, guard: PinGuard) -> Self {
         Self {
             config,
             modules,
             guard,
-            open: None,
+            session_generation: None,
             module: None,
             instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
@@ -132,10 +124,11 @@ impl Target {
     }
 
     fn connect_in(&mut self, call: &module::ModuleCall) -> Result<Arc<TokenIdentity>, HsmError> {
-        self.forget_stale(call.generation);
-        if let Some(open) = &self.open {
-            return Ok(Arc::clone(&open.token));
+        if let Some(token) = call.session_token(self.instance) {
+            self.session_generation = Some(call.generation);
+            return Ok(token);
         }
+        self.session_generation = None;
         let pkcs11 = &call.pkcs11;
         let path = self.config.module.display().to_string();
         let token = self.find_token(call, &path)?;
@@ -148,11 +141,18 @@ impl Target {
         if !token.has_rng {
             return Err(HsmError::NoRng);
         }
+        // Never closed by a drop: only `ModuleCall::close_session` closes it, inside the gate.
         let session = pkcs11
-            .open_ro_session(token.slot)
+            .open_ro_session_no_drop(token.slot)
             .map_err(error::from_cryptoki)?;
+        let held = module::HeldSession {
+            session,
+            token: Arc::new(token),
+            lease,
+        };
         if let Some(login) = &self.config.login {
             let (name, module) = (&self.config.name, &self.config.module);
+            let token = &held.token;
             let flagged = if token.user_pin_locked {
                 Some((HsmError::PinLocked, "CKF_USER_PIN_LOCKED"))
             } else if token.user_pin_final_try {
@@ -160,12 +160,24 @@ impl Target {
             } else {
                 None
             };
+            let close = |held: module::HeldSession| {
+                if let Err(e) = held.session.close() {
+                    tracing::debug!(target = %name, "C_CloseSession: {}", error::from_cryptoki(e));
+                }
+            };
             if let Some((e, flag)) = flagged {
-                self.guard.record_flag(name, module, &token, login, flag);
+                self.guard.record_flag(name, module, token, login, flag);
+                close(held);
                 return Err(e);
             }
-            let attempt = self.guard.begin(name, module, &token, login)?;
-            match session.login(UserType::User, Some(&login.pin)) {
+            let attempt = match self.guard.begin(name, module, token, login) {
+                Ok(attempt) => attempt,
+                Err(e) => {
+                    close(held);
+                    return Err(e);
+                }
+            };
+            match held.session.login(UserType::User, Some(&login.pin)) {
                 Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
                     attempt.accepted()
                 }
@@ -176,17 +188,14 @@ impl Target {
                     } else {
                         attempt.inconclusive();
                     }
+                    close(held);
                     return Err(e);
                 }
             }
         }
-        let token = Arc::new(token);
-        self.open = Some(OpenSession {
-            session,
-            token: Arc::clone(&token),
-            generation: call.generation,
-            _lease: lease,
-        });
+        let token = held.token.clone();
+        call.keep_session(self.instance, held);
+        self.session_generation = Some(call.generation);
         Ok(token)
     }
 
@@ -265,7 +274,7 @@ impl Target {
                 return Err(e);
             }
         };
-        let Some(open) = &self.open else {
+        let Some(held) = call.take_session(self.instance) else {
             // Not expected: a successful connect leaves a session open.
             return Err(HsmError::Unexpected(
                 "the module was re-initialized; the session is gone".into(),
@@ -275,7 +284,10 @@ impl Target {
         let chunk = self.max_seed().unwrap_or(bytes.len()).max(1);
         let mut result = Ok(());
         for part in bytes.chunks(chunk) {
-            result = open.session.seed_random(part).map_err(|e| (e, part.len()));
+            result = held
+                .session
+                .seed_random(part)
+                .map_err(|e| (error::from_cryptoki(e), part.len()));
             if result.is_err() {
                 break;
             }
@@ -284,12 +296,20 @@ impl Target {
         // module's gate is still held (see `clone_watch`).
         let output = match (&result, self.config.check_output) {
             (Ok(()), true) => Some(
-                open.session
+                held.session
                     .generate_random_vec(clone_watch::OUTPUT_LEN as u32)
                     .map(zeroize::Zeroizing::new),
             ),
             _ => None,
         };
+        let session_lost = matches!(&result, Err((e, _)) if e.loses_session());
+        if session_lost {
+            // Its handle is dead: forgotten, not closed (closing would only fail again).
+            drop(held);
+            self.session_generation = None;
+        } else {
+            call.keep_session(self.instance, held);
+        }
         drop(call);
         match output {
             Some(Ok(output)) => clone_watch::check(&self.config.name, &output),
@@ -307,10 +327,6 @@ impl Target {
                 Ok(token)
             }
             Err((e, len)) => {
-                let e = error::from_cryptoki(e);
-                if e.loses_session() {
-                    self.drop_session();
-                }
                 module.failed(&e, generation, self.config.period);
                 // Split already: the length was not the problem.
                 Err(error::with_seed_length(e, len, chunk < bytes.len()))
@@ -322,56 +338,16 @@ impl Target {
     /// token (`CKM_ECDSA` over its SHA-256): the audit ledger's chain head (see
     /// [`crate::telemetry::ledger`]). The signature is `r || s`, 64 bytes.
     pub fn sign_ecdsa(&mut self, key_label: &str, message: &[u8]) -> Result<Vec<u8>, HsmError> {
-        use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
         let module = self.module()?;
         let call = module.enter(self.config.period)?;
         self.connect_in(&call)?;
-        let Some(open) = &self.open else {
+        let Some(held) = call.take_session(self.instance) else {
             return Err(HsmError::Unexpected("no session to sign with".into()));
         };
-        let keys = open
-            .session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Label(key_label.as_bytes().to_vec()),
-            ])
-            .map_err(error::from_cryptoki)?;
-        let key = match keys.as_slice() {
-            [key] => *key,
-            [] => {
-                return Err(HsmError::Unexpected(format!(
-                    "no private key labelled {key_label:?} on the token (audit.key_label); \
-                     create an EC P-256 key pair with that label"
-                )))
-            }
-            _ => {
-                return Err(HsmError::Unexpected(format!(
-                    "{} private keys are labelled {key_label:?}; give the signing key a label of \
-                     its own",
-                    keys.len()
-                )))
-            }
-        };
-        let kind = open
-            .session
-            .get_attributes(key, &[AttributeType::KeyType])
-            .map_err(error::from_cryptoki)?;
-        if !kind
-            .iter()
-            .any(|a| matches!(a, Attribute::KeyType(k) if *k == KeyType::EC))
-        {
-            return Err(HsmError::Unexpected(format!(
-                "the key labelled {key_label:?} is not an EC key; qseed signs the ledger with \
-                 EC P-256 (CKM_ECDSA)"
-            )));
-        }
-        let digest = ring::digest::digest(&ring::digest::SHA256, message);
-        let signature = open
-            .session
-            .sign(&cryptoki::mechanism::Mechanism::Ecdsa, key, digest.as_ref())
-            .map_err(error::from_cryptoki)?;
+        let signed = sign_in(&held.session, key_label, message);
+        call.keep_session(self.instance, held);
         drop(call);
-        Ok(signature)
+        signed
     }
 
     /// The target's module, loaded on first use.
@@ -388,7 +364,8 @@ impl Target {
 
     /// Whether a session is open (it may still have died with its module; `connect` checks).
     pub fn is_connected(&self) -> bool {
-        self.open.is_some() || matches!(self.config.kind, crate::config::TargetKind::Kernel { .. })
+        self.session_generation.is_some()
+            || matches!(self.config.kind, crate::config::TargetKind::Kernel { .. })
     }
 
     /// Closes the session (which also logs out if it was the last one on the token).
@@ -396,35 +373,9 @@ impl Target {
         if let crate::config::TargetKind::Kernel { .. } = self.config.kind {
             return;
         }
-        let Ok(module) = self.module() else {
-            self.forget_stale(u64::MAX);
-            return;
-        };
-        let Ok(call) = module.enter(self.config.period) else {
-            // The module is down: its sessions died with it.
-            self.forget_stale(u64::MAX);
-            return;
-        };
-        self.forget_stale(call.generation);
-        if let Some(open) = self.open.take() {
-            if let Err(e) = open.session.close() {
-                tracing::debug!(target = %self.config.name, "C_CloseSession: {}", error::from_cryptoki(e));
-            }
-        }
-        drop(call);
-    }
-
-    /// Forgets a session of an older module generation without `C_CloseSession`: its handle
-    /// may now name another session of the re-initialized module.
-    fn forget_stale(&mut self, generation: u64) {
-        if self
-            .open
-            .as_ref()
-            .is_some_and(|o| o.generation != generation)
-        {
-            if let Some(stale) = self.open.take() {
-                std::mem::forget(stale.session);
-            }
+        self.session_generation = None;
+        if let Some(module) = &self.module {
+            module.end_session(self.instance, &self.config.name);
         }
     }
 
@@ -435,10 +386,14 @@ impl Target {
     ) -> Result<Option<std::path::PathBuf>, String> {
         self.guard.lift(token)
     }
+}
 
-    fn drop_session(&mut self) {
-        // The handle is already dead; closing it would only fail again.
-        self.open = None;
+impl Drop for Target {
+    /// A target dropped with its session open (abandoned after a hung call, ended by a reload)
+    /// has it closed inside the module's gate, or forgotten if the module is being
+    /// re-initialized; never closed outside the gate.
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -448,4 +403,48 @@ fn short_reason(e: &HsmError) -> String {
         HsmError::Call { call, code, .. } => format!("{call}: {code}"),
         other => other.reason().to_string(),
     }
+}
+
+/// Signs `message` with the private key labelled `key_label` (see [`Target::sign_ecdsa`]).
+fn sign_in(session: &Session, key_label: &str, message: &[u8]) -> Result<Vec<u8>, HsmError> {
+    use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+    let keys = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(key_label.as_bytes().to_vec()),
+        ])
+        .map_err(error::from_cryptoki)?;
+    let key = match keys.as_slice() {
+        [key] => *key,
+        [] => {
+            return Err(HsmError::Unexpected(format!(
+                "no private key labelled {key_label:?} on the token (audit.key_label); \
+                 create an EC P-256 key pair with that label"
+            )))
+        }
+        _ => {
+            return Err(HsmError::Unexpected(format!(
+                "{} private keys are labelled {key_label:?}; give the signing key a label of \
+                 its own",
+                keys.len()
+            )))
+        }
+    };
+    let kind = session
+        .get_attributes(key, &[AttributeType::KeyType])
+        .map_err(error::from_cryptoki)?;
+    if !kind
+        .iter()
+        .any(|a| matches!(a, Attribute::KeyType(k) if *k == KeyType::EC))
+    {
+        return Err(HsmError::Unexpected(format!(
+            "the key labelled {key_label:?} is not an EC key; qseed signs the ledger with \
+             EC P-256 (CKM_ECDSA)"
+        )));
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, message);
+    let signature = session
+        .sign(&cryptoki::mechanism::Mechanism::Ecdsa, key, digest.as_ref())
+        .map_err(error::from_cryptoki)?;
+    Ok(signature)
 }

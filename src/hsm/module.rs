@@ -13,6 +13,12 @@
 //! after 1 s, 2 s, 4 s, ... capped at the period of the target that asks (so seeding resumes
 //! within about one period of the device being back). One log line when a recovery starts,
 //! one when it heals.
+//!
+//! The module also owns every open session, by target instance ([`HeldSession`]): sessions are
+//! opened so that they never close themselves when dropped, so no `C_CloseSession` ever runs
+//! outside the gate, and a re-initialization drops them all at once. Nothing else then holds
+//! the library, so where `C_Finalize` + `C_Initialize` is not enough (a client that connects
+//! when it is loaded, like Caml Crush's), the library is unloaded and loaded again.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,8 +35,10 @@ use super::error::{from_cryptoki, HsmError};
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 /// The backoff cap for calls that belong to no target's schedule (loading, `doctor`).
 const ONE_OFF_PERIOD: Duration = Duration::from_secs(10);
-/// Consecutive `CKR_GENERAL_ERROR`s after which a module counts as lost (one can be anything).
-const GENERAL_ERRORS_TO_RESET: u32 = 2;
+/// Consecutive failures the specification does not define (`CKR_GENERAL_ERROR`, a
+/// vendor-defined or negative code) after which a module counts as lost: one can be anything,
+/// the same again is a client that lost its connection.
+const UNDEFINED_ERRORS_TO_RESET: u32 = 2;
 
 /// The process's loaded modules, by path. Cloning shares the same set.
 #[derive(Debug, Clone, Default)]
@@ -119,9 +127,23 @@ struct State {
     generation: u64,
     in_flight: usize,
     resetting: bool,
-    general_errors: u32,
+    undefined_errors: u32,
     recovery: Option<Recovery>,
     resets: u64,
+    /// Open sessions of the current generation, by target instance.
+    sessions: HashMap<u64, HeldSession>,
+}
+
+/// A target instance's open session, kept by its module. Opened with cryptoki's `_no_drop`
+/// variant: dropping it never calls `C_CloseSession` (only [`ModuleCall::close_session`] does,
+/// inside the gate), it only lets go of the library.
+#[derive(Debug)]
+pub struct HeldSession {
+    pub session: cryptoki::session::Session,
+    /// Shared with every round's audit record: a round clones the pointer, not the strings.
+    pub token: Arc<super::TokenIdentity>,
+    /// Marks the token as used by this target instance while the session is open.
+    pub lease: Option<TokenLease>,
 }
 
 #[derive(Debug)]
@@ -130,6 +152,8 @@ struct Recovery {
     attempts: u32,
     next_attempt: Instant,
     last_error: String,
+    /// Libraries unloaded and loaded again in this recovery.
+    reloads: u32,
 }
 
 /// A call inside a module: holds the gate open until dropped.
@@ -172,6 +196,38 @@ impl ModuleCall {
             tokens: tokens.clone(),
         });
         Ok(tokens)
+    }
+}
+
+impl ModuleCall {
+    /// The token of `instance`'s open session, if it has one.
+    pub fn session_token(&self, instance: u64) -> Option<Arc<super::TokenIdentity>> {
+        self.module
+            .lock()
+            .sessions
+            .get(&instance)
+            .map(|held| held.token.clone())
+    }
+
+    /// Takes `instance`'s session out for the length of a call ([`ModuleCall::keep_session`]
+    /// puts it back; a session not put back is forgotten: its handle was dead).
+    pub fn take_session(&self, instance: u64) -> Option<HeldSession> {
+        self.module.lock().sessions.remove(&instance)
+    }
+
+    /// Keeps `held` as `instance`'s session.
+    pub fn keep_session(&self, instance: u64, held: HeldSession) {
+        self.module.lock().sessions.insert(instance, held);
+    }
+
+    /// Closes `instance`'s session, if it has one (which also logs out if it was the last on
+    /// its token).
+    pub fn close_session(&self, instance: u64, target: &str) {
+        if let Some(held) = self.take_session(instance) {
+            if let Err(e) = held.session.close() {
+                tracing::debug!(target = %target, "C_CloseSession: {}", from_cryptoki(e));
+            }
+        }
     }
 }
 
@@ -285,9 +341,10 @@ impl Modules {
                 generation: 1,
                 in_flight: 0,
                 resetting: false,
-                general_errors: 0,
+                undefined_errors: 0,
                 recovery: None,
                 resets: 0,
+                sessions: HashMap::new(),
             }),
             discovered: Mutex::new(None),
             changed: Condvar::new(),
@@ -344,35 +401,45 @@ impl Modules {
         stats
     }
 
-    /// `C_Finalize` on every module. Call only once no session is in use.
-    pub fn finalize_all(&self) {
-        self.finalize_all_except(&std::collections::HashSet::new());
-    }
-
-    /// `C_Finalize` on every module but those in `busy`, and those with a call still inside
-    /// (a thread may be stuck there: finalizing under it is undefined behaviour).
-    pub fn finalize_all_except(&self, busy: &std::collections::HashSet<PathBuf>) {
+    /// `C_Finalize` on every module, once no call is inside it. A module with a call still
+    /// inside after `grace` (a thread is stuck there: finalizing under it is undefined
+    /// behaviour) is left as it is, with a warning. What counts is the module's own count of
+    /// calls inside it at that moment, not which targets once had a call declared hung.
+    pub fn finalize_all(&self, grace: Duration) {
         let modules: Vec<_> = self
             .loaded
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .drain()
-            .filter(|(path, _)| !busy.contains(path))
             .map(|(_, module)| module)
             .collect();
+        let deadline = Instant::now() + grace;
         for module in modules {
-            let taken = {
-                let mut state = module.lock();
+            let (taken, sessions) = {
+                let mut state = module.idle();
+                while state.in_flight > 0 {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    state = module
+                        .changed
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
                 if state.in_flight > 0 {
                     tracing::warn!(
                         "not finalizing {}: a call into it has not returned",
                         module.path.display()
                     );
-                    None
+                    (None, HashMap::new())
                 } else {
-                    state.pkcs11.take()
+                    (state.pkcs11.take(), std::mem::take(&mut state.sessions))
                 }
             };
+            // C_Finalize closes the sessions; their handles are only forgotten.
+            drop(sessions);
             if let Some(pkcs11) = taken {
                 if let Err(e) = pkcs11.finalize() {
                     tracing::warn!(
@@ -423,7 +490,7 @@ impl Module {
     /// A call of `generation` succeeded: the module works (a recovery, if any, is over).
     pub fn succeeded(&self, generation: u64) {
         let mut state = self.lock();
-        state.general_errors = 0;
+        state.undefined_errors = 0;
         if state.generation == generation {
             if let Some(recovery) = state.recovery.take() {
                 tracing::info!(
@@ -439,9 +506,10 @@ impl Module {
         }
     }
 
-    /// A call of `generation` failed with `error`. A lost device (or repeated general errors)
-    /// re-initializes the module, for every target that uses it; `period` caps the wait
-    /// between attempts. Call with no [`ModuleCall`] of this thread open.
+    /// A call of `generation` failed with `error`. A lost device (or the same failure the
+    /// specification does not define, again) re-initializes the module, for every target that
+    /// uses it; `period` caps the wait between attempts. Call with no [`ModuleCall`] of this
+    /// thread open.
     pub fn failed(&self, error: &HsmError, generation: u64, period: Duration) {
         let device_lost = {
             let mut state = self.lock();
@@ -451,12 +519,9 @@ impl Module {
             }
             match error {
                 HsmError::Call { rv, .. } if is_device_loss(*rv) => true,
-                HsmError::Call {
-                    rv: RvError::GeneralError,
-                    ..
-                } => {
-                    state.general_errors += 1;
-                    state.general_errors >= GENERAL_ERRORS_TO_RESET
+                HsmError::Call { rv, .. } if is_undefined(*rv) => {
+                    state.undefined_errors += 1;
+                    state.undefined_errors >= UNDEFINED_ERRORS_TO_RESET
                 }
                 _ => false,
             }
@@ -466,9 +531,36 @@ impl Module {
         }
     }
 
-    /// `C_Finalize` + `C_Initialize`, once no call is inside. `cause` is the failure that
-    /// asked for it and the generation it was seen in (`None`: a due retry of a module that is
-    /// down).
+    /// `instance`'s session is no longer wanted (its target was dropped): closed inside the
+    /// gate when the module is up, else only forgotten (a re-initialization under way, or a
+    /// module that is down, has ended it already). Never waits for a re-initialization.
+    pub fn end_session(self: &Arc<Self>, instance: u64, target: &str) {
+        let call = {
+            let mut state = self.lock();
+            match (&state.pkcs11, state.resetting) {
+                (Some(pkcs11), false) if state.sessions.contains_key(&instance) => {
+                    let pkcs11 = pkcs11.clone();
+                    state.in_flight += 1;
+                    ModuleCall {
+                        module: self.clone(),
+                        pkcs11,
+                        generation: state.generation,
+                    }
+                }
+                _ => {
+                    state.sessions.remove(&instance);
+                    return;
+                }
+            }
+        };
+        call.close_session(instance, target);
+    }
+
+    /// `C_Finalize` + `C_Initialize`, once no call is inside; for a module whose client
+    /// `C_Initialize` does not reconnect (its profile says so, or a re-initialization in this
+    /// recovery did not help), the library is unloaded and loaded again. `cause` is the failure
+    /// that asked for it and the generation it was seen in (`None`: a due retry of a module
+    /// that is down).
     fn reinitialize(&self, cause: Option<(&HsmError, u64)>, period: Duration) {
         let mut state = self.idle();
         if let Some((_, seen)) = cause {
@@ -506,6 +598,8 @@ impl Module {
             self.changed.notify_all();
             return;
         }
+        let reload = self.profile.is_some_and(|p| p.reload_library)
+            || state.recovery.as_ref().is_some_and(|r| r.attempts > 0);
         if state.recovery.is_none() {
             let why = cause.map_or_else(|| "it is down".to_string(), |(e, _)| e.to_string());
             tracing::warn!(
@@ -518,27 +612,55 @@ impl Module {
                 attempts: 0,
                 next_attempt: now,
                 last_error: why,
+                reloads: 0,
             });
         }
         let old = state.pkcs11.take();
+        // The sessions died with the device (or die with C_Finalize); their targets open new
+        // ones. Dropping them closes nothing and lets go of the library.
+        let sessions = std::mem::take(&mut state.sessions);
+        let first_reload = reload && state.recovery.as_ref().is_some_and(|r| r.reloads == 0);
         drop(state);
-        if let Some(old) = old {
-            // Sessions of the old generation die with it; their targets forget them.
-            let _ = old.finalize();
+        drop(sessions);
+        if reload && first_reload {
+            tracing::warn!(
+                "{}: C_Finalize + C_Initialize do not reconnect this module; unloading the \
+                 library and loading it again",
+                self.path.display()
+            );
         }
-        let fresh = load(&self.path, self.init_args.as_deref());
+        let fresh = match old {
+            Some(old) if !reload => {
+                // Keep the library loaded: some clients do not survive being unloaded.
+                let kept = old.clone();
+                let _ = old.finalize();
+                initialize(&kept, &self.path, self.init_args.as_deref()).map(|()| kept)
+            }
+            old => {
+                if let Some(old) = old {
+                    let _ = old.finalize();
+                }
+                // The last reference is gone: the library is unloaded (dlclose) before
+                // `load` opens it again.
+                load(&self.path, self.init_args.as_deref())
+            }
+        };
         let mut guard = self.lock();
         let state = &mut *guard;
         state.resets += 1;
         state.generation += 1;
-        state.general_errors = 0;
+        state.undefined_errors = 0;
         let recovery = state.recovery.get_or_insert(Recovery {
             since: now,
             attempts: 0,
             next_attempt: now,
             last_error: String::new(),
+            reloads: 0,
         });
         recovery.attempts += 1;
+        if reload {
+            recovery.reloads += 1;
+        }
         recovery.next_attempt = Instant::now() + backoff(recovery.attempts, period);
         match fresh {
             Ok(pkcs11) => state.pkcs11 = Some(pkcs11),
@@ -558,6 +680,7 @@ impl Module {
             attempts: 0,
             next_attempt: now,
             last_error: String::new(),
+            reloads: 0,
         });
         recovery.last_error = why.to_string();
         recovery.next_attempt = now + backoff(recovery.attempts.max(1), period);
@@ -609,6 +732,15 @@ fn is_device_loss(rv: RvError) -> bool {
     )
 }
 
+/// Failures the specification does not define: a client that lost its server answers with
+/// these (Caml Crush: `(CK_RV)-1` for every call).
+fn is_undefined(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::GeneralError | RvError::VendorDefined(_) | RvError::UnknownErrorCode(_)
+    )
+}
+
 /// Loads the library and initializes it for a threaded caller, with `init_args` as
 /// `C_Initialize`'s reserved parameter if given (see [`super::ffi`]).
 pub fn load(path: &Path, init_args: Option<&std::ffi::CStr>) -> Result<Pkcs11, HsmError> {
@@ -642,13 +774,23 @@ pub fn load(path: &Path, init_args: Option<&std::ffi::CStr>) -> Result<Pkcs11, H
         }
         other => fail(other.to_string()),
     })?;
+    initialize(&module, path, init_args)?;
+    Ok(module)
+}
+
+/// `C_Initialize` for a threaded caller (again, after a `C_Finalize`, for a re-initialization).
+fn initialize(
+    module: &Pkcs11,
+    path: &Path,
+    init_args: Option<&std::ffi::CStr>,
+) -> Result<(), HsmError> {
     // qseed calls the module from several threads: let it use the OS's locks.
     let initialized = match init_args {
-        Some(args) => super::ffi::initialize_with(&module, args),
+        Some(args) => super::ffi::initialize_with(module, args),
         None => module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)),
     };
     match initialized {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(module),
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
         // The module says only that it failed; the usual cause on a new host is a user that
         // may not read the client's files.
         Err(CkError::Pkcs11(rv, _)) => Err(HsmError::InitializeRefused {

@@ -3,8 +3,8 @@
 //! reach them (the module itself only says `CKR_GENERAL_ERROR`).
 //!
 //! Facts for modules we cannot run here (Luna, nShield, Utimaco, CloudHSM, YubiHSM) come from
-//! their vendors' installation guides; each is only used to word advice, never to decide
-//! what qseed does.
+//! their vendors' installation guides; those are only used to word advice. What changes what
+//! qseed does (`max_seed`, `reload_library`) was seen on a module that runs here.
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +27,9 @@ pub struct ModuleProfile {
     pub max_seed: Option<usize>,
     /// `init_args` that make the module start without any database, where it needs some.
     pub init_args: Option<&'static str>,
+    /// `C_Finalize` + `C_Initialize` do not bring it back once its connection is lost: only
+    /// unloading the library and loading it again does (see [`super::module`]).
+    pub reload_library: bool,
 }
 
 /// Known modules. The last component of a module's path picks the row.
@@ -42,6 +45,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         max_seed: None,
         // Its C_Initialize without parameters is CKR_ARGUMENTS_BAD; these open no database.
         init_args: Some("configdir='' certPrefix='' keyPrefix='' secmod='' flags=noCertDB,noModDB"),
+        reload_library: false,
     },
     ModuleProfile {
         vendor: "SoftHSM",
@@ -53,6 +57,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         folders: &["/var/lib/softhsm/tokens"],
         max_seed: None,
         init_args: None,
+        reload_library: false,
     },
     ModuleProfile {
         vendor: "openCryptoki",
@@ -64,6 +69,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         folders: &["/var/lib/opencryptoki", "/run/opencryptoki"],
         max_seed: None,
         init_args: None,
+        reload_library: false,
     },
     ModuleProfile {
         vendor: "tpm2-pkcs11",
@@ -76,6 +82,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         // One TPM2_StirRandom carries at most 128 bytes; 129 fails with CKR_GENERAL_ERROR.
         max_seed: Some(128),
         init_args: None,
+        reload_library: false,
     },
     ModuleProfile {
         vendor: "Thales Luna",
@@ -87,6 +94,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         folders: &[],
         max_seed: None,
         init_args: None,
+        reload_library: false,
     },
     ModuleProfile {
         vendor: "Entrust nShield",
@@ -98,6 +106,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         folders: &["/opt/nfast/kmdata/local"],
         max_seed: None,
         init_args: None,
+        reload_library: false,
     },
     ModuleProfile {
         vendor: "Utimaco CryptoServer",
@@ -109,6 +118,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         folders: &[],
         max_seed: None,
         init_args: None,
+        reload_library: false,
     },
     ModuleProfile {
         vendor: "AWS CloudHSM",
@@ -120,6 +130,27 @@ pub const PROFILES: &[ModuleProfile] = &[
         folders: &[],
         max_seed: None,
         init_args: None,
+        reload_library: false,
+    },
+    ModuleProfile {
+        // Debian's caml-crush-clients. Once its pkcs11proxyd is gone, every call answers
+        // (CK_RV)-1, and C_Finalize + C_Initialize keep the dead connection: the client
+        // connects when the library is loaded.
+        vendor: "Caml Crush",
+        file_names: &[
+            "libp11clientunix.so",
+            "libp11clienttcp.so",
+            "libp11clienttcpssl.so",
+            "libp11client.so",
+        ],
+        library_manufacturer: None,
+        group: None,
+        config_env: Some("PKCS11PROXY_SOCKET_PATH"),
+        config_default: Some("/var/run/pkcs11proxyd.socket"),
+        folders: &[],
+        max_seed: None,
+        init_args: None,
+        reload_library: true,
     },
     ModuleProfile {
         vendor: "YubiHSM 2",
@@ -131,6 +162,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         folders: &[],
         max_seed: None,
         init_args: None,
+        reload_library: false,
     },
 ];
 

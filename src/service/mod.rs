@@ -14,7 +14,6 @@ pub mod shutdown;
 pub mod worker;
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +37,9 @@ const TOKEN_AWAY_MAX: Duration = Duration::from_secs(60);
 
 /// How long shutdown waits for an in-flight PKCS#11 call before leaving it behind.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+/// How long the teardown waits for a call still inside a module before it leaves that module
+/// unfinalized.
+const FINALIZE_GRACE: Duration = Duration::from_millis(250);
 
 /// How many rounds each target runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,8 +64,6 @@ pub struct TargetOutcome {
     /// Why the target stopped for good, if it did.
     pub stopped: Option<String>,
     pub last_error: Option<String>,
-    /// A PKCS#11 call was still running when the loop ended (its module is not finalized).
-    pub hung_module: Option<PathBuf>,
     /// The loop was ended by a reload that changed or removed its target.
     pub superseded: bool,
 }
@@ -377,25 +377,18 @@ impl<S: EntropySource + 'static> Service<S> {
     }
 }
 
-/// Finalizes the modules (except those with a call still hanging: `C_Finalize` must not run
-/// while another thread is inside the module) and wipes what is left in the pool.
+/// Finalizes the modules (except one with a call still inside after a short grace:
+/// `C_Finalize` must not run while another thread is inside the module) and wipes what is left
+/// in the pool.
 pub async fn teardown<S: EntropySource>(
     targets: Vec<TargetOutcome>,
     pool: &Pool<S>,
     modules: &Modules,
 ) -> Outcome {
-    let hung: HashSet<PathBuf> = targets
-        .iter()
-        .filter_map(|t| t.hung_module.clone())
-        .collect();
-    for path in &hung {
-        tracing::warn!(
-            "not finalizing {}: a call into it has not returned",
-            path.display()
-        );
-    }
     let finalize = modules.clone();
-    let _ = tokio::task::spawn_blocking(move || finalize.finalize_all_except(&hung)).await;
+    // The loops waited their grace for their calls already: this only covers a call that is
+    // returning right now.
+    let _ = tokio::task::spawn_blocking(move || finalize.finalize_all(FINALIZE_GRACE)).await;
     let pool_stats = pool.stats();
     Outcome {
         targets,
@@ -429,7 +422,6 @@ async fn target_loop<S: EntropySource + 'static>(
         config.size,
     );
     let timeout = config.timeout;
-    let module = config.module.clone();
     let demand = pool.register_after(
         size,
         period,
@@ -594,15 +586,14 @@ async fn target_loop<S: EntropySource + 'static>(
         .await;
     }
     pool.unregister(demand);
-    match worker.finish(SHUTDOWN_GRACE).await {
-        Some(mut target) => {
-            let _ = tokio::time::timeout(
-                SHUTDOWN_GRACE,
-                tokio::task::spawn_blocking(move || target.close()),
-            )
-            .await;
-        }
-        None => outcome.hung_module = Some(module),
+    // A call still inside the module keeps the target; the module knows, and is not
+    // finalized under it.
+    if let Some(mut target) = worker.finish(SHUTDOWN_GRACE).await {
+        let _ = tokio::time::timeout(
+            SHUTDOWN_GRACE,
+            tokio::task::spawn_blocking(move || target.close()),
+        )
+        .await;
     }
     outcome
 }
