@@ -676,9 +676,10 @@ fn a_target_whose_token_is_missing_buys_nothing() {
     );
     let log = service.log();
     assert!(log.contains("lost: round failed"), "{log}");
-    // One request, sized for "tok" alone: 48 B/s over the 10-minute horizon is 29 blocks.
-    assert_eq!(world.sim.requests(), 1, "{log}");
-    assert_eq!(world.sim.served().len(), 29 * 1024);
+    // Sized for "tok" alone: one block for its first round, then, once its token accepted
+    // that seed, 48 B/s over the 10-minute horizon: 29 blocks.
+    assert_eq!(world.sim.requests(), 2, "{log}");
+    assert_eq!(world.sim.served().len(), 30 * 1024);
     let _ = service.stop();
 }
 

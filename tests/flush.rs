@@ -63,6 +63,10 @@ fn sigterm_spreads_what_is_left_over_the_targets_and_uses_every_byte() {
         "{}",
         service.log()
     );
+    // The horizon's purchase follows the first accepted seed; stop once it has landed (bytes
+    // that arrive after the flush are wiped, and this test counts every byte).
+    assert!(wait_until(Duration::from_secs(5), || world.sim.requests() == 2));
+    std::thread::sleep(Duration::from_millis(300));
     let (status, _) = service.stop();
     let log = std::fs::read_to_string(world.path("service.log")).unwrap();
     assert!(status.success(), "{log}");

@@ -70,7 +70,8 @@ fn simulated_entropy_is_said_everywhere() {
 
     let service = world.start_service();
     let endpoint = service.endpoint();
-    assert!(world.wait_for_seeds(1, Duration::from_secs(10)));
+    // The spy logs the seed inside C_SeedRandom, before qseed logs its audit line.
+    assert!(service.wait_for_log("seeded tok: 48 bytes", Duration::from_secs(10)));
     let (_, metrics) = http_get(&format!("{endpoint}/metrics"));
     assert!(metrics.contains("qseed_entropy_simulated 1"), "{metrics}");
     let log = service.log();

@@ -60,6 +60,18 @@ fn a_jwt_expiring_in_3_days_is_warned_about_and_its_expiry_is_a_metric() {
     let service = world.start_service();
     let endpoint = service.endpoint();
     assert!(world.wait_for_seeds(1, Duration::from_secs(10)));
+    // The purchase that follows the first accepted seed is in flight for a moment: read the
+    // metrics once what the simulator served is counted.
+    let month = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("qseed_source_month_bytes{source=\"localhost\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert!(wait_until(Duration::from_secs(5), || {
+        let (_, metrics) = http_get(&format!("{endpoint}/metrics"));
+        month(&metrics) == Some(world.sim.blocks_served() * 1024)
+    }));
     let (_, metrics) = http_get(&format!("{endpoint}/metrics"));
     assert!(
         metrics.contains(&format!(

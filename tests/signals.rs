@@ -63,13 +63,15 @@ fn sighup_applies_a_changed_size_and_period() {
         )),
         "{log}"
     );
-    // After the reload only 100-byte seeds, and one request served both configurations.
+    // After the reload only 100-byte seeds, and the bytes bought before it served both
+    // configurations: one block for the first round, then (the token accepted that seed) the
+    // horizon, and nothing more.
     let first_new = seeds.iter().position(|s| s.len() == 100).unwrap();
     assert!(seeds[first_new..].iter().all(|s| s.len() == 100));
     assert_seeds_tile_served(&seeds, &world.sim.served());
     assert_eq!(
         world.sim.requests(),
-        1,
+        2,
         "bytes bought before the reload were used after it"
     );
     // The reload logged in once more: the session was reopened.

@@ -49,8 +49,9 @@ fn metrics_match_the_spy_log_and_the_simulator() {
     );
     assert!(text.contains(r#"qseed_target_state{target="tok",state="active",reason=""} 1"#));
     assert!(text.contains("qseed_last_injection_timestamp_seconds{target=\"tok\"}"));
+    // One block for the first round, then (the token accepted that seed) the horizon.
     assert!(
-        text.contains("qseed_source_request_duration_seconds_count 1"),
+        text.contains("qseed_source_request_duration_seconds_count 2"),
         "{text}"
     );
     assert!(text.contains("qseed_pool_bytes "));

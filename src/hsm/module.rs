@@ -61,6 +61,9 @@ pub struct Modules {
 struct Holder {
     target: String,
     session: Option<u64>,
+    /// A reload removed or renamed the target while its session was still open (a call into
+    /// it had not returned): the token is free once that session is gone, not before.
+    released: bool,
 }
 
 /// A target instance's use of a token, from its claim until its session is closed or
@@ -78,6 +81,9 @@ impl Drop for TokenLease {
         if let Some(holder) = claims.get_mut(&self.claim) {
             if holder.session == Some(self.instance) {
                 holder.session = None;
+                if holder.released {
+                    claims.remove(&self.claim);
+                }
             }
         }
     }
@@ -277,23 +283,31 @@ impl Modules {
         };
         let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
         match claims.get(&claim) {
-            Some(holder) if holder.target != target => Err(HsmError::TokenTaken {
-                label: token.label.clone(),
-                serial: token.serial.clone(),
-                holder: holder.target.clone(),
-            }),
+            // A session of an earlier instance is still open on the token (a call into it has
+            // not returned), whether the target kept its name or a reload renamed it: wait.
             Some(Holder {
                 session: Some(other),
-                ..
-            }) if *other != instance => Err(HsmError::TokenBusy {
-                label: token.label.clone(),
-            }),
+                released,
+                target: holder,
+            }) if *other != instance && (*released || holder == target) => {
+                Err(HsmError::TokenBusy {
+                    label: token.label.clone(),
+                })
+            }
+            Some(holder) if holder.target != target && !holder.released => {
+                Err(HsmError::TokenTaken {
+                    label: token.label.clone(),
+                    serial: token.serial.clone(),
+                    holder: holder.target.clone(),
+                })
+            }
             _ => {
                 claims.insert(
                     claim.clone(),
                     Holder {
                         target: target.to_string(),
                         session: Some(instance),
+                        released: false,
                     },
                 );
                 Ok(Some(TokenLease {
@@ -305,12 +319,20 @@ impl Modules {
         }
     }
 
-    /// Ends `target`'s claims (a reload removed it).
+    /// Ends `target`'s claims (a reload removed or renamed it). A claim whose session is still
+    /// open stays until that session is gone, so that no other target opens a second session
+    /// on the token meanwhile.
     pub fn release(&self, target: &str) {
         self.claims
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, holder| holder.target != target);
+            .retain(|_, holder| {
+                if holder.target != target {
+                    return true;
+                }
+                holder.released = true;
+                holder.session.is_some()
+            });
     }
 
     /// The module at `path`, loaded and initialized (with `init_args`, if given) on first use.
@@ -799,5 +821,66 @@ fn initialize(
             diagnosis: super::quirks::diagnose_initialize(path, rv, init_args.is_some()),
         }),
         Err(e) => Err(from_cryptoki(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> super::super::TokenIdentity {
+        super::super::TokenIdentity {
+            slot: cryptoki::slot::Slot::try_from(3u64).unwrap(),
+            label: "tok".into(),
+            serial: "0001".into(),
+            model: String::new(),
+            manufacturer: String::new(),
+            slot_description: String::new(),
+            slot_manufacturer: String::new(),
+            initialized: true,
+            has_rng: true,
+            user_pin_final_try: false,
+            user_pin_locked: false,
+            login_required: false,
+            user_pin_initialized: true,
+            user_pin_count_low: false,
+            user_pin_to_be_changed: false,
+            protected_authentication_path: false,
+            partly_unknown: None,
+        }
+    }
+
+    /// Issue 24: renaming a target while its call hung opened a second session on the token.
+    #[test]
+    fn a_renamed_target_waits_until_the_old_session_is_gone() {
+        let modules = Modules::new();
+        // Any file: a claim knows the module by device and inode.
+        let module = std::env::current_exe().unwrap();
+        let old = modules.claim(&module, &token(), "old", 1).unwrap().unwrap();
+        // A reload renames "old" to "new" while old's call is still inside the module.
+        modules.release("old");
+        let busy = modules.claim(&module, &token(), "new", 2);
+        assert!(matches!(busy, Err(HsmError::TokenBusy { .. })), "{busy:?}");
+        // The call returned and the old instance's session is gone: the token is new's.
+        drop(old);
+        let new = modules.claim(&module, &token(), "new", 2).unwrap();
+        assert!(new.is_some());
+        let other = modules.claim(&module, &token(), "third", 3);
+        assert!(
+            matches!(other, Err(HsmError::TokenTaken { .. })),
+            "{other:?}"
+        );
+    }
+
+    #[test]
+    fn a_removed_target_without_a_session_frees_its_token_at_once() {
+        let modules = Modules::new();
+        let module = std::env::current_exe().unwrap();
+        drop(modules.claim(&module, &token(), "old", 1).unwrap());
+        modules.release("old");
+        assert!(modules
+            .claim(&module, &token(), "new", 2)
+            .unwrap()
+            .is_some());
     }
 }

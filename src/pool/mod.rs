@@ -86,6 +86,9 @@ struct Demand {
     /// must not drive them), and those whose first round is due but who have not finished
     /// trying yet (see [`SETTLE`]).
     reachable: Option<bool>,
+    /// Its token has accepted a seed. Until then only its next round is bought for, never
+    /// its share of the horizon: a token that refuses seeds costs at most its first seed.
+    accepted: bool,
     /// When its first round is due.
     first_round: Instant,
 }
@@ -371,6 +374,7 @@ impl<S: EntropySource> Pool<S> {
                 period,
                 rounds_left: rounds,
                 reachable: None,
+                accepted: false,
                 first_round: Instant::now() + offset,
             },
         );
@@ -388,6 +392,17 @@ impl<S: EntropySource> Pool<S> {
             }
             if first {
                 self.first_tries.notify_waiters();
+            }
+        }
+    }
+
+    /// Consumer `id`'s token accepted a seed: its rate counts toward purchases from now on.
+    pub fn seed_accepted(&self, id: DemandId) {
+        let mut state = self.lock();
+        if let Some(d) = state.demand.get_mut(&id) {
+            if !d.accepted {
+                d.accepted = true;
+                state.low_water = None;
             }
         }
     }
@@ -784,11 +799,12 @@ fn shortest_period(demand: &HashMap<DemandId, Demand>) -> Duration {
         .unwrap_or(backoff::MAX_CAP)
 }
 
-/// Bytes per second the registered consumers take.
+/// Bytes per second the registered consumers whose tokens accept seeds take.
 fn rate(demand: &HashMap<DemandId, Demand>) -> f64 {
     demand
         .values()
         .filter(counts)
+        .filter(|d| d.accepted)
         .filter(|d| d.rounds_left != Some(0))
         .map(|d| d.size as f64 / d.period.as_secs_f64().max(1e-3))
         .sum()

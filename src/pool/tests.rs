@@ -75,6 +75,7 @@ async fn concurrent_takers_never_share_a_byte() {
         tasks.push(tokio::spawn(async move {
             let size = 17 + t * 13;
             let id = pool.register(size, Duration::from_secs(1), Some(100));
+            pool.seed_accepted(id);
             let mut got = Vec::new();
             for _ in 0..100 {
                 let bytes = pool.take(id, size).await.unwrap();
@@ -101,6 +102,7 @@ async fn concurrent_takers_never_share_a_byte() {
 async fn a_bounded_run_buys_what_it_needs_in_few_requests() {
     let (source, pool) = new_pool(PoolConfig::default());
     let id = pool.register(48, Duration::from_millis(1), Some(10_000));
+    pool.seed_accepted(id);
     for _ in 0..10_000 {
         pool.take(id, 48).await.unwrap();
     }
@@ -117,6 +119,7 @@ async fn a_steady_service_buys_its_horizon_per_request() {
     let (source, pool) = new_pool(PoolConfig::default());
     // 48 bytes every 10 s = 4.8 B/s; a 10-minute horizon is 2,880 bytes: 3 KiB a request.
     let id = pool.register(48, Duration::from_secs(10), None);
+    pool.seed_accepted(id);
     for _ in 0..200 {
         pool.take(id, 48).await.unwrap();
     }
@@ -134,6 +137,7 @@ async fn requests_respect_max_bytes_and_max_age() {
     };
     let (source, pool) = new_pool(config);
     let id = pool.register(4096, Duration::from_secs(1), None);
+    pool.seed_accepted(id);
     pool.take(id, 4096).await.unwrap();
     assert_eq!(
         *source.requests.lock().unwrap(),
@@ -148,6 +152,7 @@ async fn requests_respect_max_bytes_and_max_age() {
     let (source, pool) = new_pool(config);
     // 100 B/s for at most 60 s: 6,000 bytes, 6 blocks, though the horizon asks for 60,000.
     let id = pool.register(100, Duration::from_secs(1), None);
+    pool.seed_accepted(id);
     pool.take(id, 100).await.unwrap();
     assert_eq!(*source.requests.lock().unwrap(), vec![6]);
 }
@@ -160,6 +165,7 @@ async fn old_bytes_expire_and_are_counted() {
     };
     let (source, pool) = new_pool(config);
     let id = pool.register(48, Duration::from_secs(1), None);
+    pool.seed_accepted(id);
     pool.take(id, 48).await.unwrap();
     let held = pool.stats().bytes_held;
     assert!(held > 0);
@@ -184,6 +190,7 @@ async fn the_background_refill_runs_ahead_of_need() {
     };
     // 1 KiB/s: low water is one round plus 30 s of use; each request buys 5 s.
     let id = pool.register(1024, Duration::from_secs(1), None);
+    pool.seed_accepted(id);
     for _ in 0..200 {
         pool.take(id, 1024).await.unwrap();
         tokio::task::yield_now().await;
@@ -216,6 +223,7 @@ async fn unhealthy_blocks_are_dropped_and_never_handed_out() {
         good.clone(),         // replayed
     ];
     let id = pool.register(1024, Duration::from_secs(1), Some(3));
+    pool.seed_accepted(id);
     let first = pool.take(id, 1024).await.unwrap();
     assert_eq!(first.expose(), &good[..]);
     let stats = pool.stats();
@@ -233,6 +241,7 @@ async fn a_failing_source_is_reported_and_nothing_is_handed_out() {
     let (source, pool) = new_pool(PoolConfig::default());
     source.fail.store(true, Ordering::Relaxed);
     let id = pool.register(48, Duration::from_secs(1), None);
+    pool.seed_accepted(id);
     assert!(pool.take(id, 48).await.is_err());
     let stats = pool.stats();
     assert_eq!((stats.failed_requests, stats.bytes_handed_out), (1, 0));
@@ -244,8 +253,10 @@ async fn a_failing_source_is_reported_and_nothing_is_handed_out() {
 async fn a_consumer_that_cannot_reach_its_token_drives_no_purchases() {
     let (source, pool) = new_pool(PoolConfig::default());
     let good = pool.register(48, Duration::from_secs(10), None);
+    pool.seed_accepted(good);
     // 4 KiB a second, for a token that is not there.
     let lost = pool.register(4096, Duration::from_secs(1), None);
+    pool.seed_accepted(lost);
     pool.set_reachable(lost, false);
     pool.take(good, 48).await.unwrap();
     // Sized for the good consumer alone: 4.8 B/s over 10 minutes, 3 KiB.
@@ -262,9 +273,13 @@ async fn a_consumer_that_cannot_reach_its_token_drives_no_purchases() {
 async fn the_first_request_waits_briefly_for_first_tries() {
     let (source, pool) = new_pool(PoolConfig::default());
     let good = pool.register(48, Duration::from_secs(10), None);
+    pool.seed_accepted(good);
     let other = pool.register(48, Duration::from_secs(10), None);
+    pool.seed_accepted(other);
     let lost = pool.register(4096, Duration::from_secs(1), None);
+    pool.seed_accepted(lost);
     let later = pool.register_after(48, Duration::from_secs(10), None, Duration::from_secs(60));
+    pool.seed_accepted(later);
     let taker = tokio::spawn({
         let pool = pool.clone();
         async move { pool.take(good, 48).await.map(|_| ()) }
@@ -286,9 +301,32 @@ async fn the_first_request_waits_briefly_for_first_tries() {
 async fn a_consumer_that_never_answers_holds_the_first_request_one_second_at_most() {
     let (source, pool) = new_pool(PoolConfig::default());
     let good = pool.register(48, Duration::from_secs(10), None);
+    pool.seed_accepted(good);
     let _silent = pool.register(48, Duration::from_secs(10), None);
     let started = Instant::now();
     pool.take(good, 48).await.unwrap();
     assert_eq!(started.elapsed(), SETTLE);
     assert_eq!(source.requests.lock().unwrap().len(), 1);
+}
+
+/// Issue 24: until a consumer's token has accepted a seed, only its next round is bought,
+/// never its share of the horizon, so a token that refuses seeds costs at most its first
+/// seed's block; once it accepts, its rate counts.
+#[tokio::test]
+async fn a_token_that_has_not_accepted_a_seed_costs_at_most_its_first_seed() {
+    let (source, pool) = new_pool(PoolConfig::default());
+    // 48 bytes every 10 s: a horizon of 3 KiB a request once it counts.
+    let id = pool.register(48, Duration::from_secs(10), None);
+    pool.take(id, 48).await.unwrap();
+    assert_eq!(
+        *source.requests.lock().unwrap(),
+        vec![1],
+        "one block, not the horizon"
+    );
+    pool.seed_accepted(id);
+    for _ in 0..30 {
+        pool.take(id, 48).await.unwrap();
+    }
+    let requests = source.requests.lock().unwrap().clone();
+    assert!(requests[1..].iter().all(|&b| b == 3), "{requests:?}");
 }

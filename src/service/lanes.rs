@@ -25,17 +25,14 @@ const CALLS_PER_DRAINER: usize = 16;
 /// One PKCS#11 call with what it reports back.
 pub type Job = Box<dyn FnOnce() + Send + 'static>;
 
-/// How a drainer thread is started: on the runtime's blocking threads, or on a thread of its
-/// own once hung calls hold half of those (see `worker`).
-pub type Spawn = fn(Box<dyn FnOnce() + Send + 'static>);
+/// How a drainer thread is started: on the module's pooled threads, or on a thread of its own
+/// once hung calls hold half of those (see `worker`).
+pub type Spawn<'a> = &'a dyn Fn(Box<dyn FnOnce() + Send + 'static>);
 
-/// A queue of calls and the drainers that serve it. The process has one, [`LANES`].
+/// A queue of calls and the drainers that serve it: each module has one (see `worker`).
 pub struct Lanes {
     queue: Mutex<Queue>,
 }
-
-/// The process's queue: every target's calls, whatever their module.
-pub static LANES: Lanes = Lanes::new();
 
 struct Queue {
     jobs: VecDeque<Job>,
@@ -112,7 +109,7 @@ impl Lanes {
     }
 
     /// Queues `job`; starts a drainer with `spawn` if no free one will reach it soon.
-    pub fn submit(&'static self, job: Job, spawn: Spawn) {
+    pub fn submit(&'static self, job: Job, spawn: Spawn<'_>) {
         let start = {
             let mut queue = self.queue();
             queue.jobs.push_back(job);
@@ -124,7 +121,7 @@ impl Lanes {
     }
 
     /// Starts a drainer if the queued calls wait behind stalled ones.
-    pub fn kick(&'static self, spawn: Spawn) {
+    pub fn kick(&'static self, spawn: Spawn<'_>) {
         let start = self.queue().drainer_needed(Instant::now());
         if let Some(id) = start {
             spawn(Box::new(move || self.drain(id)));
@@ -228,9 +225,9 @@ mod tests {
             Box::new(move || {
                 let _ = hang.recv();
             }),
-            on_a_thread,
+            &on_a_thread,
         );
-        LANES.submit(Box::new(move || done_tx.send(()).unwrap()), on_a_thread);
+        LANES.submit(Box::new(move || done_tx.send(()).unwrap()), &on_a_thread);
         // As a waiting caller does: kick every STALL until the call has run.
         let mut waited = Duration::ZERO;
         while done.recv_timeout(STALL).is_err() {
@@ -239,7 +236,7 @@ mod tests {
                 waited < Duration::from_secs(10),
                 "the second call never ran"
             );
-            LANES.kick(on_a_thread);
+            LANES.kick(&on_a_thread);
         }
         release.send(()).unwrap();
     }
@@ -248,8 +245,8 @@ mod tests {
     fn a_call_that_panics_leaves_its_drainer_taking_the_next() {
         static LANES: Lanes = Lanes::new();
         let (done_tx, done) = mpsc::channel();
-        LANES.submit(Box::new(|| panic!("a module bug")), on_a_thread);
-        LANES.submit(Box::new(move || done_tx.send(()).unwrap()), on_a_thread);
+        LANES.submit(Box::new(|| panic!("a module bug")), &on_a_thread);
+        LANES.submit(Box::new(move || done_tx.send(()).unwrap()), &on_a_thread);
         // No kick: only a drainer that survived the panic can take the second call.
         assert!(
             done.recv_timeout(Duration::from_secs(10)).is_ok(),

@@ -14,6 +14,7 @@ pub mod shutdown;
 pub mod worker;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -438,6 +439,13 @@ async fn target_loop<S: EntropySource + 'static>(
         name: name.clone(),
         ..TargetOutcome::default()
     };
+    let late = LateSeeds {
+        name: name.clone(),
+        source: source.clone(),
+        metrics: metrics.clone(),
+        injections: Arc::default(),
+        bytes: Arc::default(),
+    };
     let mut next = Instant::now() + offset;
     let mut done = 0u32;
     let mut failing = FailureRun::default();
@@ -467,7 +475,7 @@ async fn target_loop<S: EntropySource + 'static>(
             _ = tokio::time::sleep_until(away.map_or(next, |(_, at)| at)), if away.is_some() => true,
         };
         refills.mark_unchanged();
-        let result = round(&mut worker, &pool, demand, size, timeout, &stop).await;
+        let result = round(&mut worker, &pool, demand, size, timeout, &stop, &late).await;
         starved = matches!(result, Err(RoundError::Source(_)));
         let away_wait = match (&result, again) {
             (Err(RoundError::Call(CallError::Hsm(e))), Some(period))
@@ -491,6 +499,9 @@ async fn target_loop<S: EntropySource + 'static>(
                         )),
                         recovery.failures
                     );
+                }
+                if outcome.injections == 0 {
+                    pool.seed_accepted(demand);
                 }
                 outcome.injections += 1;
                 outcome.bytes_injected += size as u64;
@@ -524,12 +535,12 @@ async fn target_loop<S: EntropySource + 'static>(
                 tracing::error!(target_name = %name, reason = e.reason(), "{name}: target stopped: {e}");
                 break;
             }
-            Err(RoundError::Call(CallError::Lost)) => {
+            Err(RoundError::Call(e @ (CallError::Lost | CallError::Panicked { .. }))) => {
                 outcome.failures += 1;
-                outcome.stopped = Some("its PKCS#11 thread failed".into());
-                metrics.target_stopped(&name, "thread_failed", "its PKCS#11 thread failed");
+                outcome.stopped = Some(e.to_string());
+                metrics.target_stopped(&name, "thread_failed", &e.to_string());
                 metrics.failed(&name, "hsm_error");
-                tracing::error!(target_name = %name, "{name}: target stopped: its PKCS#11 thread failed");
+                tracing::error!(target_name = %name, "{name}: target stopped: {e}");
                 break;
             }
             Err(RoundError::Call(e @ CallError::Hung { .. })) => {
@@ -595,6 +606,10 @@ async fn target_loop<S: EntropySource + 'static>(
         )
         .await;
     }
+    // Seeds given up on that went in after all (one still running reports to the audit log
+    // and the metrics when it returns, too late for this count).
+    outcome.injections += late.injections.load(Ordering::SeqCst);
+    outcome.bytes_injected += late.bytes.load(Ordering::SeqCst);
     outcome
 }
 
@@ -779,6 +794,51 @@ enum RoundError {
     Call(CallError),
 }
 
+/// What a seed given up on (declared hung, or the service stopping) does when it returns after
+/// all: bytes that went in are audited and counted like any round's, never called wiped.
+#[derive(Clone)]
+struct LateSeeds {
+    name: String,
+    source: String,
+    metrics: Arc<Metrics>,
+    injections: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl LateSeeds {
+    /// The handler for one seed of `size` bytes bought by `requests`.
+    fn handler(
+        &self,
+        size: usize,
+        requests: String,
+    ) -> impl FnOnce(Result<Arc<TokenIdentity>, HsmError>) + Send + 'static {
+        let late = self.clone();
+        let called = Instant::now();
+        move |result| {
+            let name = &late.name;
+            let after = called.elapsed().as_secs();
+            match result {
+                Ok(token) => {
+                    tracing::warn!(
+                        target_name = %name,
+                        "{name}: the C_SeedRandom given up on returned after {after}s and \
+                         succeeded: its {size} bytes are in the token"
+                    );
+                    late.injections.fetch_add(1, Ordering::SeqCst);
+                    late.bytes.fetch_add(size as u64, Ordering::SeqCst);
+                    late.metrics.injected(name, size as u64);
+                    audit(Injected::Round, name, &token, size, &late.source, &requests);
+                }
+                Err(e) => tracing::warn!(
+                    target_name = %name,
+                    "{name}: the C_SeedRandom given up on returned after {after}s: {e}; its \
+                     bytes were wiped"
+                ),
+            }
+        }
+    }
+}
+
 /// One injection: connect first (so no bytes are taken for an unreachable token), then take
 /// fresh bytes, then seed. The bytes are wiped when the call returns, whatever it returned:
 /// bytes that failed to go in are never offered to anyone else.
@@ -789,6 +849,7 @@ async fn round<S: EntropySource>(
     size: usize,
     timeout: Duration,
     stop: &CancellationToken,
+    late: &LateSeeds,
 ) -> Result<(Arc<TokenIdentity>, String), RoundError> {
     // The usual round: a session is open, so one hand-off to the blocking thread does it all
     // (`connect` is then a check). Should the session turn out dead, the bytes are wiped with
@@ -799,11 +860,18 @@ async fn round<S: EntropySource>(
             _ = stop.cancelled() => return Err(RoundError::Call(CallError::Cancelled)),
             taken = pool.take_traced(demand, size) => taken.map_err(RoundError::Source)?,
         };
+        let on_late = late.handler(size, requests.clone());
         let seeded = worker
-            .call("C_SeedRandom", timeout, stop, move |t| {
-                t.connect()?;
-                t.seed(&bytes)
-            })
+            .call_with_late(
+                "C_SeedRandom",
+                timeout,
+                stop,
+                move |t| {
+                    t.connect()?;
+                    t.seed(&bytes)
+                },
+                on_late,
+            )
             .await;
         pool.set_reachable(
             demand,
@@ -825,8 +893,15 @@ async fn round<S: EntropySource>(
         _ = stop.cancelled() => return Err(RoundError::Call(CallError::Cancelled)),
         taken = pool.take_traced(demand, size) => taken.map_err(RoundError::Source)?,
     };
+    let on_late = late.handler(size, requests.clone());
     let token = worker
-        .call("C_SeedRandom", timeout, stop, move |t| t.seed(&bytes))
+        .call_with_late(
+            "C_SeedRandom",
+            timeout,
+            stop,
+            move |t| t.seed(&bytes),
+            on_late,
+        )
         .await
         .map_err(RoundError::Call)?;
     Ok((token, requests))

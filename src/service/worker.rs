@@ -1,25 +1,32 @@
-//! Runs a target's PKCS#11 calls on a blocking thread with a bounded wait.
+//! Runs a target's PKCS#11 calls on blocking threads with a bounded wait.
 //!
 //! A PKCS#11 call can hang (a network HSM that stops answering). The target's loop must not
 //! hang with it: after the target's `timeout` the call is reported as hung and left running on
 //! its thread; the target skips its rounds until the call returns, then carries on with its
-//! session. Shutdown waits for a running call only for a grace period.
+//! session. A call given up on still reports when it returns: its result goes to the caller's
+//! `late` handler (a seed that went in after all is audited and counted). A call that panics
+//! is reported as such, never as hung. Shutdown waits for a running call only for a grace
+//! period.
 //!
-//! Calls are queued ([`lanes`]) for the runtime's blocking threads, at most
-//! [`BLOCKING_THREADS`] of them (so hundreds of targets do not hold hundreds of threads), and a
-//! thread takes queued calls one after another. A hung call keeps its thread; a caller waiting
-//! behind a stalled call has it taken by another thread; once half of them are held by hung
-//! calls, new threads are threads of their own, so that hung calls never hold up the other
-//! targets.
+//! Each module has threads of its own ([`ModuleThreads`]): calls are queued ([`lanes`]) for
+//! that module's blocking threads, at most [`BLOCKING_THREADS`] of them (so hundreds of
+//! targets do not hold hundreds of threads), and a thread takes queued calls one after
+//! another. A slow or hung module holds only its own threads, never another module's, and
+//! never the runtime's blocking threads that DNS lookups and device reads use. A hung call
+//! keeps its thread; a caller waiting behind a stalled call has it taken by another thread;
+//! once half of a module's threads are held by hung calls, new threads are threads of their
+//! own, so that hung calls never hold up that module's other targets.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::lanes;
+use super::lanes::{self, Lanes};
 use crate::hsm::{HsmError, Target};
 
 /// Why a call gave no answer.
@@ -38,54 +45,119 @@ pub enum CallError {
     },
     #[error("the PKCS#11 thread failed")]
     Lost,
+    #[error("{call} panicked inside qseed or the module (a bug: please report it)")]
+    Panicked { call: &'static str },
     #[error("stopping")]
     Cancelled,
 }
 
-/// Most blocking threads of the runtime (see the module documentation).
+/// Most blocking threads of one module (see the module documentation).
 pub const BLOCKING_THREADS: usize = 32;
 
-/// Calls declared hung whose threads have not come back.
-static HUNG_CALLS: AtomicUsize = AtomicUsize::new(0);
+/// How long an idle PKCS#11 thread waits for the next call before it ends.
+const THREAD_KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 const RUNNING: u8 = 0;
 const HUNG: u8 = 1;
 const DONE: u8 = 2;
 
-/// Queues `job` for a blocking thread (see [`lanes`]).
-fn run_blocking(job: impl FnOnce() + Send + 'static) {
-    lanes::LANES.submit(Box::new(job), start_drainer);
+/// A module's queue of calls and the threads that serve it.
+pub struct ModuleThreads {
+    lanes: Lanes,
+    /// A runtime used only for its blocking pool (no driver, no tasks): the module's threads.
+    pool: Option<tokio::runtime::Runtime>,
+    /// Calls declared hung whose threads have not come back.
+    hung: AtomicUsize,
 }
 
-/// Starts a drainer on a blocking thread of the runtime, or on a thread of its own while hung
-/// calls hold half of those.
-fn start_drainer(drain: Box<dyn FnOnce() + Send + 'static>) {
-    let drain = Arc::new(std::sync::Mutex::new(Some(drain)));
-    let take = |drain: &std::sync::Mutex<Option<_>>| {
-        drain
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-    };
-    if HUNG_CALLS.load(Ordering::Relaxed) >= BLOCKING_THREADS / 2 {
+impl std::fmt::Debug for ModuleThreads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModuleThreads")
+            .field("hung", &self.hung)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ModuleThreads {
+    /// The threads of the module at `path` (one set per path, for the process's life).
+    pub fn of(path: &Path) -> &'static ModuleThreads {
+        static BY_MODULE: Mutex<Option<HashMap<PathBuf, &'static ModuleThreads>>> =
+            Mutex::new(None);
+        let mut by_module = BY_MODULE.lock().unwrap_or_else(PoisonError::into_inner);
+        by_module
+            .get_or_insert_with(HashMap::new)
+            .entry(path.to_path_buf())
+            .or_insert_with(|| {
+                let pool = tokio::runtime::Builder::new_current_thread()
+                    .thread_name("qseed-pkcs11")
+                    .max_blocking_threads(BLOCKING_THREADS)
+                    .thread_keep_alive(THREAD_KEEP_ALIVE)
+                    .build()
+                    .inspect_err(|e| {
+                        tracing::warn!(
+                            "cannot make a thread pool for {}: {e}; its calls get threads of \
+                             their own",
+                            path.display()
+                        )
+                    })
+                    .ok();
+                Box::leak(Box::new(ModuleThreads {
+                    lanes: Lanes::new(),
+                    pool,
+                    hung: AtomicUsize::new(0),
+                }))
+            })
+    }
+
+    /// Queues `job` (see [`lanes`]).
+    fn submit(&'static self, job: impl FnOnce() + Send + 'static) {
+        self.lanes
+            .submit(Box::new(job), &|drain| self.start_drainer(drain));
+    }
+
+    fn kick(&'static self) {
+        self.lanes.kick(&|drain| self.start_drainer(drain));
+    }
+
+    /// Starts a drainer on one of the module's pooled threads, or on a thread of its own
+    /// while hung calls hold half of those.
+    fn start_drainer(&self, drain: Box<dyn FnOnce() + Send + 'static>) {
+        let drain = Arc::new(Mutex::new(Some(drain)));
+        let take = |drain: &Mutex<Option<Box<dyn FnOnce() + Send + 'static>>>| {
+            drain.lock().unwrap_or_else(PoisonError::into_inner).take()
+        };
+        if let Some(pool) = &self.pool {
+            if self.hung.load(Ordering::Relaxed) < BLOCKING_THREADS / 2 {
+                let pooled = drain.clone();
+                pool.spawn_blocking(move || {
+                    if let Some(drain) = take(&pooled) {
+                        drain();
+                    }
+                });
+                return;
+            }
+        }
         let own = drain.clone();
         let spawned = std::thread::Builder::new()
-            .name("qseed-pkcs11".into())
+            .name("qseed-pkcs11-extra".into())
             .spawn(move || {
                 if let Some(drain) = take(&own) {
                     drain();
                 }
             });
-        if spawned.is_ok() {
-            return;
+        if spawned.is_err() {
+            tracing::warn!("cannot start a thread for PKCS#11 calls; running this one here");
+            if let Some(drain) = take(&drain) {
+                drain();
+            }
         }
-        tracing::warn!("cannot start a thread for PKCS#11 calls; they wait for a free one");
     }
-    tokio::task::spawn_blocking(move || {
-        if let Some(drain) = take(&drain) {
-            drain();
-        }
-    });
+}
+
+/// What a call's thread hands back.
+enum Returned<T> {
+    Value(Result<T, HsmError>),
+    Panicked,
 }
 
 /// Owns a target, or, while a call runs, the thread that has it.
@@ -93,6 +165,7 @@ fn start_drainer(drain: Box<dyn FnOnce() + Send + 'static>) {
 pub struct Worker {
     target: Option<Target>,
     running: Option<Running>,
+    threads: &'static ModuleThreads,
 }
 
 #[derive(Debug)]
@@ -101,7 +174,7 @@ struct Running {
     since: Instant,
     /// The target, handed back when the call returns.
     target: oneshot::Receiver<Target>,
-    /// RUNNING, HUNG (counted in [`HUNG_CALLS`]) or DONE.
+    /// RUNNING, HUNG (counted in its module's [`ModuleThreads`]) or DONE.
     state: Arc<AtomicU8>,
 }
 
@@ -111,32 +184,53 @@ impl Running {
     }
 
     /// Counts the call as hung (once) until its thread comes back.
-    fn mark_hung(&self) {
+    fn mark_hung(&self, threads: &ModuleThreads) {
         if self
             .state
             .compare_exchange(RUNNING, HUNG, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
         {
-            HUNG_CALLS.fetch_add(1, Ordering::SeqCst);
+            threads.hung.fetch_add(1, Ordering::SeqCst);
         }
     }
 }
 
 impl Worker {
     pub fn new(target: Target) -> Self {
+        let threads = ModuleThreads::of(&target.config().module);
         Self {
             target: Some(target),
             running: None,
+            threads,
         }
     }
 
-    /// Runs `f` on a blocking thread; waits at most `timeout`, or until `stop` is cancelled.
+    /// Runs `f` on one of the module's threads; waits at most `timeout`, or until `stop` is
+    /// cancelled. Should the call return after that, its result is only logged.
     pub async fn call<T: Send + 'static>(
         &mut self,
         name: &'static str,
         timeout: Duration,
         stop: &tokio_util::sync::CancellationToken,
         f: impl FnOnce(&mut Target) -> Result<T, HsmError> + Send + 'static,
+    ) -> Result<T, CallError> {
+        self.call_with_late(name, timeout, stop, f, move |late: Result<T, HsmError>| {
+            if let Err(e) = late {
+                tracing::debug!("{name}, given up on, returned: {e}");
+            }
+        })
+        .await
+    }
+
+    /// [`Worker::call`], with `late` given the result of a call that returns after its caller
+    /// gave up on it (hung, or the service stopping): on the call's thread, once.
+    pub async fn call_with_late<T: Send + 'static>(
+        &mut self,
+        name: &'static str,
+        timeout: Duration,
+        stop: &tokio_util::sync::CancellationToken,
+        f: impl FnOnce(&mut Target) -> Result<T, HsmError> + Send + 'static,
+        late: impl FnOnce(Result<T, HsmError>) + Send + 'static,
     ) -> Result<T, CallError> {
         self.reclaim().await?;
         let Some(mut target) = self.target.take() else {
@@ -146,12 +240,22 @@ impl Worker {
         let (target_tx, target_rx) = oneshot::channel();
         let state = Arc::new(AtomicU8::new(RUNNING));
         let job_state = state.clone();
-        run_blocking(move || {
-            let result = f(&mut target);
+        let threads = self.threads;
+        threads.submit(move || {
+            let returned =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut target)));
+            // Counted back before anything else: a call that panicked is not hung either.
             if job_state.swap(DONE, Ordering::SeqCst) == HUNG {
-                HUNG_CALLS.fetch_sub(1, Ordering::SeqCst);
+                threads.hung.fetch_sub(1, Ordering::SeqCst);
             }
-            let _ = tx.send(result);
+            let returned = match returned {
+                Ok(result) => Returned::Value(result),
+                Err(_) => Returned::Panicked,
+            };
+            if let Err(Returned::Value(result)) = tx.send(returned) {
+                // The caller gave up on it: the result still has to be told.
+                late(result);
+            }
             let _ = target_tx.send(target);
         });
         let since = Instant::now();
@@ -165,10 +269,10 @@ impl Worker {
         // One timer for both the kicks and the deadline: a call costs one timer-wheel entry.
         let tick = tokio::time::sleep_until((since + lanes::STALL).min(deadline));
         tokio::pin!(tick);
-        let result = loop {
+        let mut result = loop {
             tokio::select! {
                 biased;
-                r = &mut rx => break r.ok(),
+                r = &mut rx => break Some(r),
                 _ = stop.cancelled() => break None,
                 _ = &mut tick => {
                     let now = Instant::now();
@@ -176,22 +280,32 @@ impl Worker {
                         break None;
                     }
                     // Queued behind a call that stalled: another thread takes this one.
-                    lanes::LANES.kick(start_drainer);
+                    threads.kick();
                     tick.as_mut().reset((now + lanes::STALL).min(deadline));
                 }
             }
         };
+        if result.is_none() {
+            // Given up on. Closed first, then looked at once more: a result sent before the
+            // close is this caller's; one sent after goes to `late`. None is lost between.
+            rx.close();
+            result = rx.try_recv().ok().map(Ok);
+        }
         match result {
-            Some(r) => {
+            Some(returned) => {
                 // The thread hands the target back right after the result.
                 let running = self.running.take().ok_or(CallError::Lost)?;
                 self.target = Some(running.target.await.map_err(|_| CallError::Lost)?);
-                r.map_err(CallError::Hsm)
+                match returned {
+                    Ok(Returned::Value(r)) => r.map_err(CallError::Hsm),
+                    Ok(Returned::Panicked) => Err(CallError::Panicked { call: name }),
+                    Err(_) => Err(CallError::Lost),
+                }
             }
             None if stop.is_cancelled() => Err(CallError::Cancelled),
             None => {
                 if let Some(running) = &self.running {
-                    running.mark_hung();
+                    running.mark_hung(threads);
                 }
                 Err(CallError::Hung {
                     call: name,
@@ -242,22 +356,188 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{TargetConfig, TargetKind, TokenSelector};
+    use tokio_util::sync::CancellationToken;
+
+    /// A target whose calls here never reach a module (the jobs below do not touch it), with
+    /// threads of its own (`module` names no file: only the thread set is keyed by it).
+    fn worker(module: &str) -> Worker {
+        let config = TargetConfig {
+            name: "t".into(),
+            kind: TargetKind::Kernel {
+                credit: crate::kernel::Credit::None,
+            },
+            module: PathBuf::from(module),
+            token: TokenSelector::Label("t".into()),
+            login: None,
+            size: 48,
+            period: Duration::from_secs(1),
+            offset: Duration::ZERO,
+            timeout: Duration::from_secs(1),
+            max_seed: None,
+            init_args: None,
+            check_output: false,
+        };
+        let guard =
+            crate::hsm::PinGuard::new(&crate::state::StateDir::Memory { why: "test".into() });
+        Worker::new(Target::new(config, crate::hsm::Modules::new(), guard))
+    }
+
+    #[tokio::test]
+    async fn a_call_that_panics_is_a_panic_not_a_hang_and_the_worker_goes_on() {
+        let mut worker = worker("/test/panics");
+        let stop = CancellationToken::new();
+        let r: Result<(), _> = worker
+            .call("C_SeedRandom", Duration::from_secs(5), &stop, |_| {
+                panic!("a module bug")
+            })
+            .await;
+        assert!(matches!(r, Err(CallError::Panicked { .. })), "{r:?}");
+        assert_eq!(worker.threads.hung.load(Ordering::SeqCst), 0);
+        // The target came back with the answer: the next call runs.
+        let r = worker
+            .call("C_SeedRandom", Duration::from_secs(5), &stop, |_| Ok(7))
+            .await;
+        assert_eq!(r.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_hung_call_that_then_panics_is_no_longer_counted_hung() {
+        let mut worker = worker("/test/hangs-then-panics");
+        let stop = CancellationToken::new();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let r: Result<(), _> = worker
+            .call(
+                "C_SeedRandom",
+                Duration::from_millis(100),
+                &stop,
+                move |_| {
+                    let _ = wait.recv();
+                    panic!("a module bug after a hang")
+                },
+            )
+            .await;
+        assert!(matches!(r, Err(CallError::Hung { .. })), "{r:?}");
+        assert_eq!(worker.threads.hung.load(Ordering::SeqCst), 1);
+        release.send(()).unwrap();
+        let back = wait_for(|| worker.threads.hung.load(Ordering::SeqCst) == 0).await;
+        assert!(back, "the hung-call count leaked after the panic");
+    }
+
+    #[tokio::test]
+    async fn a_call_that_returns_after_it_was_given_up_reaches_the_late_handler() {
+        let mut worker = worker("/test/late");
+        let stop = CancellationToken::new();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (late_tx, late_rx) = std::sync::mpsc::channel();
+        let r = worker
+            .call_with_late(
+                "C_SeedRandom",
+                Duration::from_millis(100),
+                &stop,
+                move |_| {
+                    let _ = wait.recv();
+                    Ok(48usize)
+                },
+                move |late| late_tx.send(late).unwrap(),
+            )
+            .await;
+        assert!(matches!(r, Err(CallError::Hung { .. })), "{r:?}");
+        release.send(()).unwrap();
+        let late =
+            tokio::task::spawn_blocking(move || late_rx.recv_timeout(Duration::from_secs(5)))
+                .await
+                .unwrap();
+        assert_eq!(late.unwrap().unwrap(), 48, "the late success was told");
+        // And the worker has its target back for the next round.
+        assert!(wait_for(|| worker.running.as_ref().is_some_and(Running::is_finished)).await);
+        let r = worker
+            .call("C_SeedRandom", Duration::from_secs(5), &stop, |_| Ok(1))
+            .await;
+        assert_eq!(r.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_call_that_returns_in_time_never_reaches_the_late_handler() {
+        let mut worker = worker("/test/in-time");
+        let stop = CancellationToken::new();
+        let told = Arc::new(AtomicUsize::new(0));
+        let counted = told.clone();
+        for _ in 0..50 {
+            let counted = counted.clone();
+            let r = worker
+                .call_with_late(
+                    "C_SeedRandom",
+                    Duration::from_secs(5),
+                    &stop,
+                    |_| Ok(()),
+                    move |_| {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    },
+                )
+                .await;
+            assert!(r.is_ok());
+        }
+        assert_eq!(told.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn two_modules_have_threads_of_their_own() {
+        let (slow, fast) = (
+            ModuleThreads::of(Path::new("/test/slow")),
+            ModuleThreads::of(Path::new("/test/fast")),
+        );
+        assert!(!std::ptr::eq(slow, fast));
+        assert!(std::ptr::eq(
+            slow,
+            ModuleThreads::of(Path::new("/test/slow"))
+        ));
+        // Every thread of the slow module held: the fast module's call still runs at once.
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let wait = Arc::new(Mutex::new(wait));
+        for _ in 0..BLOCKING_THREADS {
+            let wait = wait.clone();
+            slow.pool.as_ref().unwrap().spawn_blocking(move || {
+                let _ = wait.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            });
+        }
+        let (done_tx, done) = std::sync::mpsc::channel();
+        fast.submit(move || {
+            done_tx
+                .send(std::thread::current().name().map(str::to_string))
+                .unwrap()
+        });
+        let name = tokio::task::spawn_blocking(move || done.recv_timeout(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        drop(release);
+        assert_eq!(name.unwrap().as_deref(), Some("qseed-pkcs11"));
+    }
 
     #[tokio::test]
     async fn with_half_the_threads_held_by_hung_calls_a_drainer_gets_a_thread_of_its_own() {
-        let thread_name = || std::thread::current().name().map(str::to_string);
-        let (tx, rx) = oneshot::channel();
-        start_drainer(Box::new(move || {
-            let _ = tx.send(thread_name());
+        let threads = ModuleThreads::of(Path::new("/test/half-hung"));
+        threads
+            .hung
+            .fetch_add(BLOCKING_THREADS / 2, Ordering::SeqCst);
+        let (tx, rx) = std::sync::mpsc::channel();
+        threads.start_drainer(Box::new(move || {
+            let _ = tx.send(std::thread::current().name().map(str::to_string));
         }));
-        assert_ne!(rx.await.unwrap().as_deref(), Some("qseed-pkcs11"));
-        HUNG_CALLS.fetch_add(BLOCKING_THREADS / 2, Ordering::SeqCst);
-        let (tx, rx) = oneshot::channel();
-        start_drainer(Box::new(move || {
-            let _ = tx.send(thread_name());
-        }));
-        let name = rx.await.unwrap();
-        HUNG_CALLS.fetch_sub(BLOCKING_THREADS / 2, Ordering::SeqCst);
-        assert_eq!(name.as_deref(), Some("qseed-pkcs11"));
+        let name = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        threads
+            .hung
+            .fetch_sub(BLOCKING_THREADS / 2, Ordering::SeqCst);
+        assert_eq!(name.as_deref(), Some("qseed-pkcs11-extra"));
+    }
+
+    async fn wait_for(mut done: impl FnMut() -> bool) -> bool {
+        for _ in 0..100 {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
     }
 }
