@@ -33,6 +33,12 @@ if [ "${QSEED_SETUP:-}" = "test" ]; then
     # Caml Crush: a PKCS#11 proxy whose client recovers only by being loaded again (tests/caml_crush.rs).
     command -v pkcs11proxyd >/dev/null 2>&1 || need_apt+=(caml-crush-server)
     [ -e /usr/lib/x86_64-linux-gnu/caml-crush/libp11clientunix.so ] || [ -e /usr/lib/aarch64-linux-gnu/caml-crush/libp11clientunix.so ] || need_apt+=(caml-crush-clients)
+    # scripts/kryoptic builds Kryoptic from crates.io: bindgen needs libclang, and it links
+    # Debian's OpenSSL and SQLite.
+    [ -e /usr/lib/llvm-14/lib/libclang.so ] || compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null || need_apt+=(libclang-dev)
+    [ -e /usr/include/openssl/evp.h ] || need_apt+=(libssl-dev)
+    [ -e /usr/include/sqlite3.h ] || need_apt+=(libsqlite3-dev)
+    command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
     # openCryptoki: a token with odd token info that refuses seeds.
     [ -x /usr/sbin/pkcsslotd ] || need_apt+=(opencryptoki)
     # scripts/package-check and scripts/bench-modules pick free ports with it.
