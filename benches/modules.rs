@@ -12,6 +12,10 @@
 //! - QSEED_BENCH_ONCE=N: the calls `qseed once` needs to seed N of the module's tokens (load
 //!   and `C_Initialize`, the slot list, every token's info, and for N tokens a session and one
 //!   `C_SeedRandom`, then `C_Finalize`), timed from start to end.
+//! - QSEED_BENCH_SPREAD=N:S: the calls of N targets at a 1 s period with their offsets spread
+//!   over the period (target k at k × 1000/N ms), made by one thread that sleeps until each
+//!   call's instant, for S seconds, on tokens t1..tN: the process's CPU time (every thread)
+//!   per call. Each call pays its own wake-up, as each injection of spread targets does.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -73,6 +77,12 @@ fn main() {
     }
     drop(session);
     let _ = pkcs11.finalize();
+    if let Some((targets, seconds)) = std::env::var("QSEED_BENCH_SPREAD").ok().and_then(|v| {
+        let (n, s) = v.split_once(':')?;
+        Some((n.parse::<usize>().ok()?, s.parse::<u32>().ok()?))
+    }) {
+        spread(&path, init_args.as_deref(), targets, seconds, &seed);
+    }
     if let Some(wanted) = std::env::var("QSEED_BENCH_ONCE")
         .ok()
         .and_then(|n| n.parse::<usize>().ok())
@@ -95,6 +105,62 @@ fn main() {
             start.elapsed().as_secs_f64()
         );
     }
+}
+
+/// See QSEED_BENCH_SPREAD in the module documentation.
+fn spread(
+    path: &std::path::Path,
+    init_args: Option<&std::ffi::CStr>,
+    targets: usize,
+    seconds: u32,
+    seed: &[u8],
+) {
+    let pkcs11 = module::load(path, init_args).unwrap();
+    let where_ = path.display().to_string();
+    let sessions: Vec<_> = (1..=targets)
+        .map(|k| {
+            let found =
+                token::find(&pkcs11, &where_, &TokenSelector::Label(format!("t{k}"))).unwrap();
+            pkcs11.open_ro_session(found.slot).unwrap()
+        })
+        .collect();
+    let period = Duration::from_secs(1);
+    let start = Instant::now() + Duration::from_millis(100);
+    let before = process_cpu();
+    let mut calls = 0u64;
+    for second in 0..seconds {
+        for (k, session) in sessions.iter().enumerate() {
+            let at = start + period * second + period * k as u32 / targets as u32;
+            if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            session.seed_random(seed).unwrap();
+            calls += 1;
+        }
+    }
+    let cpu = process_cpu() - before;
+    println!(
+        "spread: {calls} x C_SeedRandom(48 B), {targets} tokens at offsets spread over 1 s: \
+         {:.2} us CPU per call",
+        cpu.as_secs_f64() * 1e6 / calls.max(1) as f64
+    );
+    drop(sessions);
+    let _ = pkcs11.finalize();
+}
+
+/// The process's CPU time: every thread's run time (the module's own threads too).
+fn process_cpu() -> Duration {
+    let mut nanos = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        if let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) {
+            nanos += stat
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(nanos)
 }
 
 /// This thread's CPU time (user and system), from the kernel's scheduler statistics: the

@@ -387,7 +387,11 @@ fn run(cli: Cli) -> Result<(), Error> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // PKCS#11 calls run here: threads bounded, not one per target (see service::worker).
+        // One thread runs every task: the work between PKCS#11 calls is small, and a second
+        // worker only adds wake-ups as tasks move between the two (each module's PKCS#11 calls
+        // run on threads of their own: see service::worker).
+        .worker_threads(1)
+        // Name lookups, entropy device reads and file writes.
         .max_blocking_threads(crate::service::worker::BLOCKING_THREADS)
         .build()
         .map_err(|e| Error::Failed(format!("cannot start the async runtime: {e}")))?;

@@ -435,3 +435,63 @@ fn slots_lists_the_readable_slots_and_names_the_unreadable_one() {
         stderr(&out)
     );
 }
+
+/// Issue 24: a module whose C_Initialize blocks during a reload froze the service. Now the
+/// running targets seed, /metrics answers at once, and SIGTERM ends the service, while the
+/// reload waits for the new module.
+#[test]
+fn a_c_initialize_that_blocks_during_a_reload_freezes_nothing() {
+    let world = World::new();
+    world.use_fault_module();
+    world.add_token("a");
+    world.add_token("b");
+    world.write_config(&format!(
+        "{}{}",
+        world.source("entropy"),
+        world.target("a", "a", 48, "1s", false)
+    ));
+    let service = world.start_service();
+    let base = service.endpoint();
+    assert!(world.wait_for_seeds(1, Duration::from_secs(5)));
+    // A second path to the spy is a module qseed has not loaded: the reload initializes it, and
+    // the fault module (behind the spy) does not return from C_Initialize.
+    let other_path = world.path("spy-again.so");
+    std::os::unix::fs::symlink(SPY, &other_path).unwrap();
+    world.write_config(&format!(
+        "{}{}{}",
+        world.source("entropy"),
+        world.target("a", "a", 48, "1s", false),
+        world
+            .target_at("b", "b", 48, "1s", false, "500ms")
+            .replace(SPY, &other_path.display().to_string())
+    ));
+    world.set_hsm_fault("init-hang");
+    service.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    let before = world.spy().seeds().len();
+    for _ in 0..4 {
+        let asked = std::time::Instant::now();
+        let (status, text) = http_get(&format!("{base}/metrics"));
+        assert_eq!(status, 200);
+        assert!(text.contains("qseed_injections_total"), "{text}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "/metrics waited {:?} on the module",
+            asked.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        world.spy().seeds().len() >= before + 1,
+        "target a kept seeding: {}",
+        service.log()
+    );
+    let log = service.log();
+    let (status, took) = service.stop();
+    world.set_hsm_fault("");
+    assert!(status.success(), "{log}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the stop took {took:?}: {log}"
+    );
+}
