@@ -30,6 +30,9 @@ pub struct ModuleProfile {
     /// `C_Finalize` + `C_Initialize` do not bring it back once its connection is lost: only
     /// unloading the library and loading it again does (see [`super::module`]).
     pub reload_library: bool,
+    /// The server a client module connects to, where it is one (then `config_env` names the
+    /// server's address, not a file): a failed `C_Initialize` is first a server not running.
+    pub server: Option<&'static str>,
 }
 
 /// Known modules. The last component of a module's path picks the row.
@@ -46,6 +49,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         // Its C_Initialize without parameters is CKR_ARGUMENTS_BAD; these open no database.
         init_args: Some("configdir='' certPrefix='' keyPrefix='' secmod='' flags=noCertDB,noModDB"),
         reload_library: false,
+        server: None,
     },
     ModuleProfile {
         vendor: "SoftHSM",
@@ -58,6 +62,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         max_seed: None,
         init_args: None,
         reload_library: false,
+        server: None,
     },
     ModuleProfile {
         vendor: "openCryptoki",
@@ -70,6 +75,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         max_seed: None,
         init_args: None,
         reload_library: false,
+        server: None,
     },
     ModuleProfile {
         vendor: "tpm2-pkcs11",
@@ -83,6 +89,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         max_seed: Some(128),
         init_args: None,
         reload_library: false,
+        server: None,
     },
     ModuleProfile {
         vendor: "Thales Luna",
@@ -95,6 +102,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         max_seed: None,
         init_args: None,
         reload_library: false,
+        server: None,
     },
     ModuleProfile {
         vendor: "Entrust nShield",
@@ -107,6 +115,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         max_seed: None,
         init_args: None,
         reload_library: false,
+        server: None,
     },
     ModuleProfile {
         vendor: "Utimaco CryptoServer",
@@ -119,6 +128,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         max_seed: None,
         init_args: None,
         reload_library: false,
+        server: None,
     },
     ModuleProfile {
         vendor: "AWS CloudHSM",
@@ -131,6 +141,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         max_seed: None,
         init_args: None,
         reload_library: false,
+        server: None,
     },
     ModuleProfile {
         // Debian's caml-crush-clients. Once its pkcs11proxyd is gone, every call answers
@@ -151,6 +162,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         max_seed: None,
         init_args: None,
         reload_library: true,
+        server: Some("pkcs11proxyd"),
     },
     ModuleProfile {
         vendor: "YubiHSM 2",
@@ -163,6 +175,7 @@ pub const PROFILES: &[ModuleProfile] = &[
         max_seed: None,
         init_args: None,
         reload_library: false,
+        server: None,
     },
 ];
 
@@ -226,6 +239,18 @@ pub fn diagnose_initialize(module: &Path, rv: cryptoki::error::RvError, had_args
              group), and see the module's own log"
         );
     };
+    if let Some(server) = profile.server {
+        let address = profile
+            .config_env
+            .and_then(|var| std::env::var(var).ok().map(|v| format!("{v} (from {var})")))
+            .or_else(|| profile.config_default.map(|d| format!("{d} (its default)")))
+            .unwrap_or_else(|| "its configured address".into());
+        return format!(
+            "{}'s client could not reach its server: is {server} running and listening on \
+             {address}? qseed tries again on its own",
+            profile.vendor
+        );
+    }
     let needed = needed_paths(profile);
     for (path, wants_write) in &needed {
         if let Some(refusal) = refused(path, *wants_write) {
@@ -388,6 +413,23 @@ fn describe(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 24: a Caml Crush client whose server is down was told "could not start" with a
+    /// list of files; the cause is the server.
+    #[test]
+    fn a_client_module_whose_server_is_down_is_told_to_check_the_server() {
+        let said = diagnose_initialize(
+            Path::new("/usr/lib/x86_64-linux-gnu/caml-crush/libp11clientunix.so"),
+            cryptoki::error::RvError::DeviceError,
+            false,
+        );
+        assert!(said.contains("is pkcs11proxyd running"), "{said}");
+        assert!(
+            said.contains("PKCS11PROXY_SOCKET_PATH") || said.contains("its default"),
+            "{said}"
+        );
+        assert!(!said.contains("group"), "no permissions advice: {said}");
+    }
 
     #[test]
     fn modules_are_known_by_file_name() {
