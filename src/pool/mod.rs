@@ -456,7 +456,9 @@ impl<S: EntropySource> Pool<S> {
             .ok_or(SourceError::ShortDelivery { needed: len })
     }
 
-    fn try_take(&self, id: DemandId, len: usize) -> Option<(EntropyBytes, String)> {
+    /// Bytes for `id` if the pool holds them now (never waits for a purchase), with the
+    /// requests that bought them.
+    pub fn try_take(&self, id: DemandId, len: usize) -> Option<(EntropyBytes, String)> {
         let mut state = self.lock();
         self.expire(&mut state);
         let (bytes, requests) = state.buffer.take_traced(len)?;

@@ -11,6 +11,7 @@ mod lanes;
 pub mod reload_report;
 pub mod seeded;
 pub mod shutdown;
+mod standing;
 pub mod worker;
 
 use std::collections::{HashMap, HashSet};
@@ -29,6 +30,7 @@ use crate::repeat::{self, FailureRun, Report};
 use crate::source::{EntropySource, SourceError};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::AUDIT;
+use standing::{Ended, Step};
 use worker::{CallError, Worker};
 
 /// The first look for a token that went away (see `target_loop`), doubling up to
@@ -466,16 +468,60 @@ async fn target_loop<S: EntropySource + 'static>(
     // one before it takes bytes.
     let mut away: Option<(Duration, Instant)> = None;
     let mut last_signed: Option<Instant> = None;
+    // The rounds of a target that seeds steadily are run by its module's timer thread (see
+    // `standing`); the loop takes over for any round that is not a plain success.
+    let standing_round = steady_round(pool.clone(), demand, size, late.clone());
+    let mut steady = false;
     loop {
-        let early = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep_until(next) => false,
-            Ok(()) = refills.changed(), if starved => true,
-            _ = tokio::time::sleep_until(away.map_or(next, |(_, at)| at)), if away.is_some() => true,
+        let stand = steady
+            && rounds == Rounds::Forever
+            && signing.is_none()
+            && away.is_none()
+            && worker.can_stand()
+            && worker.is_connected();
+        let (result, early) = if stand {
+            let ended = worker
+                .standing(next, period, timeout, &stop, standing_round.clone())
+                .await;
+            let call = "C_SeedRandom";
+            match ended {
+                Err(CallError::Cancelled) | Ok(Ended::Cancelled) => break,
+                Ok(Ended::Due { at }) => {
+                    // No bytes at hand: this round is the loop's, now.
+                    next = Instant::from_std(at);
+                    steady = false;
+                    continue;
+                }
+                Ok(Ended::Failed { at, error }) => {
+                    next = Instant::from_std(at);
+                    (Err(RoundError::Call(CallError::Hsm(error))), false)
+                }
+                Ok(Ended::Hung { at, waited }) => {
+                    next = Instant::from_std(at);
+                    (
+                        Err(RoundError::Call(CallError::Hung { call, waited })),
+                        false,
+                    )
+                }
+                Ok(Ended::Panicked { at }) => {
+                    next = Instant::from_std(at);
+                    (Err(RoundError::Call(CallError::Panicked { call })), false)
+                }
+                Err(e) => (Err(RoundError::Call(e)), false),
+            }
+        } else {
+            let early = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep_until(next) => false,
+                Ok(()) = refills.changed(), if starved => true,
+                _ = tokio::time::sleep_until(away.map_or(next, |(_, at)| at)), if away.is_some() => true,
+            };
+            refills.mark_unchanged();
+            let result = round(&mut worker, &pool, demand, size, timeout, &stop, &late).await;
+            (result, early)
         };
-        refills.mark_unchanged();
-        let result = round(&mut worker, &pool, demand, size, timeout, &stop, &late).await;
+        steady = result.is_ok();
         starved = matches!(result, Err(RoundError::Source(_)));
         let away_wait = match (&result, again) {
             (Err(RoundError::Call(CallError::Hsm(e))), Some(period))
@@ -606,8 +652,9 @@ async fn target_loop<S: EntropySource + 'static>(
         )
         .await;
     }
-    // Seeds given up on that went in after all (one still running reports to the audit log
-    // and the metrics when it returns, too late for this count).
+    // Seeds booked off the loop: standing orders' rounds, and seeds given up on that went in
+    // after all (one still running reports to the audit log and the metrics when it returns,
+    // too late for this count).
     outcome.injections += late.injections.load(Ordering::SeqCst);
     outcome.bytes_injected += late.bytes.load(Ordering::SeqCst);
     outcome
@@ -794,8 +841,9 @@ enum RoundError {
     Call(CallError),
 }
 
-/// What a seed given up on (declared hung, or the service stopping) does when it returns after
-/// all: bytes that went in are audited and counted like any round's, never called wiped.
+/// Books seeds that went in off the target's loop: a standing order's rounds (see
+/// `standing`), and seeds given up on (declared hung, or the service stopping) that returned
+/// after all. Their bytes are audited and counted like any round's, never called wiped.
 #[derive(Clone)]
 struct LateSeeds {
     name: String,
@@ -805,7 +853,53 @@ struct LateSeeds {
     bytes: Arc<AtomicU64>,
 }
 
+/// The round a standing order runs on the module's timer thread: a session check, bytes the
+/// pool holds now (never a wait for a purchase: that round goes back to the loop), the seed,
+/// and its audit record. The bytes are wiped when the round ends, whatever it did.
+fn steady_round<S: EntropySource + 'static>(
+    pool: Arc<Pool<S>>,
+    demand: DemandId,
+    size: usize,
+    book: LateSeeds,
+) -> standing::Round {
+    Arc::new(move |target: &mut Target| {
+        let failed = |e: HsmError| {
+            pool.set_reachable(demand, !e.is_token_missing());
+            Step::Failed(e)
+        };
+        if let Err(e) = target.connect() {
+            return failed(e);
+        }
+        let Some((bytes, requests)) = pool.try_take(demand, size) else {
+            return Step::NoBytes;
+        };
+        match target.seed(&bytes) {
+            Ok(token) => {
+                drop(bytes);
+                book.book(size, &token, &requests);
+                Step::Seeded
+            }
+            Err(e) => failed(e),
+        }
+    })
+}
+
 impl LateSeeds {
+    /// One seed of `size` bytes, bought by `requests`, that went into `token`.
+    fn book(&self, size: usize, token: &TokenIdentity, requests: &str) {
+        self.injections.fetch_add(1, Ordering::SeqCst);
+        self.bytes.fetch_add(size as u64, Ordering::SeqCst);
+        self.metrics.injected(&self.name, size as u64);
+        audit(
+            Injected::Round,
+            &self.name,
+            token,
+            size,
+            &self.source,
+            requests,
+        );
+    }
+
     /// The handler for one seed of `size` bytes bought by `requests`.
     fn handler(
         &self,
@@ -824,10 +918,7 @@ impl LateSeeds {
                         "{name}: the C_SeedRandom given up on returned after {after}s and \
                          succeeded: its {size} bytes are in the token"
                     );
-                    late.injections.fetch_add(1, Ordering::SeqCst);
-                    late.bytes.fetch_add(size as u64, Ordering::SeqCst);
-                    late.metrics.injected(name, size as u64);
-                    audit(Injected::Round, name, &token, size, &late.source, &requests);
+                    late.book(size, &token, &requests);
                 }
                 Err(e) => tracing::warn!(
                     target_name = %name,

@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::lanes::{self, Lanes};
+use super::standing::{Ended, Order, OrderId, Round, Scheduler};
 use crate::hsm::{HsmError, Target};
 
 /// Why a call gave no answer.
@@ -57,9 +58,7 @@ pub const BLOCKING_THREADS: usize = 32;
 /// How long an idle PKCS#11 thread waits for the next call before it ends.
 const THREAD_KEEP_ALIVE: Duration = Duration::from_secs(10);
 
-const RUNNING: u8 = 0;
-const HUNG: u8 = 1;
-const DONE: u8 = 2;
+use super::standing::{DONE, HUNG, RUNNING};
 
 /// A module's queue of calls and the threads that serve it.
 pub struct ModuleThreads {
@@ -67,7 +66,9 @@ pub struct ModuleThreads {
     /// A runtime used only for its blocking pool (no driver, no tasks): the module's threads.
     pool: Option<tokio::runtime::Runtime>,
     /// Calls declared hung whose threads have not come back.
-    hung: AtomicUsize,
+    hung: Arc<AtomicUsize>,
+    /// Standing orders: steady rounds run by the module's timer thread (see [`standing`]).
+    scheduler: Scheduler,
 }
 
 impl std::fmt::Debug for ModuleThreads {
@@ -101,10 +102,12 @@ impl ModuleThreads {
                         )
                     })
                     .ok();
+                let hung = Arc::new(AtomicUsize::new(0));
                 Box::leak(Box::new(ModuleThreads {
                     lanes: Lanes::new(),
                     pool,
-                    hung: AtomicUsize::new(0),
+                    scheduler: Scheduler::new(hung.clone()),
+                    hung,
                 }))
             })
     }
@@ -166,6 +169,16 @@ pub struct Worker {
     target: Option<Target>,
     running: Option<Running>,
     threads: &'static ModuleThreads,
+    /// The standing order that has the target, if any: cancelled should the worker go.
+    order: Option<OrderId>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(order) = self.order.take() {
+            self.threads.scheduler.cancel(order);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -202,6 +215,84 @@ impl Worker {
             target: Some(target),
             running: None,
             threads,
+            order: None,
+        }
+    }
+
+    /// Whether this target's module takes standing orders (see [`standing`]).
+    pub fn can_stand(&self) -> bool {
+        self.threads.scheduler.available()
+    }
+
+    /// Hands the target to its module's timer thread, which runs `round` at `first` and then
+    /// once per `period` until a round does anything but seed (see [`standing`]); returns why
+    /// the order ended. `Err(Cancelled)` when `stop` ends it (the target comes back at once,
+    /// or when its call returns).
+    pub async fn standing(
+        &mut self,
+        first: Instant,
+        period: Duration,
+        timeout: Duration,
+        stop: &tokio_util::sync::CancellationToken,
+        round: Round,
+    ) -> Result<Ended, CallError> {
+        self.reclaim().await?;
+        let Some(target) = self.target.take() else {
+            return Err(CallError::Lost);
+        };
+        let (tell, mut told) = oneshot::channel();
+        let (give_back, target_rx) = oneshot::channel();
+        let state = Arc::new(AtomicU8::new(RUNNING));
+        let order = Order {
+            first: first.into_std(),
+            period,
+            timeout,
+            target,
+            round,
+            tell,
+            give_back,
+            state: state.clone(),
+        };
+        let id = match self.threads.scheduler.place(order) {
+            Ok(id) => id,
+            Err(order) => {
+                self.target = Some(order.target);
+                return Err(CallError::Hsm(HsmError::Unexpected(
+                    "standing orders are not available here".into(),
+                )));
+            }
+        };
+        self.order = Some(id);
+        self.running = Some(Running {
+            call: "C_SeedRandom",
+            since: Instant::now(),
+            target: target_rx,
+            state,
+        });
+        let ended = tokio::select! {
+            biased;
+            ended = &mut told => ended,
+            _ = stop.cancelled() => {
+                self.threads.scheduler.cancel(id);
+                self.order = None;
+                return Err(CallError::Cancelled);
+            }
+        };
+        self.order = None;
+        match ended {
+            Ok(Ended::Hung { at, waited }) => {
+                // The target stays with its call; `reclaim` takes it back when it returns.
+                if let Some(running) = &mut self.running {
+                    running.since = Instant::now().checked_sub(waited).unwrap_or(running.since);
+                }
+                Ok(Ended::Hung { at, waited })
+            }
+            Ok(ended) => {
+                let running = self.running.take().ok_or(CallError::Lost)?;
+                self.target = Some(running.target.await.map_err(|_| CallError::Lost)?);
+                Ok(ended)
+            }
+            Err(_) => Err(CallError::Lost),
         }
     }
 
@@ -349,7 +440,7 @@ impl Worker {
                 _ => return None,
             }
         }
-        self.target
+        self.target.take()
     }
 }
 
@@ -357,6 +448,7 @@ impl Worker {
 mod tests {
     use super::*;
     use crate::config::{TargetConfig, TargetKind, TokenSelector};
+    use crate::service::standing;
     use tokio_util::sync::CancellationToken;
 
     /// A target whose calls here never reach a module (the jobs below do not touch it), with
@@ -529,6 +621,178 @@ mod tests {
             .hung
             .fetch_sub(BLOCKING_THREADS / 2, Ordering::SeqCst);
         assert_eq!(name.as_deref(), Some("qseed-pkcs11-extra"));
+    }
+
+    /// A standing order's round that counts its calls and answers `step(n)` on call `n`.
+    fn counting_round(
+        calls: Arc<AtomicUsize>,
+        step: impl Fn(usize) -> standing::Step + Send + Sync + 'static,
+    ) -> Round {
+        Arc::new(move |_: &mut Target| step(calls.fetch_add(1, Ordering::SeqCst) + 1))
+    }
+
+    #[tokio::test]
+    async fn a_standing_order_runs_on_schedule_off_the_loop_until_a_round_fails() {
+        let mut worker = worker("/test/standing");
+        assert!(worker.can_stand());
+        let stop = CancellationToken::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let seen = threads.clone();
+        let counted = calls.clone();
+        let round: Round = Arc::new(move |_: &mut Target| {
+            seen.lock()
+                .unwrap()
+                .push(std::thread::current().name().map(str::to_string));
+            match counted.fetch_add(1, Ordering::SeqCst) + 1 {
+                n if n < 5 => standing::Step::Seeded,
+                _ => standing::Step::Failed(HsmError::Unexpected("the fifth round".into())),
+            }
+        });
+        let first = Instant::now() + Duration::from_millis(20);
+        let period = Duration::from_millis(40);
+        let ended = worker
+            .standing(first, period, Duration::from_secs(5), &stop, round)
+            .await
+            .unwrap();
+        // Four rounds seeded, the fifth failed and came back with its due instant.
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
+        match ended {
+            Ended::Failed { at, error } => {
+                assert_eq!(at, (first + period * 4).into_std());
+                assert!(error.to_string().contains("the fifth round"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(threads
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|name| name.as_deref() == Some("qseed-p11-timer")));
+        // The target is back: the loop's own calls run again.
+        let r = worker
+            .call("C_SeedRandom", Duration::from_secs(5), &stop, |_| Ok(3))
+            .await;
+        assert_eq!(r.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_standing_order_hands_a_round_without_bytes_back_and_cancels_at_once() {
+        let mut worker = worker("/test/standing-due");
+        let stop = CancellationToken::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let first = Instant::now();
+        let ended = worker
+            .standing(
+                first,
+                Duration::from_millis(10),
+                Duration::from_secs(5),
+                &stop,
+                counting_round(calls.clone(), |_| standing::Step::NoBytes),
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(ended, Ended::Due { at } if at == first.into_std()),
+            "{ended:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // A panic in a round is a panic, and the target comes back.
+        let ended = worker
+            .standing(
+                Instant::now(),
+                Duration::from_millis(10),
+                Duration::from_secs(5),
+                &stop,
+                Arc::new(|_: &mut Target| panic!("a module bug")),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(ended, Ended::Panicked { .. }), "{ended:?}");
+        // Stopped while the order waits for a round an hour away: the target is back at once.
+        let stopping = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stopping.cancel();
+        });
+        let r = worker
+            .standing(
+                Instant::now() + Duration::from_secs(3600),
+                Duration::from_secs(3600),
+                Duration::from_secs(5),
+                &stop,
+                counting_round(calls.clone(), |_| standing::Step::Seeded),
+            )
+            .await;
+        assert!(matches!(r, Err(CallError::Cancelled)), "{r:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "no round ran");
+        assert!(worker.finish(Duration::from_millis(100)).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_hung_standing_round_holds_up_no_other_order_and_is_told_hung_then_given_back() {
+        let module = "/test/standing-hung";
+        let (mut stuck, mut healthy) = (worker(module), worker(module));
+        let stop = CancellationToken::new();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let wait = Arc::new(Mutex::new(wait));
+        let stuck_calls = Arc::new(AtomicUsize::new(0));
+        let hang = {
+            let calls = stuck_calls.clone();
+            Arc::new(move |_: &mut Target| {
+                if calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                    let _ = wait.lock().unwrap().recv();
+                    return standing::Step::Failed(HsmError::Unexpected("late".into()));
+                }
+                standing::Step::Seeded
+            }) as Round
+        };
+        let healthy_calls = Arc::new(AtomicUsize::new(0));
+        let now = Instant::now();
+        let period = Duration::from_millis(100);
+        let hung = stuck.standing(now, period, Duration::from_millis(600), &stop, hang);
+        // The healthy order is due 10 ms after each of the stuck one's rounds.
+        let steady = healthy.standing(
+            now + Duration::from_millis(10),
+            period,
+            Duration::from_secs(5),
+            &stop,
+            counting_round(healthy_calls.clone(), |n| {
+                if n < 8 {
+                    standing::Step::Seeded
+                } else {
+                    standing::Step::NoBytes
+                }
+            }),
+        );
+        // Without the watchdog, both would wait for the stuck call, which returns only below.
+        let (hung, steady) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(hung, steady)
+        })
+        .await
+        .expect("the healthy order waited for the hung call");
+        // The healthy order ran its eight rounds while the other call hung.
+        assert!(matches!(steady, Ok(Ended::Due { .. })), "{steady:?}");
+        assert_eq!(healthy_calls.load(Ordering::SeqCst), 8);
+        match hung {
+            Ok(Ended::Hung { at, waited }) => {
+                assert_eq!(at, (now + period).into_std());
+                assert!(waited >= Duration::from_millis(600), "{waited:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(stuck.threads.hung.load(Ordering::SeqCst), 1);
+        // Until the call returns, the target is not here.
+        let r = stuck
+            .call("C_SeedRandom", Duration::from_secs(1), &stop, |_| Ok(()))
+            .await;
+        assert!(matches!(r, Err(CallError::Hung { .. })), "{r:?}");
+        release.send(()).unwrap();
+        assert!(wait_for(|| stuck.threads.hung.load(Ordering::SeqCst) == 0).await);
+        let r = stuck
+            .call("C_SeedRandom", Duration::from_secs(1), &stop, |_| Ok(9))
+            .await;
+        assert_eq!(r.unwrap(), 9);
     }
 
     async fn wait_for(mut done: impl FnMut() -> bool) -> bool {

@@ -1,0 +1,494 @@
+//! Standing orders: a target's steady rounds, run by its module's own timer thread.
+//!
+//! A round through the call queue ([`super::lanes`]) wakes three threads: the async worker on
+//! its timer, a module thread for the call, the worker again for the result. Once a target
+//! seeds steadily, its loop hands the module a *standing order* instead: at each due instant
+//! the module's timer thread takes the bytes, seeds and books the injection itself (audit,
+//! metrics), one wake-up per injection. The order comes back to the loop only when a round is
+//! anything but a plain success (no bytes in the pool, an error, a hang, a panic) or the target
+//! stops; the loop handles that round as it handles any (see `target_loop`).
+//!
+//! A call can hang. Before each call the timer thread arms an alarm, a timerfd read by the
+//! module's watchdog thread, and disarms it after: two system calls and no wake-up while calls
+//! return in time. When the alarm goes off, the watchdog gives the other orders a timer thread
+//! of their own once a call has run [`STALL`] (so one hung token never holds up another), and
+//! tells the order's loop that the call hung once it has run the target's timeout. The call
+//! is left on its thread; when it returns, a success is booked like any (its bytes are in the
+//! token) and the target goes back to its loop.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::hsm::{HsmError, Target};
+
+pub use super::lanes::STALL;
+
+/// A call's state, shared with the caller's [`super::worker::Worker`].
+pub const RUNNING: u8 = 0;
+pub const HUNG: u8 = 1;
+pub const DONE: u8 = 2;
+
+/// One round of a standing order, on the timer thread: take the bytes, seed, book.
+pub type Round = Arc<dyn Fn(&mut Target) -> Step + Send + Sync>;
+
+/// What one round did.
+#[derive(Debug)]
+pub enum Step {
+    /// Seeded and booked: the order goes on.
+    Seeded,
+    /// The pool had no bytes at hand: the loop takes this round (it can wait for a purchase).
+    NoBytes,
+    /// The round failed (its bytes, if taken, are wiped).
+    Failed(HsmError),
+}
+
+/// Why a standing order came back to its loop. `at` is the due instant of the round it ended
+/// on, so that the loop keeps the target's schedule.
+#[derive(Debug)]
+pub enum Ended {
+    /// The round due at `at` is the loop's to run (the pool had no bytes at hand).
+    Due {
+        at: Instant,
+    },
+    Failed {
+        at: Instant,
+        error: HsmError,
+    },
+    /// The call has not returned after the target's timeout; the target comes back when it
+    /// does.
+    Hung {
+        at: Instant,
+        waited: Duration,
+    },
+    Panicked {
+        at: Instant,
+    },
+    /// Cancelled by the loop (nobody listens for this one).
+    Cancelled,
+}
+
+/// One target's standing order.
+pub struct Order {
+    pub first: Instant,
+    pub period: Duration,
+    pub timeout: Duration,
+    pub target: Target,
+    pub round: Round,
+    /// Told once, when the order ends (or its call hangs).
+    pub tell: oneshot::Sender<Ended>,
+    /// The target, handed back when the order ends.
+    pub give_back: oneshot::Sender<Target>,
+    /// RUNNING until the target is handed back (HUNG while its call is counted hung).
+    pub state: Arc<AtomicU8>,
+}
+
+struct Waiting {
+    period: Duration,
+    timeout: Duration,
+    target: Target,
+    round: Round,
+    tell: oneshot::Sender<Ended>,
+    give_back: oneshot::Sender<Target>,
+    state: Arc<AtomicU8>,
+}
+
+/// An order whose round is inside the module now.
+struct Calling {
+    /// The timer thread making the call.
+    thread: u64,
+    due: Instant,
+    since: Instant,
+    timeout: Duration,
+    /// Taken by the watchdog when it tells the loop that the call hung.
+    tell: Option<oneshot::Sender<Ended>>,
+    cancelled: bool,
+    state: Arc<AtomicU8>,
+}
+
+#[derive(Default)]
+struct Orders {
+    /// By due instant, then id.
+    waiting: BTreeMap<(Instant, u64), Waiting>,
+    /// By id.
+    calling: HashMap<u64, Calling>,
+    /// The timer thread serving the waiting orders now, if any.
+    serving: Option<u64>,
+    next_thread: u64,
+    next_id: u64,
+}
+
+/// A module's standing orders and the threads that run them.
+pub struct Scheduler {
+    orders: Mutex<Orders>,
+    /// The serving timer thread waits here for the next due order.
+    wake: Condvar,
+    /// Calls hung now, counted with the module's other hung calls (see `worker`).
+    hung: Arc<AtomicUsize>,
+    /// The watchdog's alarm, made when the first order comes; `None` inside if it cannot be
+    /// (then there are no standing orders: loops use the call queue).
+    alarm: OnceLock<Option<Alarm>>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").finish_non_exhaustive()
+    }
+}
+
+/// Where an order is, for [`Scheduler::cancel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderId(u64);
+
+impl Scheduler {
+    pub fn new(hung: Arc<AtomicUsize>) -> Self {
+        Self {
+            orders: Mutex::new(Orders::default()),
+            wake: Condvar::new(),
+            hung,
+            alarm: OnceLock::new(),
+        }
+    }
+
+    fn orders(&self) -> MutexGuard<'_, Orders> {
+        self.orders.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether standing orders can be placed here (the watchdog's alarm exists).
+    pub fn available(&'static self) -> bool {
+        self.alarm().is_some()
+    }
+
+    fn alarm(&'static self) -> Option<&'static Alarm> {
+        self.alarm
+            .get_or_init(|| {
+                let alarm = Alarm::new()
+                    .inspect_err(|e| {
+                        tracing::debug!("no timerfd for the PKCS#11 watchdog ({e}); rounds go through the call queue")
+                    })
+                    .ok()?;
+                let started = std::thread::Builder::new()
+                    .name("qseed-p11-watch".into())
+                    .spawn(move || self.watch());
+                started.ok().map(|_| alarm)
+            })
+            .as_ref()
+    }
+
+    /// Places `order`; its first round is due at `order.first`. `Err` gives it back when
+    /// orders cannot be placed (see [`Scheduler::available`]).
+    pub fn place(&'static self, order: Order) -> Result<OrderId, Box<Order>> {
+        if self.alarm().is_none() {
+            return Err(Box::new(order));
+        }
+        let mut orders = self.orders();
+        let id = orders.next_id;
+        orders.next_id += 1;
+        let first = order.first;
+        orders.waiting.insert(
+            (first, id),
+            Waiting {
+                period: order.period,
+                timeout: order.timeout,
+                target: order.target,
+                round: order.round,
+                tell: order.tell,
+                give_back: order.give_back,
+                state: order.state,
+            },
+        );
+        let earliest = orders.waiting.keys().next().map(|k| k.1) == Some(id);
+        if orders.serving.is_none() {
+            self.serve(&mut orders);
+        } else if earliest {
+            self.wake.notify_all();
+        }
+        // A new order while the serving thread is in a call: its call may now hold this one up.
+        self.arm(&orders);
+        Ok(OrderId(id))
+    }
+
+    /// Ends an order: at once if it waits (its target is handed back now), else when its call
+    /// returns.
+    pub fn cancel(&self, id: OrderId) {
+        let mut orders = self.orders();
+        if let Some(calling) = orders.calling.get_mut(&id.0) {
+            calling.cancelled = true;
+            return;
+        }
+        let key = orders.waiting.keys().find(|k| k.1 == id.0).copied();
+        if let Some(waiting) = key.and_then(|key| orders.waiting.remove(&key)) {
+            drop(orders);
+            self.hand_back(
+                waiting.target,
+                waiting.give_back,
+                &waiting.state,
+                Some(waiting.tell),
+                Ended::Cancelled,
+            );
+        }
+    }
+
+    /// Starts a timer thread to serve the waiting orders (the one serving before, if any, ends
+    /// after its call).
+    fn serve(&'static self, orders: &mut Orders) {
+        let thread = orders.next_thread;
+        orders.next_thread += 1;
+        orders.serving = Some(thread);
+        let started = std::thread::Builder::new()
+            .name("qseed-p11-timer".into())
+            .spawn(move || self.run(thread));
+        if let Err(e) = started {
+            // Orders wait until a later place() or the watchdog starts one.
+            tracing::warn!("cannot start a PKCS#11 timer thread: {e}");
+            orders.serving = None;
+        }
+        self.wake.notify_all();
+    }
+
+    /// A timer thread: runs the due rounds, one after another, until no order waits or another
+    /// thread serves.
+    fn run(&'static self, thread: u64) {
+        let mut orders = self.orders();
+        loop {
+            if orders.serving != Some(thread) {
+                return;
+            }
+            let Some((&(due, id), _)) = orders.waiting.first_key_value() else {
+                orders.serving = None;
+                return;
+            };
+            let now = Instant::now();
+            if due > now {
+                orders = self
+                    .wake
+                    .wait_timeout(orders, due - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                continue;
+            }
+            let Some(mut order) = orders.waiting.remove(&(due, id)) else {
+                continue;
+            };
+            let Waiting { tell, .. } = &mut order;
+            // The sender moves to the call, where the watchdog can reach it.
+            let (placeholder, _) = oneshot::channel();
+            let tell = std::mem::replace(tell, placeholder);
+            orders.calling.insert(
+                id,
+                Calling {
+                    thread,
+                    due,
+                    since: now,
+                    timeout: order.timeout,
+                    tell: Some(tell),
+                    cancelled: false,
+                    state: order.state.clone(),
+                },
+            );
+            self.arm(&orders);
+            drop(orders);
+            let round = order.round.clone();
+            let step = std::panic::catch_unwind(AssertUnwindSafe(|| round(&mut order.target)));
+            orders = self.orders();
+            let Some(calling) = orders.calling.remove(&id) else {
+                continue;
+            };
+            self.arm(&orders);
+            let told_hung = calling.tell.is_none();
+            if told_hung {
+                late(&order.target, &step, calling.since.elapsed());
+            }
+            match (calling.tell, calling.cancelled, step) {
+                (Some(tell), false, Ok(Step::Seeded)) => {
+                    order.tell = tell;
+                    let mut next = due + order.period;
+                    // After a stall (a slow HSM, a suspended machine), the missed rounds are
+                    // skipped, as the loop does.
+                    let now = Instant::now();
+                    if next < now {
+                        next = now + order.period;
+                    }
+                    orders.waiting.insert((next, id), order);
+                    match orders.serving {
+                        // This thread serves on (the usual case: no wake-up needed).
+                        Some(serving) if serving == thread => {}
+                        // Another thread took over while this call ran long: it may sleep
+                        // past this order's next round.
+                        Some(_) => self.wake.notify_all(),
+                        // The other thread found nothing to wait for and left.
+                        None => orders.serving = Some(thread),
+                    }
+                }
+                (tell, cancelled, step) => {
+                    drop(orders);
+                    // The loop was told already if its call hung (`tell` is gone).
+                    let ended = match step {
+                        _ if cancelled => Ended::Cancelled,
+                        Ok(Step::NoBytes) => Ended::Due { at: due },
+                        Ok(Step::Failed(error)) => Ended::Failed { at: due, error },
+                        Ok(Step::Seeded) => Ended::Cancelled,
+                        Err(_) => Ended::Panicked { at: due },
+                    };
+                    self.hand_back(order.target, order.give_back, &order.state, tell, ended);
+                    orders = self.orders();
+                }
+            }
+        }
+    }
+
+    /// Ends an order: the loop is told why (unless it was told already), the hung count is
+    /// settled, and the target goes back.
+    fn hand_back(
+        &self,
+        target: Target,
+        give_back: oneshot::Sender<Target>,
+        state: &AtomicU8,
+        tell: Option<oneshot::Sender<Ended>>,
+        ended: Ended,
+    ) {
+        if state.swap(DONE, Ordering::SeqCst) == HUNG {
+            self.hung.fetch_sub(1, Ordering::SeqCst);
+        }
+        if let Some(tell) = tell {
+            let _ = tell.send(ended);
+        }
+        // A loop that is gone drops the target here, on this thread: its session is closed
+        // inside the module's gate (see `Target`'s Drop).
+        let _ = give_back.send(target);
+    }
+
+    /// The watchdog: wakes only when the alarm goes off (a call ran long).
+    fn watch(&'static self) {
+        let Some(Some(alarm)) = self.alarm.get() else {
+            return;
+        };
+        loop {
+            if alarm.wait().is_err() {
+                // Read errors on a timerfd are not expected; do not spin on one.
+                std::thread::sleep(STALL);
+            }
+            let mut orders = self.orders();
+            let now = Instant::now();
+            let serving = orders.serving;
+            let mut stalled = false;
+            for calling in orders.calling.values_mut() {
+                let ran = now.saturating_duration_since(calling.since);
+                if calling.tell.is_some() && ran >= calling.timeout {
+                    if calling
+                        .state
+                        .compare_exchange(RUNNING, HUNG, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                    {
+                        self.hung.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if let Some(tell) = calling.tell.take() {
+                        let _ = tell.send(Ended::Hung {
+                            at: calling.due,
+                            waited: ran,
+                        });
+                    }
+                }
+                stalled |= Some(calling.thread) == serving && ran >= STALL;
+            }
+            if stalled && !orders.waiting.is_empty() {
+                self.serve(&mut orders);
+            }
+            self.arm(&orders);
+        }
+    }
+
+    /// Sets the alarm for the earliest instant the watchdog has something to do: the first
+    /// call to outlive its timeout, or the serving thread's call holding up waiting orders.
+    fn arm(&self, orders: &Orders) {
+        let Some(Some(alarm)) = self.alarm.get() else {
+            return;
+        };
+        let others_wait = !orders.waiting.is_empty();
+        let at = orders
+            .calling
+            .values()
+            .flat_map(|c| {
+                let timeout = c.tell.is_some().then(|| c.since + c.timeout);
+                let stall =
+                    (others_wait && Some(c.thread) == orders.serving).then(|| c.since + STALL);
+                [timeout, stall]
+            })
+            .flatten()
+            .min();
+        alarm.set(at);
+    }
+}
+
+/// Logs a call the loop was told had hung, now that it returned.
+fn late(target: &Target, step: &std::thread::Result<Step>, after: Duration) {
+    let name = &target.config().name;
+    let after = after.as_secs();
+    match step {
+        Ok(Step::Seeded) => tracing::warn!(
+            target_name = %name,
+            "{name}: the C_SeedRandom given up on returned after {after}s and succeeded: its \
+             bytes are in the token"
+        ),
+        Ok(Step::Failed(e)) => tracing::warn!(
+            target_name = %name,
+            "{name}: the C_SeedRandom given up on returned after {after}s: {e}; its bytes \
+             were wiped"
+        ),
+        Ok(Step::NoBytes) | Err(_) => tracing::warn!(
+            target_name = %name,
+            "{name}: the call given up on returned after {after}s"
+        ),
+    }
+}
+
+/// A one-shot monotonic timer whose owner can set and clear it without waking the thread that
+/// waits on it (a timerfd).
+struct Alarm {
+    fd: OwnedFd,
+}
+
+impl Alarm {
+    fn new() -> std::io::Result<Self> {
+        use rustix::time::{timerfd_create, TimerfdClockId, TimerfdFlags};
+        let fd = timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::CLOEXEC)?;
+        Ok(Self { fd })
+    }
+
+    /// Goes off at `at`, or never (`None`).
+    fn set(&self, at: Option<Instant>) {
+        use rustix::time::{timerfd_settime, Itimerspec, TimerfdTimerFlags, Timespec};
+        let value = match at {
+            // Zero disarms; an instant already past goes off at once.
+            Some(at) => at
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_nanos(1)),
+            None => Duration::ZERO,
+        };
+        let spec = Itimerspec {
+            it_interval: Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: Timespec {
+                tv_sec: value.as_secs().try_into().unwrap_or(i64::MAX),
+                tv_nsec: value.subsec_nanos().into(),
+            },
+        };
+        if let Err(e) = timerfd_settime(&self.fd, TimerfdTimerFlags::empty(), &spec) {
+            tracing::debug!("cannot set the PKCS#11 watchdog's alarm: {e}");
+        }
+    }
+
+    /// Blocks until the alarm goes off.
+    fn wait(&self) -> std::io::Result<()> {
+        let mut expirations = [0u8; 8];
+        rustix::io::read(&self.fd, &mut expirations)?;
+        Ok(())
+    }
+}
