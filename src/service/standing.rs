@@ -254,6 +254,16 @@ impl Scheduler {
     /// A timer thread: runs the due rounds, one after another, until no order waits or another
     /// thread serves.
     fn run(&'static self, thread: u64) {
+        // Audit records wait for this thread's flush before it sleeps (see `ledger`).
+        crate::telemetry::ledger::write_own_records();
+        struct FlushOnExit;
+        impl Drop for FlushOnExit {
+            fn drop(&mut self) {
+                crate::telemetry::ledger::flush();
+            }
+        }
+        let _flush = FlushOnExit;
+        let mut booked = false;
         let mut orders = self.orders();
         loop {
             if orders.serving != Some(thread) {
@@ -264,6 +274,13 @@ impl Scheduler {
                 return;
             };
             let now = Instant::now();
+            if due > now && booked {
+                drop(orders);
+                crate::telemetry::ledger::flush();
+                booked = false;
+                orders = self.orders();
+                continue;
+            }
             if due > now {
                 orders = self
                     .wake
@@ -295,6 +312,7 @@ impl Scheduler {
             drop(orders);
             let round = order.round.clone();
             let step = std::panic::catch_unwind(AssertUnwindSafe(|| round(&mut order.target)));
+            booked = true;
             orders = self.orders();
             let Some(calling) = orders.calling.remove(&id) else {
                 continue;
@@ -373,6 +391,8 @@ impl Scheduler {
                 // Read errors on a timerfd are not expected; do not spin on one.
                 std::thread::sleep(STALL);
             }
+            // Audit records of a burst whose timer thread is stuck in a call now.
+            crate::telemetry::ledger::flush();
             let mut orders = self.orders();
             let now = Instant::now();
             let serving = orders.serving;

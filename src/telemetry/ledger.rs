@@ -95,12 +95,25 @@ pub fn current_head() -> Option<String> {
     ledger.current_head().ok()
 }
 
+thread_local! {
+    /// Set on threads that write their own records (see [`write_own_records`]).
+    static WRITES_OWN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Queues `record` (its `prev` and `pid` are filled in when written) for this process's
-/// ledger, if one is installed; the writer thread appends it within [`GATHER`].
+/// ledger, if one is installed; the writer thread appends it within [`GATHER`], or, on a
+/// thread that writes its own records, that thread does when it next calls [`flush`].
 pub fn append(record: Record) {
     if let Some(ledger) = LEDGER.get() {
-        ledger.queue(record);
+        ledger.queue(record, !WRITES_OWN.with(std::cell::Cell::get));
     }
+}
+
+/// From now on, the records this thread appends wait for its own [`flush`] instead of waking
+/// the writer thread: a thread that flushes before it sleeps (a PKCS#11 timer thread) saves
+/// an injection the writer's two wake-ups, and a burst of injections is still one write.
+pub fn write_own_records() {
+    WRITES_OWN.with(|own| own.set(true));
 }
 
 /// Writes what is queued now (at the end of `run` and `once`).
@@ -117,8 +130,15 @@ pub struct Ledger {
     /// before `pending`, so batches are written in the order they were queued.
     tail: Mutex<Tail>,
     /// Records queued and not yet written.
-    pending: Mutex<Vec<Record>>,
+    pending: Mutex<Pending>,
     wake: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    records: Vec<Record>,
+    /// The writer thread has been woken for these records.
+    writer_called: bool,
 }
 
 #[derive(Debug, Default)]
@@ -138,15 +158,16 @@ impl Ledger {
         Ok(Self {
             folder,
             tail: Mutex::new(Tail::default()),
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(Pending::default()),
             wake: std::sync::Condvar::new(),
         })
     }
 
-    fn queue(&self, record: Record) {
+    fn queue(&self, record: Record, call_writer: bool) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        pending.push(record);
-        if pending.len() == 1 {
+        pending.records.push(record);
+        if call_writer && !pending.writer_called {
+            pending.writer_called = true;
             self.wake.notify_one();
         }
     }
@@ -156,7 +177,7 @@ impl Ledger {
         loop {
             {
                 let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-                while pending.is_empty() {
+                while !pending.writer_called {
                     pending = self
                         .wake
                         .wait(pending)
@@ -172,8 +193,11 @@ impl Ledger {
     /// happened and are in the log's audit records).
     fn drain(&self) {
         let mut tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
-        let batch =
-            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        let batch = {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            pending.writer_called = false;
+            std::mem::take(&mut pending.records)
+        };
         if batch.is_empty() {
             return;
         }
