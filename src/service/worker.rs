@@ -16,6 +16,10 @@
 //! keeps its thread; a caller waiting behind a stalled call has it taken by another thread;
 //! once half of a module's threads are held by hung calls, new threads are threads of their
 //! own, so that hung calls never hold up that module's other targets.
+//!
+//! A target that seeds steadily hands its rounds to the module's timer thread instead
+//! ([`Worker::standing`], see `standing.rs`): no queue, no hand-off, one wake-up per
+//! injection.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -67,7 +71,7 @@ pub struct ModuleThreads {
     pool: Option<tokio::runtime::Runtime>,
     /// Calls declared hung whose threads have not come back.
     hung: Arc<AtomicUsize>,
-    /// Standing orders: steady rounds run by the module's timer thread (see [`standing`]).
+    /// Standing orders: steady rounds run by the module's timer thread (see `standing.rs`).
     scheduler: Scheduler,
 }
 
@@ -219,13 +223,13 @@ impl Worker {
         }
     }
 
-    /// Whether this target's module takes standing orders (see [`standing`]).
+    /// Whether this target's module takes standing orders (see `standing.rs`).
     pub fn can_stand(&self) -> bool {
         self.threads.scheduler.available()
     }
 
     /// Hands the target to its module's timer thread, which runs `round` at `first` and then
-    /// once per `period` until a round does anything but seed (see [`standing`]); returns why
+    /// once per `period` until a round does anything but seed (see `standing.rs`); returns why
     /// the order ended. `Err(Cancelled)` when `stop` ends it (the target comes back at once,
     /// or when its call returns).
     pub async fn standing(
