@@ -75,27 +75,19 @@ pub enum Ended {
 
 /// One target's standing order.
 pub struct Order {
+    /// When its first round is due.
     pub first: Instant,
     pub period: Duration,
     pub timeout: Duration,
     pub target: Target,
     pub round: Round,
-    /// Told once, when the order ends (or its call hangs).
-    pub tell: oneshot::Sender<Ended>,
+    /// Told once, when the order ends (or its call hangs). While a round runs, the sender is
+    /// with the call ([`Calling`]), where the watchdog can reach it.
+    pub tell: Option<oneshot::Sender<Ended>>,
     /// The target, handed back when the order ends.
     pub give_back: oneshot::Sender<Target>,
     /// RUNNING until the target is handed back (HUNG while its call is counted hung).
     pub state: Arc<AtomicU8>,
-}
-
-struct Waiting {
-    period: Duration,
-    timeout: Duration,
-    target: Target,
-    round: Round,
-    tell: oneshot::Sender<Ended>,
-    give_back: oneshot::Sender<Target>,
-    state: Arc<AtomicU8>,
 }
 
 /// An order whose round is inside the module now.
@@ -114,7 +106,7 @@ struct Calling {
 #[derive(Default)]
 struct Orders {
     /// By due instant, then id.
-    waiting: BTreeMap<(Instant, u64), Waiting>,
+    waiting: BTreeMap<(Instant, u64), Order>,
     /// By id.
     calling: HashMap<u64, Calling>,
     /// The timer thread serving the waiting orders now, if any.
@@ -189,19 +181,7 @@ impl Scheduler {
         let mut orders = self.orders();
         let id = orders.next_id;
         orders.next_id += 1;
-        let first = order.first;
-        orders.waiting.insert(
-            (first, id),
-            Waiting {
-                period: order.period,
-                timeout: order.timeout,
-                target: order.target,
-                round: order.round,
-                tell: order.tell,
-                give_back: order.give_back,
-                state: order.state,
-            },
-        );
+        orders.waiting.insert((order.first, id), order);
         let earliest = orders.waiting.keys().next().map(|k| k.1) == Some(id);
         if orders.serving.is_none() {
             self.serve(&mut orders);
@@ -228,7 +208,7 @@ impl Scheduler {
                 waiting.target,
                 waiting.give_back,
                 &waiting.state,
-                Some(waiting.tell),
+                waiting.tell,
                 Ended::Cancelled,
             );
         }
@@ -292,10 +272,6 @@ impl Scheduler {
             let Some(mut order) = orders.waiting.remove(&(due, id)) else {
                 continue;
             };
-            let Waiting { tell, .. } = &mut order;
-            // The sender moves to the call, where the watchdog can reach it.
-            let (placeholder, _) = oneshot::channel();
-            let tell = std::mem::replace(tell, placeholder);
             orders.calling.insert(
                 id,
                 Calling {
@@ -303,7 +279,7 @@ impl Scheduler {
                     due,
                     since: now,
                     timeout: order.timeout,
-                    tell: Some(tell),
+                    tell: order.tell.take(),
                     cancelled: false,
                     state: order.state.clone(),
                 },
@@ -324,7 +300,7 @@ impl Scheduler {
             }
             match (calling.tell, calling.cancelled, step) {
                 (Some(tell), false, Ok(Step::Seeded)) => {
-                    order.tell = tell;
+                    order.tell = Some(tell);
                     let mut next = due + order.period;
                     // After a stall (a slow HSM, a suspended machine), the missed rounds are
                     // skipped, as the loop does.

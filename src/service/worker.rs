@@ -253,7 +253,7 @@ impl Worker {
             timeout,
             target,
             round,
-            tell,
+            tell: Some(tell),
             give_back,
             state: state.clone(),
         };
