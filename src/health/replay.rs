@@ -18,14 +18,13 @@
 //! 64 bits identify a block well enough: a fresh block matches one of the 65,536 remembered by
 //! chance with odds of 2^-48; an agent seeding 256 tokens with 48 bytes every second receives
 //! about 2^32 blocks in ten years, so the odds that it ever refuses one by chance are 2^-16 (and
-//! a refused block is only a block not used). Full, the record holds 1.7 MiB; with 128-bit
-//! values it held 4.4 MiB, more than the rest of an idle agent's heap.
+//! a refused block is only a block not used). Full, the record holds 1.1 MiB (see
+//! [`Remembered`]); with 128-bit values in a set and a queue it held 4.4 MiB, more than the rest
+//! of an idle agent's heap.
 //!
 //! On disk a record is 16 bytes, the digest's 8 (little-endian) then 8 that are not read: the
 //! files of earlier versions, which wrote 128-bit values, read the same.
 
-use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
@@ -39,45 +38,92 @@ type Digest = u64;
 /// Bytes per block in the file.
 const RECORD_LEN: usize = 16;
 
-/// Hashes a digest to itself. Digests are keyed hashes: uniformly spread, and nobody without
-/// the key can choose blocks whose digests collide in the table (no hash flooding).
-#[derive(Default)]
-struct DigestHasher(u64);
+/// The last `memory` digests, oldest first, with an index for lookups: a fixed ring of digests
+/// and a table of positions in the ring. Full at 65,536 blocks it holds 1.1 MiB (512 KiB of
+/// ring, 640 KiB of table); a set of digests beside a queue of them held 1.7 MiB, the largest
+/// part of an agent's own heap.
+struct Remembered {
+    /// Filled in order up to `memory`, then overwritten oldest first from `next`.
+    ring: Vec<Digest>,
+    /// Where the next digest goes once the ring is full (the oldest's place).
+    next: usize,
+    /// Positions in `ring`, found by the digest there. Digests are keyed hashes, so each is
+    /// its own hash: uniformly spread, and nobody without the key can choose blocks whose
+    /// digests collide in the table (no hash flooding).
+    index: hashbrown::HashTable<u32>,
+    memory: usize,
+}
 
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used (the key is a `u64`); this keeps any other use correct.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+impl Remembered {
+    fn new(memory: usize) -> Self {
+        // A position is a u32: far above any memory qseed uses (REPLAY_MEMORY is 65,536).
+        let memory = memory.min(u32::MAX as usize);
+        Self {
+            ring: Vec::new(),
+            next: 0,
+            index: hashbrown::HashTable::new(),
+            memory,
         }
     }
 
-    fn write_u64(&mut self, value: u64) {
-        self.0 = value;
+    fn contains(&self, digest: Digest) -> bool {
+        self.index
+            .find(digest, |&at| self.ring[at as usize] == digest)
+            .is_some()
+    }
+
+    /// Remembers `digest` (once: a digest already here is not added again), forgetting the
+    /// oldest when full.
+    fn insert(&mut self, digest: Digest) {
+        if self.memory == 0 || self.contains(digest) {
+            return;
+        }
+        let at = if self.ring.len() < self.memory {
+            if self.ring.capacity() == self.ring.len() {
+                // Grown by halves at most: a doubling past `memory` would be memory never used.
+                let more = self.ring.len().max(64).min(self.memory - self.ring.len());
+                self.ring.reserve_exact(more);
+            }
+            self.ring.push(digest);
+            self.ring.len() - 1
+        } else {
+            let at = self.next;
+            let old = self.ring[at];
+            if let Ok(entry) = self.index.find_entry(old, |&p| p as usize == at) {
+                entry.remove();
+            }
+            self.ring[at] = digest;
+            self.next = (at + 1) % self.memory;
+            at
+        };
+        let ring = &self.ring;
+        self.index
+            .insert_unique(digest, at as u32, |&p| ring[p as usize]);
+    }
+
+    /// Oldest first.
+    fn iter(&self) -> impl Iterator<Item = &Digest> {
+        let (newer, older) = self.ring.split_at(self.next);
+        older.iter().chain(newer)
+    }
+
+    fn len(&self) -> usize {
+        self.ring.len()
     }
 }
-
-type DigestSet = HashSet<Digest, BuildHasherDefault<DigestHasher>>;
 
 const KEY_LEN: usize = 32;
 
 /// Recently accepted blocks, in this process's memory.
 pub struct ReplayRecord {
     key: hmac::Key,
-    seen: DigestSet,
-    /// The remembered digests, oldest first: at most `memory`.
-    order: VecDeque<Digest>,
-    memory: usize,
+    seen: Remembered,
 }
 
 impl std::fmt::Debug for ReplayRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplayRecord")
-            .field("remembered", &self.order.len())
+            .field("remembered", &self.seen.len())
             .finish_non_exhaustive()
     }
 }
@@ -94,9 +140,7 @@ impl ReplayRecord {
     fn with_key(key: hmac::Key, memory: usize) -> Self {
         Self {
             key,
-            seen: DigestSet::default(),
-            order: VecDeque::new(),
-            memory,
+            seen: Remembered::new(memory),
         }
     }
 
@@ -110,7 +154,7 @@ impl ReplayRecord {
     /// Whether `block` was accepted before; if not, it is remembered as accepted now.
     pub fn check_and_remember(&mut self, block: &[u8]) -> bool {
         let digest = self.digest(block);
-        if self.seen.contains(&digest) {
+        if self.seen.contains(digest) {
             return true;
         }
         self.remember(digest);
@@ -118,18 +162,7 @@ impl ReplayRecord {
     }
 
     fn remember(&mut self, digest: Digest) {
-        if self.memory == 0 || self.seen.contains(&digest) {
-            return;
-        }
-        // The oldest goes first, so neither the queue nor the set ever grows past `memory`
-        // (a queue at a power-of-two length would double on one push too many).
-        if self.order.len() >= self.memory {
-            if let Some(old) = self.order.pop_front() {
-                self.seen.remove(&old);
-            }
-        }
         self.seen.insert(digest);
-        self.order.push_back(digest);
     }
 }
 
@@ -212,7 +245,7 @@ impl SharedRecord {
         for i in 0..blocks {
             let range = i * block_len..(i + 1) * block_len;
             let digest = self.record.digest(&bytes.expose()[range.clone()]);
-            if self.record.seen.contains(&digest) || new.contains(&digest) {
+            if self.record.seen.contains(digest) || new.contains(&digest) {
                 continue;
             }
             new.push(digest);
@@ -273,7 +306,7 @@ impl SharedRecord {
             // Compacted by another process: its tail is what every process remembers.
             self.read_up_to = 0;
         }
-        let memory = self.record.memory as u64 * RECORD_LEN as u64;
+        let memory = self.record.seen.memory as u64 * RECORD_LEN as u64;
         let from = self.read_up_to.max(len.saturating_sub(memory));
         file.seek(SeekFrom::Start(from))
             .map_err(|e| damaged(&self.folder, SEEN, &e.to_string()))?;
@@ -287,14 +320,14 @@ impl SharedRecord {
     /// Rewrites `seen` with the remembered digests only (caller holds the exclusive lock).
     fn compact(&mut self) -> Result<(), String> {
         self.folder
-            .write_atomic(SEEN, &records(self.record.order.iter()))
+            .write_atomic(SEEN, &records(self.record.seen.iter()))
             .map_err(|e| {
                 format!(
                     "cannot compact {}: {e}",
                     self.folder.file_path(SEEN).display()
                 )
             })?;
-        self.read_up_to = (self.record.order.len() * RECORD_LEN) as u64;
+        self.read_up_to = (self.record.seen.len() * RECORD_LEN) as u64;
         Ok(())
     }
 
@@ -335,11 +368,11 @@ fn damaged(folder: &StateFolder, name: &str, why: &str) -> String {
 impl ReplayRecord {
     /// How many blocks are remembered.
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.seen.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.seen.len() == 0
     }
 }
 
@@ -351,8 +384,8 @@ fn random_key() -> [u8; KEY_LEN] {
 }
 
 /// The file's records for `digests`.
-fn records<'a>(digests: impl ExactSizeIterator<Item = &'a Digest>) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(digests.len() * RECORD_LEN);
+fn records<'a>(digests: impl Iterator<Item = &'a Digest>) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(digests.size_hint().0 * RECORD_LEN);
     for digest in digests {
         bytes.extend_from_slice(&digest.to_le_bytes());
         bytes.extend_from_slice(&[0; RECORD_LEN - 8]);
@@ -520,9 +553,37 @@ mod tests {
             assert!(!record.check_and_remember(&i.to_le_bytes()));
         }
         assert_eq!(record.len(), 64);
-        // A queue pushed before popping would have doubled to 128.
-        assert_eq!(record.order.capacity(), 64);
-        assert!(record.seen.len() == 64 && record.check_and_remember(&999u32.to_le_bytes()));
+        // A ring grown by doubling would have reserved 128.
+        assert_eq!(record.seen.ring.capacity(), 64);
+        assert!(record.check_and_remember(&999u32.to_le_bytes()));
         assert!(!record.check_and_remember(&0u32.to_le_bytes()), "forgotten");
+    }
+
+    proptest::proptest! {
+        /// The ring and its index remember exactly what a queue of the last `memory` distinct
+        /// digests would, oldest first, whatever the order of repeats and evictions.
+        #[test]
+        fn remembers_what_a_queue_of_the_last_blocks_would(
+            memory in 0usize..12,
+            digests in proptest::collection::vec(0u64..24, 0..200),
+        ) {
+            let mut ring = Remembered::new(memory);
+            let mut queue = std::collections::VecDeque::new();
+            for d in digests {
+                proptest::prop_assert_eq!(ring.contains(d), queue.contains(&d));
+                ring.insert(d);
+                if memory > 0 && !queue.contains(&d) {
+                    if queue.len() == memory {
+                        queue.pop_front();
+                    }
+                    queue.push_back(d);
+                }
+                proptest::prop_assert_eq!(ring.iter().copied().collect::<Vec<_>>(), Vec::from(queue.clone()));
+                proptest::prop_assert_eq!(ring.index.len(), queue.len());
+            }
+            for d in 0u64..24 {
+                proptest::prop_assert_eq!(ring.contains(d), queue.contains(&d));
+            }
+        }
     }
 }
