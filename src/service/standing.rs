@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::hsm::{HsmError, Target};
+use crate::telemetry::ledger;
 
 pub use super::lanes::STALL;
 
@@ -235,15 +236,16 @@ impl Scheduler {
     /// thread serves.
     fn run(&'static self, thread: u64) {
         // Audit records wait for this thread's flush before it sleeps (see `ledger`).
-        crate::telemetry::ledger::write_own_records();
+        ledger::write_own_records();
         struct FlushOnExit;
         impl Drop for FlushOnExit {
             fn drop(&mut self) {
-                crate::telemetry::ledger::flush();
+                ledger::flush();
             }
         }
         let _flush = FlushOnExit;
-        let mut booked = false;
+        // When this thread's oldest unwritten audit record was booked.
+        let mut unwritten_since: Option<Instant> = None;
         let mut orders = self.orders();
         loop {
             if orders.serving != Some(thread) {
@@ -254,10 +256,16 @@ impl Scheduler {
                 return;
             };
             let now = Instant::now();
-            if due > now && booked {
+            // Records are written before a sleep that would keep them waiting past the
+            // ledger's delay: with targets staggered over the period, one write a second
+            // carries every record of that second, instead of each injection its own.
+            let overdue = unwritten_since.is_some_and(|since| {
+                due.saturating_duration_since(since) >= ledger::OWN_RECORDS_DELAY
+            });
+            if due > now && overdue {
                 drop(orders);
-                crate::telemetry::ledger::flush();
-                booked = false;
+                ledger::flush();
+                unwritten_since = None;
                 orders = self.orders();
                 continue;
             }
@@ -288,7 +296,7 @@ impl Scheduler {
             drop(orders);
             let round = order.round.clone();
             let step = std::panic::catch_unwind(AssertUnwindSafe(|| round(&mut order.target)));
-            booked = true;
+            unwritten_since.get_or_insert(now);
             orders = self.orders();
             let Some(calling) = orders.calling.remove(&id) else {
                 continue;
@@ -368,7 +376,7 @@ impl Scheduler {
                 std::thread::sleep(STALL);
             }
             // Audit records of a burst whose timer thread is stuck in a call now.
-            crate::telemetry::ledger::flush();
+            ledger::flush();
             let mut orders = self.orders();
             let now = Instant::now();
             let serving = orders.serving;

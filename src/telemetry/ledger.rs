@@ -109,9 +109,17 @@ pub fn append(record: Record) {
     }
 }
 
+/// How long at most a thread that writes its own records (see [`write_own_records`]) keeps
+/// them before it writes them. A record is written after its injection in any case; this bounds
+/// how many a crash of the whole process could leave out of the ledger (never out of the log,
+/// whose audit record is written at the injection).
+pub const OWN_RECORDS_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// From now on, the records this thread appends wait for its own [`flush`] instead of waking
-/// the writer thread: a thread that flushes before it sleeps (a PKCS#11 timer thread) saves
-/// an injection the writer's two wake-ups, and a burst of injections is still one write.
+/// the writer thread: a PKCS#11 timer thread flushes before a sleep that would keep its oldest
+/// record past [`OWN_RECORDS_DELAY`], which saves each injection the writer's two wake-ups and
+/// makes the records of staggered targets one write a second, not one each. Any other flush
+/// (the writer's, the end of `run`) writes them too: the queue is the process's.
 pub fn write_own_records() {
     WRITES_OWN.with(|own| own.set(true));
 }
