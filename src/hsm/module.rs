@@ -132,6 +132,9 @@ struct State {
     pkcs11: Option<Pkcs11>,
     generation: u64,
     in_flight: usize,
+    /// Threads waiting for `in_flight` to reach 0 (see [`Module::drain_calls`]): only then
+    /// does a call that ends wake anyone, so a call costs no wake-up system call.
+    awaiting_drain: usize,
     resetting: bool,
     undefined_errors: u32,
     recovery: Option<Recovery>,
@@ -241,8 +244,11 @@ impl Drop for ModuleCall {
     fn drop(&mut self) {
         let mut state = self.module.lock();
         state.in_flight -= 1;
+        let drained = state.in_flight == 0 && state.awaiting_drain > 0;
         drop(state);
-        self.module.changed.notify_all();
+        if drained {
+            self.module.changed.notify_all();
+        }
     }
 }
 
@@ -362,6 +368,7 @@ impl Modules {
                 pkcs11: Some(pkcs11),
                 generation: 1,
                 in_flight: 0,
+                awaiting_drain: 0,
                 resetting: false,
                 undefined_errors: 0,
                 recovery: None,
@@ -438,18 +445,7 @@ impl Modules {
         let deadline = Instant::now() + grace;
         for module in modules {
             let (taken, sessions) = {
-                let mut state = module.idle();
-                while state.in_flight > 0 {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    state = module
-                        .changed
-                        .wait_timeout(state, left)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
-                }
+                let mut state = module.drain_calls(module.idle(), deadline);
                 if state.in_flight > 0 {
                     tracing::warn!(
                         "not finalizing {}: a call into it has not returned",
@@ -597,18 +593,7 @@ impl Module {
             }
         }
         state.resetting = true;
-        let deadline = now + DRAIN_WAIT;
-        while state.in_flight > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        let mut state = self.drain_calls(state, now + DRAIN_WAIT);
         if state.in_flight > 0 {
             tracing::warn!(
                 "{}: not re-initializing it yet: a call inside it has not returned",
@@ -720,6 +705,28 @@ impl Module {
     }
 
     /// The state, once no re-initialization is under way.
+    /// Waits until no call is inside the module, or `deadline`; the caller sees which.
+    fn drain_calls<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        deadline: Instant,
+    ) -> MutexGuard<'a, State> {
+        state.awaiting_drain += 1;
+        while state.in_flight > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        state.awaiting_drain -= 1;
+        state
+    }
+
     fn idle(&self) -> MutexGuard<'_, State> {
         let mut state = self.lock();
         while state.resetting {
