@@ -130,14 +130,19 @@ impl HealthTests {
 
     /// Runs every test on `block`; a block that passes is remembered for the replay check.
     pub fn check(&mut self, block: &[u8]) -> Result<(), HealthFailure> {
-        self.repetition_count(block)?;
-        self.adaptive_proportion(block)?;
+        self.statistical(block)?;
         if let Some(replay) = &mut self.replay {
             if replay.check_and_remember(block) {
                 return Err(HealthFailure::Replayed);
             }
         }
         Ok(())
+    }
+
+    /// The repetition count and adaptive proportion tests (SP 800-90B 4.4).
+    fn statistical(&self, block: &[u8]) -> Result<(), HealthFailure> {
+        self.repetition_count(block)?;
+        self.adaptive_proportion(block)
     }
 
     fn repetition_count(&self, block: &[u8]) -> Result<(), HealthFailure> {
@@ -187,18 +192,38 @@ pub fn screen(
     use zeroize::Zeroize;
     let blocks = bytes.len() / block_len;
     let mut failures = Vec::new();
-    let mut kept = 0;
-    for i in 0..blocks {
-        let range = i * block_len..(i + 1) * block_len;
-        match tests.check(&bytes.expose()[range.clone()]) {
-            Ok(()) => {
-                if kept != i {
-                    bytes.expose_mut().copy_within(range, kept * block_len);
-                }
-                kept += 1;
-            }
+    // The statistical tests block by block, then the replay check of the blocks that passed,
+    // all at once (one pass over the record per answer).
+    let mut passed = Vec::with_capacity(blocks);
+    for (i, block) in bytes.expose().chunks_exact(block_len).enumerate() {
+        match tests.statistical(block) {
+            Ok(()) => passed.push(i),
             Err(failure) => failures.push(failure),
         }
+    }
+    let new = match &mut tests.replay {
+        Some(replay) => {
+            let bytes = bytes.expose();
+            replay.admit(
+                passed
+                    .iter()
+                    .map(|&i| &bytes[i * block_len..(i + 1) * block_len]),
+            )
+        }
+        None => vec![true; passed.len()],
+    };
+    let mut kept = 0;
+    for (i, new) in passed.into_iter().zip(new) {
+        if !new {
+            failures.push(HealthFailure::Replayed);
+            continue;
+        }
+        if kept != i {
+            bytes
+                .expose_mut()
+                .copy_within(i * block_len..(i + 1) * block_len, kept * block_len);
+        }
+        kept += 1;
     }
     bytes.expose_mut()[kept * block_len..].zeroize();
     bytes.truncate(kept * block_len);

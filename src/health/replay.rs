@@ -18,13 +18,15 @@
 //! 64 bits identify a block well enough: a fresh block matches one of the 65,536 remembered by
 //! chance with odds of 2^-48; an agent seeding 256 tokens with 48 bytes every second receives
 //! about 2^32 blocks in ten years, so the odds that it ever refuses one by chance are 2^-16 (and
-//! a refused block is only a block not used). Full, the record holds 1.1 MiB (see
+//! a refused block is only a block not used). Full, the record holds 512 KiB (see
 //! [`Remembered`]); with 128-bit values in a set and a queue it held 4.4 MiB, more than the rest
 //! of an idle agent's heap.
 //!
 //! On disk a record is 16 bytes, the digest's 8 (little-endian) then 8 that are not read: the
 //! files of earlier versions, which wrote 128-bit values, read the same.
 
+use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
@@ -38,67 +40,82 @@ type Digest = u64;
 /// Bytes per block in the file.
 const RECORD_LEN: usize = 16;
 
-/// The last `memory` digests, oldest first, with an index for lookups: a fixed ring of digests
-/// and a table of positions in the ring. Full at 65,536 blocks it holds 1.1 MiB (512 KiB of
-/// ring, 640 KiB of table); a set of digests beside a queue of them held 1.7 MiB, the largest
-/// part of an agent's own heap.
+/// Hashes a digest to itself. Digests are keyed hashes: uniformly spread, and nobody without
+/// the key can choose blocks whose digests collide in a table (no hash flooding).
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used (the key is a `u64`); this keeps any other use correct.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+type DigestSet = HashSet<Digest, BuildHasherDefault<DigestHasher>>;
+
+/// The last `memory` digests, oldest first, in a ring and nothing else: 512 KiB full at
+/// 65,536 blocks. Blocks arrive by the answer, so an answer's digests are looked up together
+/// in one pass over the ring ([`Remembered::found_among`]), about a tenth of a millisecond
+/// per answer; an index for lookups one block at a time (a set beside a queue: 1.7 MiB; a
+/// table of ring positions: 1.1 MiB) was most of an agent's own heap.
 struct Remembered {
     /// Filled in order up to `memory`, then overwritten oldest first from `next`.
     ring: Vec<Digest>,
     /// Where the next digest goes once the ring is full (the oldest's place).
     next: usize,
-    /// Positions in `ring`, found by the digest there. Digests are keyed hashes, so each is
-    /// its own hash: uniformly spread, and nobody without the key can choose blocks whose
-    /// digests collide in the table (no hash flooding).
-    index: hashbrown::HashTable<u32>,
     memory: usize,
 }
 
 impl Remembered {
     fn new(memory: usize) -> Self {
-        // A position is a u32: far above any memory qseed uses (REPLAY_MEMORY is 65,536).
-        let memory = memory.min(u32::MAX as usize);
         Self {
             ring: Vec::new(),
             next: 0,
-            index: hashbrown::HashTable::new(),
             memory,
         }
     }
 
-    fn contains(&self, digest: Digest) -> bool {
-        self.index
-            .find(digest, |&at| self.ring[at as usize] == digest)
-            .is_some()
+    /// Which of `batch` are remembered: one pass over the ring, whatever the batch's size.
+    fn found_among(&self, batch: &[Digest]) -> DigestSet {
+        let wanted: DigestSet = batch.iter().copied().collect();
+        if wanted.is_empty() {
+            return wanted;
+        }
+        self.ring
+            .iter()
+            .copied()
+            .filter(|d| wanted.contains(d))
+            .collect()
     }
 
-    /// Remembers `digest` (once: a digest already here is not added again), forgetting the
-    /// oldest when full.
-    fn insert(&mut self, digest: Digest) {
-        if self.memory == 0 || self.contains(digest) {
+    /// Remembers `digest`, forgetting the oldest when full. Callers look a block up before
+    /// they remember it; a digest remembered twice (a file written by hand) only takes a place.
+    fn push(&mut self, digest: Digest) {
+        if self.memory == 0 {
             return;
         }
-        let at = if self.ring.len() < self.memory {
+        if self.ring.len() < self.memory {
             if self.ring.capacity() == self.ring.len() {
                 // Grown by halves at most: a doubling past `memory` would be memory never used.
                 let more = self.ring.len().max(64).min(self.memory - self.ring.len());
                 self.ring.reserve_exact(more);
             }
             self.ring.push(digest);
-            self.ring.len() - 1
         } else {
-            let at = self.next;
-            let old = self.ring[at];
-            if let Ok(entry) = self.index.find_entry(old, |&p| p as usize == at) {
-                entry.remove();
-            }
-            self.ring[at] = digest;
-            self.next = (at + 1) % self.memory;
-            at
-        };
-        let ring = &self.ring;
-        self.index
-            .insert_unique(digest, at as u32, |&p| ring[p as usize]);
+            self.ring[self.next] = digest;
+            self.next = (self.next + 1) % self.memory;
+        }
     }
 
     /// Oldest first.
@@ -151,18 +168,32 @@ impl ReplayRecord {
         Digest::from_le_bytes(first)
     }
 
-    /// Whether `block` was accepted before; if not, it is remembered as accepted now.
+    /// Whether `block` was accepted before; if not, it is remembered as accepted now. One
+    /// pass over the record: for an answer's blocks, [`ReplayRecord::admit`] makes one pass for
+    /// all of them.
     pub fn check_and_remember(&mut self, block: &[u8]) -> bool {
-        let digest = self.digest(block);
-        if self.seen.contains(digest) {
-            return true;
-        }
-        self.remember(digest);
-        false
+        !self.admit([block])[0]
+    }
+
+    /// For each block, in order, whether it is new: neither remembered nor the same as an
+    /// earlier block of `blocks`. The new ones are remembered as accepted now.
+    pub fn admit<'a>(&mut self, blocks: impl IntoIterator<Item = &'a [u8]>) -> Vec<bool> {
+        let digests: Vec<Digest> = blocks.into_iter().map(|b| self.digest(b)).collect();
+        let mut known = self.seen.found_among(&digests);
+        digests
+            .into_iter()
+            .map(|digest| {
+                let new = known.insert(digest);
+                if new {
+                    self.seen.push(digest);
+                }
+                new
+            })
+            .collect()
     }
 
     fn remember(&mut self, digest: Digest) {
-        self.seen.insert(digest);
+        self.seen.push(digest);
     }
 }
 
@@ -240,12 +271,18 @@ impl SharedRecord {
         let _lock = exclusive(&self.folder)?;
         self.catch_up()?;
         let blocks = bytes.len() / block_len;
+        let digests: Vec<Digest> = bytes
+            .expose()
+            .chunks_exact(block_len)
+            .map(|block| self.record.digest(block))
+            .collect();
+        // Every process's blocks, and this answer's earlier ones.
+        let mut known = self.record.seen.found_among(&digests);
         let mut kept = 0;
         let mut new = Vec::with_capacity(blocks);
-        for i in 0..blocks {
+        for (i, &digest) in digests.iter().enumerate() {
             let range = i * block_len..(i + 1) * block_len;
-            let digest = self.record.digest(&bytes.expose()[range.clone()]);
-            if self.record.seen.contains(digest) || new.contains(&digest) {
+            if !known.insert(digest) {
                 continue;
             }
             new.push(digest);
@@ -560,29 +597,40 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The ring and its index remember exactly what a queue of the last `memory` distinct
-        /// digests would, oldest first, whatever the order of repeats and evictions.
+        /// Answer after answer, a record admits exactly the blocks that a queue of the last
+        /// `memory` accepted blocks, as it was when the answer came, does not hold (each
+        /// once), remembers them oldest first, and never holds more.
         #[test]
-        fn remembers_what_a_queue_of_the_last_blocks_would(
+        fn admits_what_a_queue_of_the_last_blocks_would(
             memory in 0usize..12,
-            digests in proptest::collection::vec(0u64..24, 0..200),
+            answers in proptest::collection::vec(proptest::collection::vec(0u8..24, 0..6), 0..40),
         ) {
-            let mut ring = Remembered::new(memory);
+            let mut record = ReplayRecord::in_memory(memory);
             let mut queue = std::collections::VecDeque::new();
-            for d in digests {
-                proptest::prop_assert_eq!(ring.contains(d), queue.contains(&d));
-                ring.insert(d);
-                if memory > 0 && !queue.contains(&d) {
-                    if queue.len() == memory {
-                        queue.pop_front();
+            for answer in answers {
+                let blocks: Vec<[u8; 1]> = answer.iter().map(|&id| [id]).collect();
+                let admitted = record.admit(blocks.iter().map(|b| &b[..]));
+                let mut expected = Vec::new();
+                let mut this_answer = Vec::new();
+                // What was remembered when the answer came: a block forgotten to make room for
+                // an earlier block of the same answer is still a replay.
+                let before = queue.clone();
+                for id in answer {
+                    let new = !before.contains(&id) && !this_answer.contains(&id);
+                    this_answer.push(id);
+                    expected.push(new);
+                    if new && memory > 0 {
+                        if queue.len() == memory {
+                            queue.pop_front();
+                        }
+                        queue.push_back(id);
                     }
-                    queue.push_back(d);
                 }
-                proptest::prop_assert_eq!(ring.iter().copied().collect::<Vec<_>>(), Vec::from(queue.clone()));
-                proptest::prop_assert_eq!(ring.index.len(), queue.len());
-            }
-            for d in 0u64..24 {
-                proptest::prop_assert_eq!(ring.contains(d), queue.contains(&d));
+                proptest::prop_assert_eq!(admitted, expected);
+                let remembered: Vec<Digest> = record.seen.iter().copied().collect();
+                let modelled: Vec<Digest> = queue.iter().map(|&id| record.digest(&[id])).collect();
+                proptest::prop_assert_eq!(remembered, modelled);
+                proptest::prop_assert!(record.seen.ring.capacity() <= memory);
             }
         }
     }
