@@ -77,8 +77,10 @@ fn run_seeds_two_tokens_at_their_own_periods_and_never_reuses_a_byte() {
     // Nothing is bought for a token's share of the horizon until it has accepted a seed: the
     // first request buys one block, for "left"'s first round; once that seed is in, the next
     // buys "left"'s rate (48 B/s) over the pool's 10-minute horizon, and "right" (offset
-    // 0.5 s) counts from its first accepted seed on. Two requests serve the whole run; what
-    // is left is wiped at shutdown.
+    // 0.5 s, its first seed from the first block) counts from its first accepted seed on. On
+    // a loaded machine the second request can leave after "right"'s first seed, and then buys
+    // both rates (98 B/s): either is right, anything else is not. Two requests serve the whole
+    // run; what is left is wiped at shutdown.
     let blocks = world.sim.blocks_served();
     eprintln!(
         "{} requests, {blocks} blocks, {} bytes",
@@ -90,9 +92,11 @@ fn run_seeds_two_tokens_at_their_own_periods_and_never_reuses_a_byte() {
         2,
         "two requests for the whole run: {log}"
     );
+    let left_only = 29 * 1024..=31 * 1024;
+    let both = 58 * 1024..=61 * 1024;
     assert!(
-        (29 * 1024..=31 * 1024).contains(&served.len()),
-        "one block, then the horizon: {} bytes: {log}",
+        left_only.contains(&served.len()) || both.contains(&served.len()),
+        "one block, then the horizon of the tokens that had accepted a seed: {} bytes: {log}",
         served.len()
     );
     assert!(
