@@ -66,9 +66,9 @@ type DigestSet = HashSet<Digest, BuildHasherDefault<DigestHasher>>;
 
 /// The last `memory` digests, oldest first, in a ring and nothing else: 512 KiB full at
 /// 65,536 blocks. Blocks arrive by the answer, so an answer's digests are looked up together
-/// in one pass over the ring ([`Remembered::found_among`]), about a tenth of a millisecond
-/// per answer; an index for lookups one block at a time (a set beside a queue: 1.7 MiB; a
-/// table of ring positions: 1.1 MiB) was most of an agent's own heap.
+/// in one pass over the ring ([`Remembered::found_among`]), about 0.2 ms per answer on a full
+/// record (BENCHMARKS.md); an index for lookups one block at a time (a set beside a queue:
+/// 1.7 MiB; a table of ring positions: 1.1 MiB) was most of an agent's own heap.
 struct Remembered {
     /// Filled in order up to `memory`, then overwritten oldest first from `next`.
     ring: Vec<Digest>,
@@ -107,7 +107,8 @@ impl Remembered {
         }
         if self.ring.len() < self.memory {
             if self.ring.capacity() == self.ring.len() {
-                // Grown by halves at most: a doubling past `memory` would be memory never used.
+                // Doubled, but never past `memory`: a Vec's own doubling would reserve up to
+                // twice `memory`, never used.
                 let more = self.ring.len().max(64).min(self.memory - self.ring.len());
                 self.ring.reserve_exact(more);
             }

@@ -704,7 +704,6 @@ impl Module {
         }
     }
 
-    /// The state, once no re-initialization is under way.
     /// Waits until no call is inside the module, or `deadline`; the caller sees which.
     fn drain_calls<'a>(
         &'a self,
@@ -727,6 +726,7 @@ impl Module {
         state
     }
 
+    /// The state, once no re-initialization is under way.
     fn idle(&self) -> MutexGuard<'_, State> {
         let mut state = self.lock();
         while state.resetting {
