@@ -235,7 +235,8 @@ impl Scheduler {
     /// A timer thread: runs the due rounds, one after another, until no order waits or another
     /// thread serves.
     fn run(&'static self, thread: u64) {
-        // Audit records wait for this thread's flush before it sleeps (see `ledger`).
+        // Audit records wait for this thread's flush, made before a sleep that would keep
+        // them past the ledger's delay (see `ledger::OWN_RECORDS_DELAY`).
         ledger::write_own_records();
         struct FlushOnExit;
         impl Drop for FlushOnExit {
