@@ -361,7 +361,9 @@ pub fn main() -> ExitCode {
         LevelFilter::INFO
     };
     let format = crate::telemetry::init(level, cli.log_format);
-    match run(cli) {
+    let result = run(cli);
+    crate::telemetry::log_batch::flush();
+    match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
             match format {

@@ -39,8 +39,7 @@ macro_rules! say {
 /// `eprintln!` that never panics on a closed standard error.
 macro_rules! tell {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
+        $crate::telemetry::log_batch::write_now(format_args!("{}\n", format_args!($($arg)*)));
     }};
 }
 

@@ -243,8 +243,7 @@ fn random_hex(len: usize) -> Result<SecretString, Error> {
     let mut bytes = zeroize::Zeroizing::new(vec![0u8; len]);
     getrandom::fill(&mut bytes)
         .map_err(|e| Error::Failed(format!("no OS randomness for the demo secrets: {e}")))?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(SecretString::from(hex))
+    Ok(SecretString::from(hex::encode(&bytes[..])))
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), Error> {

@@ -184,7 +184,7 @@ pub async fn run(config_path: &Path) -> Result<(), Error> {
         let _ = endpoint.await;
     }
     let outcome = service::teardown(outcomes, &pool, &modules).await;
-    crate::telemetry::ledger::flush();
+    crate::telemetry::flush_held();
     summarize(&outcome);
     let current: Vec<&TargetOutcome> = outcome.targets.iter().filter(|t| !t.superseded).collect();
     if !current.is_empty() && current.iter().all(|t| t.stopped.is_some()) {
@@ -628,7 +628,7 @@ pub async fn serve_with<S: EntropySource + 'static>(
     )
     .await;
     let outcome = service::teardown(targets, &pool, &modules).await;
-    crate::telemetry::ledger::flush();
+    crate::telemetry::flush_held();
     summarize(&outcome);
     Ok(outcome)
 }

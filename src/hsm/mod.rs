@@ -242,8 +242,24 @@ impl Target {
     /// [`Target::max_seed`] bytes, each byte once. A failed call ends the round (the bytes not
     /// yet injected are wiped with the buffer, never offered again).
     pub fn seed(&mut self, seed: &EntropyBytes) -> Result<Arc<TokenIdentity>, HsmError> {
+        self.seed_taken(|| Some(seed))?.ok_or_else(|| {
+            // Not expected: the bytes were given.
+            HsmError::Unexpected("no bytes to seed".into())
+        })
+    }
+
+    /// [`Target::seed`] with the bytes `take` gives once the session is checked, in one pass
+    /// through the module's gate: a token that cannot be reached costs no bytes. `Ok(None)`
+    /// when `take` has none.
+    pub fn seed_taken<B: std::borrow::Borrow<EntropyBytes>>(
+        &mut self,
+        take: impl FnOnce() -> Option<B>,
+    ) -> Result<Option<Arc<TokenIdentity>>, HsmError> {
         if let crate::config::TargetKind::Kernel { credit } = self.config.kind {
-            return match crate::kernel::inject(seed.expose(), credit) {
+            let Some(seed) = take() else {
+                return Ok(None);
+            };
+            return match crate::kernel::inject(seed.borrow().expose(), credit) {
                 Ok(reseeded) => {
                     if reseeded == crate::kernel::Reseeded::AtNextReseed
                         && !KERNEL_RESEED_TOLD.swap(true, std::sync::atomic::Ordering::Relaxed)
@@ -254,7 +270,7 @@ impl Target {
                              not at once"
                         );
                     }
-                    Ok(kernel_identity())
+                    Ok(Some(kernel_identity()))
                 }
                 Err(e) => Err(HsmError::Kernel {
                     permanent: e == crate::kernel::KernelError::NotPermitted,
@@ -274,13 +290,16 @@ impl Target {
                 return Err(e);
             }
         };
+        let Some(seed) = take() else {
+            return Ok(None);
+        };
         let Some(held) = call.take_session(self.instance) else {
             // Not expected: a successful connect leaves a session open.
             return Err(HsmError::Unexpected(
                 "the module was re-initialized; the session is gone".into(),
             ));
         };
-        let bytes = seed.expose();
+        let bytes = seed.borrow().expose();
         let chunk = self.max_seed().unwrap_or(bytes.len()).max(1);
         let mut result = Ok(());
         for part in bytes.chunks(chunk) {
@@ -324,7 +343,7 @@ impl Target {
         match result {
             Ok(()) => {
                 module.succeeded(generation);
-                Ok(token)
+                Ok(Some(token))
             }
             Err((e, len)) => {
                 module.failed(&e, generation, self.config.period);

@@ -132,7 +132,7 @@ impl TokenKey {
         let digest = ring::digest::digest(&ring::digest::SHA256, &full);
         let prefix = format!("{}-{}-", file_safe(&token.label), file_safe(&token.serial));
         Self {
-            id: format!("{prefix}{}", hex(&digest.as_ref()[..6])),
+            id: format!("{prefix}{}", hex::encode(&digest.as_ref()[..6])),
             prefix,
             label: token.label.clone(),
             serial: token.serial.clone(),
@@ -158,10 +158,6 @@ impl TokenKey {
             && (record.token_manufacturer.is_empty()
                 || record.token_manufacturer == self.manufacturer)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn file_safe(text: &str) -> String {
@@ -363,7 +359,7 @@ impl Folder {
                 ))
             }
         };
-        let key_id = hex(&ring::digest::digest(&ring::digest::SHA256, &key).as_ref()[..4]);
+        let key_id = hex::encode(&ring::digest::digest(&ring::digest::SHA256, &key).as_ref()[..4]);
         Ok(Self {
             folder,
             key: hmac::Key::new(hmac::HMAC_SHA256, &key),
@@ -374,7 +370,7 @@ impl Folder {
     fn digest(&self, login: &UserLogin) -> String {
         use secrecy::ExposeSecret;
         let tag = hmac::sign(&self.key, login.pin.expose_secret().as_bytes());
-        hex(&tag.as_ref()[..16])
+        hex::encode(&tag.as_ref()[..16])
     }
 
     /// The names of the record files that may be `key`'s (this version's and earlier ones').
@@ -695,7 +691,7 @@ mod tests {
         // Nothing from which the PIN can be found is kept: a keyed digest only.
         let text = std::fs::read_to_string(&records(dir.path())[0]).unwrap();
         assert!(!text.contains("1111"), "{text}");
-        let plain = hex(ring::digest::digest(&ring::digest::SHA256, b"1111").as_ref());
+        let plain = hex::encode(ring::digest::digest(&ring::digest::SHA256, b"1111").as_ref());
         assert!(!text.contains(&plain[..32]), "{text}");
         let key = dir.path().join(FOLDER).join(KEY_FILE);
         use std::os::unix::fs::PermissionsExt;

@@ -698,7 +698,7 @@ async fn sign_ledger_head(
                 pid: 0,
                 prev: String::new(),
                 signed_head: Some(head),
-                signature: Some(ledger::hex(&signature)),
+                signature: Some(hex::encode(signature)),
                 key_label: Some(signing.key_label.clone()),
             });
             tracing::info!(
@@ -782,21 +782,10 @@ pub fn audit(
     requests: &str,
 ) {
     let kernel = crate::hsm::is_kernel(token);
-    let (event, what) = match why {
-        Injected::Round if kernel => ("kernel", format!("seeded {name}: {len} bytes")),
-        Injected::Round => ("injection", format!("seeded {name}: {len} bytes")),
-        Injected::Flush => (
-            "flush",
-            format!("flushed into {name}: {len} bytes left at the stop"),
-        ),
-    };
-    let into = if kernel {
-        "into the host kernel (RNDADDENTROPY)".to_string()
-    } else {
-        format!(
-            "into token {:?} (serial {}, slot {})",
-            token.label, token.serial, token.slot
-        )
+    let event = match why {
+        Injected::Round if kernel => "kernel",
+        Injected::Round => "injection",
+        Injected::Flush => "flush",
     };
     let simulated = crate::source::simulated_accepted();
     crate::telemetry::ledger::append(crate::telemetry::ledger::Record {
@@ -816,6 +805,26 @@ pub fn audit(
         signature: None,
         key_label: None,
     });
+    // The message is formatted once, by the subscriber, from these parts: this runs on
+    // every injection.
+    let what = match why {
+        Injected::Round => format_args!("seeded {name}: {len} bytes"),
+        Injected::Flush => format_args!("flushed into {name}: {len} bytes left at the stop"),
+    };
+    let label = &token.label;
+    let into = if kernel {
+        format_args!("into the host kernel (RNDADDENTROPY)")
+    } else {
+        format_args!(
+            "into token {label:?} (serial {}, slot {})",
+            token.serial, token.slot
+        )
+    };
+    let simulated_mark = if simulated {
+        " (SIMULATED entropy: source.allow_simulated)"
+    } else {
+        ""
+    };
     tracing::info!(
         target: AUDIT,
         event,
@@ -827,12 +836,7 @@ pub fn audit(
         bytes = len,
         source = %source,
         request_ids = %requests,
-        "{what} {into} from {requests}{}",
-        if simulated {
-            " (SIMULATED entropy: source.allow_simulated)"
-        } else {
-            ""
-        }
+        "{what} {into} from {requests}{simulated_mark}"
     );
 }
 
@@ -854,8 +858,9 @@ struct LateSeeds {
 }
 
 /// The round a standing order runs on the module's timer thread: a session check, bytes the
-/// pool holds now (never a wait for a purchase: that round goes back to the loop), the seed,
-/// and its audit record. The bytes are wiped when the round ends, whatever it did.
+/// pool holds now (never a wait for a purchase: that round goes back to the loop), the seed
+/// (the three in one pass through the module's gate), and its audit record. The bytes are
+/// wiped when the round ends, whatever it did.
 fn steady_round<S: EntropySource + 'static>(
     pool: Arc<Pool<S>>,
     demand: DemandId,
@@ -867,18 +872,18 @@ fn steady_round<S: EntropySource + 'static>(
             pool.set_reachable(demand, !e.is_token_missing());
             Step::Failed(e)
         };
-        if let Err(e) = target.connect() {
-            return failed(e);
-        }
-        let Some((bytes, requests)) = pool.try_take(demand, size) else {
-            return Step::NoBytes;
+        let mut bought_by = String::new();
+        let take = || {
+            let (bytes, requests) = pool.try_take(demand, size)?;
+            bought_by = requests;
+            Some(bytes)
         };
-        match target.seed(&bytes) {
-            Ok(token) => {
-                drop(bytes);
-                book.book(size, &token, &requests);
+        match target.seed_taken(take) {
+            Ok(Some(token)) => {
+                book.book(size, &token, &bought_by);
                 Step::Seeded
             }
+            Ok(None) => Step::NoBytes,
             Err(e) => failed(e),
         }
     })

@@ -26,9 +26,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::hsm::{HsmError, Target};
-use crate::telemetry::ledger;
+use crate::telemetry::{self, ledger};
 
 pub use super::lanes::STALL;
+
+/// How late a timer thread usually wakes for a due round, on a loaded machine.
+const WAKE_LATENESS: Duration = Duration::from_millis(5);
 
 /// A call's state, shared with the caller's [`super::worker::Worker`].
 pub const RUNNING: u8 = 0;
@@ -112,6 +115,8 @@ struct Orders {
     calling: HashMap<u64, Calling>,
     /// The timer thread serving the waiting orders now, if any.
     serving: Option<u64>,
+    /// When the alarm goes off, as last set (`None`: disarmed or gone off).
+    armed: Option<Instant>,
     next_thread: u64,
     next_id: u64,
 }
@@ -190,7 +195,7 @@ impl Scheduler {
             self.wake.notify_all();
         }
         // A new order while the serving thread is in a call: its call may now hold this one up.
-        self.arm(&orders);
+        self.arm(&mut orders);
         Ok(OrderId(id))
     }
 
@@ -235,13 +240,13 @@ impl Scheduler {
     /// A timer thread: runs the due rounds, one after another, until no order waits or another
     /// thread serves.
     fn run(&'static self, thread: u64) {
-        // Audit records wait for this thread's flush, made before a sleep that would keep
-        // them past the ledger's delay (see `ledger::OWN_RECORDS_DELAY`).
-        ledger::write_own_records();
+        // Audit records and routine log lines wait for this thread's flush, made before a
+        // sleep that would keep them past the ledger's delay (see `ledger::OWN_RECORDS_DELAY`).
+        telemetry::hold_this_threads_output();
         struct FlushOnExit;
         impl Drop for FlushOnExit {
             fn drop(&mut self) {
-                ledger::flush();
+                telemetry::flush_held();
             }
         }
         let _flush = FlushOnExit;
@@ -257,15 +262,15 @@ impl Scheduler {
                 return;
             };
             let now = Instant::now();
-            // Records are written before a sleep that would keep them waiting past the
-            // ledger's delay: with targets staggered over the period, one write a second
+            // Records and lines are written before a sleep that would keep them waiting past
+            // the ledger's delay: with targets staggered over the period, one write a second
             // carries every record of that second, instead of each injection its own.
             let overdue = unwritten_since.is_some_and(|since| {
                 due.saturating_duration_since(since) >= ledger::OWN_RECORDS_DELAY
             });
             if due > now && overdue {
                 drop(orders);
-                ledger::flush();
+                telemetry::flush_held();
                 unwritten_since = None;
                 orders = self.orders();
                 continue;
@@ -293,7 +298,7 @@ impl Scheduler {
                     state: order.state.clone(),
                 },
             );
-            self.arm(&orders);
+            self.arm(&mut orders);
             drop(orders);
             let round = order.round.clone();
             let step = std::panic::catch_unwind(AssertUnwindSafe(|| round(&mut order.target)));
@@ -302,7 +307,7 @@ impl Scheduler {
             let Some(calling) = orders.calling.remove(&id) else {
                 continue;
             };
-            self.arm(&orders);
+            self.arm(&mut orders);
             let told_hung = calling.tell.is_none();
             if told_hung {
                 late(&order.target, &step, calling.since.elapsed());
@@ -376,9 +381,11 @@ impl Scheduler {
                 // Read errors on a timerfd are not expected; do not spin on one.
                 std::thread::sleep(STALL);
             }
-            // Audit records of a burst whose timer thread is stuck in a call now.
-            ledger::flush();
+            // Audit records and lines of a burst whose timer thread is stuck in a call now.
+            telemetry::flush_held();
             let mut orders = self.orders();
+            // Gone off: `arm` below sets it again if a call still needs it.
+            orders.armed = None;
             let now = Instant::now();
             let serving = orders.serving;
             let mut stalled = false;
@@ -404,13 +411,13 @@ impl Scheduler {
             if stalled && !orders.waiting.is_empty() {
                 self.serve(&mut orders);
             }
-            self.arm(&orders);
+            self.arm(&mut orders);
         }
     }
 
     /// Sets the alarm for the earliest instant the watchdog has something to do: the first
     /// call to outlive its timeout, or the serving thread's call holding up waiting orders.
-    fn arm(&self, orders: &Orders) {
+    fn arm(&self, orders: &mut Orders) {
         let Some(Some(alarm)) = self.alarm.get() else {
             return;
         };
@@ -426,7 +433,22 @@ impl Scheduler {
             })
             .flatten()
             .min();
-        alarm.set(at);
+        if at.is_none() {
+            // The alarm of a call that returned would only wake the watchdog for nothing, and
+            // the next round sets it anew before that: left as it is while that round is due
+            // before it goes off (one system call less per injection). A round woken later
+            // than that costs the watchdog one wake-up with nothing to do.
+            let next = orders.waiting.first_key_value().map(|(&(due, _), _)| due);
+            if let (Some(next), Some(armed)) = (next, orders.armed) {
+                if next + WAKE_LATENESS < armed {
+                    return;
+                }
+            }
+        }
+        if at != orders.armed {
+            orders.armed = at;
+            alarm.set(at);
+        }
     }
 }
 

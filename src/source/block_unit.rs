@@ -184,11 +184,7 @@ fn unit_words(reading: Reading) -> &'static str {
 /// `block-unit-<first 12 hex digits of SHA-256 of the URL>`.
 fn memo_name(url: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, url.as_bytes());
-    let hex: String = digest.as_ref()[..6]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("block-unit-{hex}")
+    format!("block-unit-{}", hex::encode(&digest.as_ref()[..6]))
 }
 
 fn recall(state: &Path, name: &str) -> Option<Reading> {

@@ -279,13 +279,7 @@ impl Positions {
         file.seek(SeekFrom::Start(0))
             .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
         let tag = ring::hmac::sign(&key, &head[..filled]);
-        Ok(format!(
-            "{filled}:{}",
-            tag.as_ref()[..16]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        ))
+        Ok(format!("{filled}:{}", hex::encode(&tag.as_ref()[..16])))
     }
 
     fn key(&self) -> Result<ring::hmac::Key, String> {

@@ -112,13 +112,7 @@ impl MonthlyCount {
         // `https://host/` and `https://host` are one source.
         let digest =
             ring::digest::digest(&ring::digest::SHA256, url.trim_end_matches('/').as_bytes());
-        let file = format!(
-            "budget-{}",
-            digest.as_ref()[..8]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        );
+        let file = format!("budget-{}", hex::encode(&digest.as_ref()[..8]));
         let folder = state.and_then(|dir| {
             StateFolder::open(dir)
                 .and_then(|f| f.subfolder("sources"))

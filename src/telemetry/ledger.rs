@@ -111,8 +111,9 @@ pub fn append(record: Record) {
 
 /// How long at most a thread that writes its own records (see [`write_own_records`]) keeps
 /// them before it writes them. A record is written after its injection in any case; this bounds
-/// how many a crash of the whole process could leave out of the ledger (never out of the log,
-/// whose audit record is written at the injection).
+/// how many a crash of the whole process could leave out of the ledger (and out of a text or
+/// JSON log, whose routine lines wait as long: see [`super::log_batch`]; the journal gets
+/// each record at once).
 pub const OWN_RECORDS_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// From now on, the records this thread appends wait for its own [`flush`] instead of waking
@@ -336,11 +337,7 @@ fn rotated(n: u32) -> String {
 
 /// Hex SHA-256 of a line's bytes (without its newline).
 pub fn hash_line(line: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, line)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, line))
 }
 
 /// The last complete line of `file` (read from its end, at most [`MAX_LINE`] bytes back).
@@ -533,11 +530,6 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
         .collect()
-}
-
-/// Hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The ledger's files in `state`, oldest first.

@@ -39,6 +39,9 @@ pub fn init(default_level: LevelFilter, format: LogFormat) -> LogFormat {
     let (filter, refused) = filter(std::env::var("QSEED_LOG").ok(), default_level);
     let filter = || filter.clone();
     let format = install(filter, format);
+    if format != LogFormat::Journal {
+        super::log_batch::flush_before_panics();
+    }
     if let Some(problem) = refused {
         tracing::warn!("{problem}");
     }
@@ -113,7 +116,7 @@ fn init_stderr(filter: Targets, format: LogFormat) {
     // The builder's own filter stays wide open (it would stop at INFO): `filter` decides.
     let builder = tracing_subscriber::fmt()
         .with_max_level(LevelFilter::TRACE)
-        .with_writer(std::io::stderr)
+        .with_writer(super::log_batch::Stderr)
         .log_internal_errors(false);
     let _ = match format {
         LogFormat::Json => builder
