@@ -9,8 +9,10 @@
 //! stops; the loop handles that round as it handles any (see `target_loop`).
 //!
 //! A call can hang. Before each call the timer thread arms an alarm, a timerfd read by the
-//! module's watchdog thread, and disarms it after: two system calls and no wake-up while calls
-//! return in time. When the alarm goes off, the watchdog gives the other orders a timer thread
+//! module's watchdog thread, unless the alarm is already set within the call's window (it may go
+//! off a little late: see `alarm_window`); a call that returns leaves it set while the next
+//! round is due before it goes off. No wake-up while calls return in time, and about one system
+//! call per window instead of two per call. When the alarm goes off, the watchdog gives the other orders a timer thread
 //! of their own once a call has run [`STALL`] (so one hung token never holds up another), and
 //! tells the order's loop that the call hung once it has run the target's timeout. The call
 //! is left on its thread; when it returns, a success is booked like any (its bytes are in the
@@ -109,8 +111,9 @@ struct Calling {
 
 #[derive(Default)]
 struct Orders {
-    /// By due instant, then id.
-    waiting: BTreeMap<(Instant, u64), Order>,
+    /// By due instant, then id. Boxed: an order moves out and back in at every round, and
+    /// the map's nodes shift their entries (an order is about 460 bytes).
+    waiting: BTreeMap<(Instant, u64), Box<Order>>,
     /// By id.
     calling: HashMap<u64, Calling>,
     /// The timer thread serving the waiting orders now, if any.
@@ -187,7 +190,7 @@ impl Scheduler {
         let mut orders = self.orders();
         let id = orders.next_id;
         orders.next_id += 1;
-        orders.waiting.insert((order.first, id), order);
+        orders.waiting.insert((order.first, id), Box::new(order));
         let earliest = orders.waiting.keys().next().map(|k| k.1) == Some(id);
         if orders.serving.is_none() {
             self.serve(&mut orders);
@@ -307,7 +310,6 @@ impl Scheduler {
             let Some(calling) = orders.calling.remove(&id) else {
                 continue;
             };
-            self.arm(&mut orders);
             let told_hung = calling.tell.is_none();
             if told_hung {
                 late(&order.target, &step, calling.since.elapsed());
@@ -323,6 +325,8 @@ impl Scheduler {
                         next = now + order.period;
                     }
                     orders.waiting.insert((next, id), order);
+                    // Once the order waits again: its next round may keep the alarm as it is.
+                    self.arm(&mut orders);
                     match orders.serving {
                         // This thread serves on (the usual case: no wake-up needed).
                         Some(serving) if serving == thread => {}
@@ -334,6 +338,7 @@ impl Scheduler {
                     }
                 }
                 (tell, cancelled, step) => {
+                    self.arm(&mut orders);
                     drop(orders);
                     // The loop was told already if its call hung (`tell` is gone).
                     let ended = match step {
@@ -415,41 +420,66 @@ impl Scheduler {
         }
     }
 
-    /// Sets the alarm for the earliest instant the watchdog has something to do: the first
-    /// call to outlive its timeout, or the serving thread's call holding up waiting orders.
+    /// Sets the alarm for the watchdog's next task: the first call to outlive its timeout, or
+    /// the serving thread's call holding up waiting orders. The alarm may go off late by a
+    /// share of what it waits for ([`alarm_window`]); an alarm already set within that window
+    /// is left as it is, so while rounds come closer together than the window, a call that
+    /// returns in time costs no system call at all.
     fn arm(&self, orders: &mut Orders) {
         let Some(Some(alarm)) = self.alarm.get() else {
             return;
         };
         let others_wait = !orders.waiting.is_empty();
-        let at = orders
+        let window = orders
             .calling
             .values()
             .flat_map(|c| {
-                let timeout = c.tell.is_some().then(|| c.since + c.timeout);
-                let stall =
-                    (others_wait && Some(c.thread) == orders.serving).then(|| c.since + STALL);
+                let timeout = c.tell.is_some().then(|| alarm_window(c.since, c.timeout));
+                let stall = (others_wait && Some(c.thread) == orders.serving)
+                    .then(|| alarm_window(c.since, STALL));
                 [timeout, stall]
             })
             .flatten()
-            .min();
-        if at.is_none() {
-            // The alarm of a call that returned would only wake the watchdog for nothing, and
-            // the next round sets it anew before that: left as it is while that round is due
-            // before it goes off (one system call less per injection). A round woken later
-            // than that costs the watchdog one wake-up with nothing to do.
-            let next = orders.waiting.first_key_value().map(|(&(due, _), _)| due);
-            if let (Some(next), Some(armed)) = (next, orders.armed) {
-                if next + WAKE_LATENESS < armed {
-                    return;
-                }
-            }
-        }
-        if at != orders.armed {
+            .reduce(|(a, b), (c, d)| (a.min(c), b.min(d)));
+        let next_round = orders.waiting.first_key_value().map(|(&(due, _), _)| due);
+        if let Some(at) = alarm_change(window, orders.armed, next_round) {
             orders.armed = at;
             alarm.set(at);
         }
     }
+}
+
+/// What to do with the alarm, set for `armed`, given the window of the watchdog's next task
+/// (when it is due, the latest the alarm may go off for it) and the next round waiting:
+/// `None` leaves it as it is, `Some(at)` sets it for `at` (`Some(None)` disarms it).
+fn alarm_change(
+    window: Option<(Instant, Instant)>,
+    armed: Option<Instant>,
+    next_round: Option<Instant>,
+) -> Option<Option<Instant>> {
+    let at = match (window, armed) {
+        // Goes off no earlier than the first task is due (no wake-up for nothing), and no
+        // later than any task allows.
+        (Some((due, latest)), Some(armed)) if due <= armed && armed <= latest => return None,
+        (Some((_, latest)), _) => Some(latest),
+        // The alarm of a call that returned would only wake the watchdog for nothing, and the
+        // next round arms it before that: left as it is while that round is due before it goes
+        // off. A round woken later than that costs the watchdog one wake-up with nothing to do.
+        (None, Some(armed)) if next_round.is_some_and(|next| next + WAKE_LATENESS < armed) => {
+            return None
+        }
+        (None, _) => None,
+    };
+    (at != armed).then_some(at)
+}
+
+/// When the watchdog's alarm may go off for a task due `wait` after `since`: from then until
+/// an eighth of `wait` later for a call's timeout (30 s: up to 3.75 s late), up to `STALL`
+/// later for a stall (the other orders get a thread of their own after 50 to 100 ms).
+fn alarm_window(since: Instant, wait: Duration) -> (Instant, Instant) {
+    let due = since + wait;
+    let slack = if wait <= STALL { wait } else { wait / 8 };
+    (due, due + slack)
 }
 
 /// Logs a call the loop was told had hung, now that it returned.
@@ -517,5 +547,64 @@ impl Alarm {
         let mut expirations = [0u8; 8];
         rustix::io::read(&self.fd, &mut expirations)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn an_alarm_within_the_window_is_left_as_it_is() {
+        let t = Instant::now();
+        let window = Some(alarm_window(t, STALL));
+        assert_eq!(window, Some((t + STALL, t + 2 * STALL)));
+        // Set by a call 15 ms earlier (its latest), it goes off in time for this one too.
+        let armed = Some(t - 15 * MS + 2 * STALL);
+        assert_eq!(alarm_change(window, armed, None), None);
+    }
+
+    #[test]
+    fn an_alarm_outside_the_window_is_set_to_its_latest() {
+        let t = Instant::now();
+        let window = Some(alarm_window(t, STALL));
+        // Too late: this call would be held up past its stall.
+        let late = Some(t + 3 * STALL);
+        assert_eq!(alarm_change(window, late, None), Some(Some(t + 2 * STALL)));
+        // Too early: the watchdog would wake for nothing.
+        let early = Some(t + STALL - MS);
+        assert_eq!(alarm_change(window, early, None), Some(Some(t + 2 * STALL)));
+        // Not set.
+        assert_eq!(alarm_change(window, None, None), Some(Some(t + 2 * STALL)));
+    }
+
+    #[test]
+    fn a_timeout_may_go_off_an_eighth_late() {
+        let t = Instant::now();
+        let timeout = Duration::from_secs(30);
+        let (due, latest) = alarm_window(t, timeout);
+        assert_eq!((due, latest), (t + timeout, t + timeout + timeout / 8));
+        // Rounds a second apart share one alarm for three rounds.
+        let armed = Some(latest);
+        for round in 1..=3 {
+            let window = Some(alarm_window(t + round * 1000 * MS, timeout));
+            assert_eq!(alarm_change(window, armed, None), None, "round {round}");
+        }
+        let window = Some(alarm_window(t + 4000 * MS, timeout));
+        assert!(alarm_change(window, armed, None).is_some());
+    }
+
+    #[test]
+    fn with_no_call_the_alarm_stays_only_for_a_round_due_before_it() {
+        let t = Instant::now();
+        let armed = Some(t + 100 * MS);
+        assert_eq!(alarm_change(None, armed, Some(t + 15 * MS)), None);
+        // The next round comes after it would go off (or none waits): disarmed.
+        assert_eq!(alarm_change(None, armed, Some(t + 99 * MS)), Some(None));
+        assert_eq!(alarm_change(None, armed, None), Some(None));
+        // Disarmed already: nothing to do.
+        assert_eq!(alarm_change(None, None, None), None);
     }
 }
