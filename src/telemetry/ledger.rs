@@ -549,7 +549,7 @@ pub fn files_in(state: &Path) -> Vec<PathBuf> {
 
 /// Now, as the ledger writes times: RFC 3339, UTC, milliseconds.
 pub fn now() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    super::clock::format(std::time::SystemTime::now(), super::clock::Fraction::Millis)
 }
 
 /// Writes one record line to `out` (for `audit export`).

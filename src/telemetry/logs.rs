@@ -117,6 +117,7 @@ fn init_stderr(filter: Targets, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_max_level(LevelFilter::TRACE)
         .with_writer(super::log_batch::Stderr)
+        .with_timer(super::clock::LogTimer)
         .log_internal_errors(false);
     let _ = match format {
         LogFormat::Json => builder

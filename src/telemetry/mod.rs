@@ -2,6 +2,7 @@
 //! [`server`]) and systemd's notify protocol ([`systemd`]). No log line, metric or status ever
 //! carries the API token, a PIN or entropy bytes: the types that hold them print as redacted.
 
+pub mod clock;
 pub mod ledger;
 pub mod log_batch;
 pub mod logs;
