@@ -12,11 +12,11 @@
 //! module's watchdog thread, unless the alarm is already set within the call's window (it may go
 //! off a little late: see `alarm_window`); a call that returns leaves it set while the next
 //! round is due before it goes off. No wake-up while calls return in time, and about one system
-//! call per window instead of two per call. When the alarm goes off, the watchdog gives the other orders a timer thread
-//! of their own once a call has run [`STALL`] (so one hung token never holds up another), and
-//! tells the order's loop that the call hung once it has run the target's timeout. The call
-//! is left on its thread; when it returns, a success is booked like any (its bytes are in the
-//! token) and the target goes back to its loop.
+//! call per window instead of two per call. When the alarm goes off, the watchdog gives the
+//! other orders a timer thread of their own once a call has run [`STALL`] (so one hung token
+//! never holds up another), and tells the order's loop that the call hung once it has run the
+//! target's timeout. The call is left on its thread; when it returns, a success is booked like
+//! any (its bytes are in the token) and the target goes back to its loop.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
