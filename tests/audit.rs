@@ -171,3 +171,39 @@ fn the_signed_head_verifies_against_the_hsm_key() {
         stderr(&out)
     );
 }
+
+/// A steady target's rounds run on its module's timer thread, whose audit records and log lines
+/// wait for a flush made before any sleep that would keep them past a second
+/// (`ledger::OWN_RECORDS_DELAY`). With a 3 s period each round's ledger record and log line
+/// are out before the next round, not held until it or until the stop.
+#[test]
+fn a_steady_rounds_record_and_line_are_out_before_the_next_round() {
+    let world = World::one_target("entropy", 48, "3s", false);
+    let service = world.start_service();
+    let records = || {
+        std::fs::read_to_string(ledger_path(&world))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // The first round is the target loop's; from the second on, the timer thread's.
+    for n in 2..=3 {
+        let mut seeds_when_written = 0;
+        let written = wait_until(Duration::from_secs(20), || {
+            let out = records() >= n && service.log().matches("seeded tok: 48 bytes").count() >= n;
+            // Counted after the ledger and the log were read: a record held until the next
+            // round would be seen only with that round's seed in the spy log.
+            seeds_when_written = world.spy().seeds().len();
+            out
+        });
+        assert!(written, "record {n} never written: {}", service.log());
+        assert_eq!(
+            seeds_when_written,
+            n,
+            "record and line {n} were held until a later round: {}",
+            service.log()
+        );
+    }
+    let (status, _) = service.stop();
+    assert!(status.success());
+}
