@@ -837,23 +837,11 @@ mod tests {
 
     fn token() -> super::super::TokenIdentity {
         super::super::TokenIdentity {
-            slot: cryptoki::slot::Slot::try_from(3u64).unwrap(),
             label: "tok".into(),
-            serial: "0001".into(),
             model: String::new(),
             manufacturer: String::new(),
-            slot_description: String::new(),
-            slot_manufacturer: String::new(),
-            initialized: true,
-            has_rng: true,
-            user_pin_final_try: false,
-            user_pin_locked: false,
             login_required: false,
-            user_pin_initialized: true,
-            user_pin_count_low: false,
-            user_pin_to_be_changed: false,
-            protected_authentication_path: false,
-            partly_unknown: None,
+            ..super::super::TokenIdentity::for_tests(3)
         }
     }
 

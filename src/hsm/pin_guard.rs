@@ -595,23 +595,8 @@ mod tests {
 
     fn token(serial: &str) -> TokenIdentity {
         TokenIdentity {
-            slot: cryptoki::slot::Slot::try_from(1u64).unwrap(),
-            label: "hsm one".into(),
             serial: serial.into(),
-            model: "m".into(),
-            manufacturer: "x".into(),
-            slot_description: String::new(),
-            slot_manufacturer: String::new(),
-            initialized: true,
-            has_rng: true,
-            user_pin_final_try: false,
-            user_pin_locked: false,
-            login_required: true,
-            user_pin_initialized: true,
-            user_pin_count_low: false,
-            user_pin_to_be_changed: false,
-            protected_authentication_path: false,
-            partly_unknown: None,
+            ..TokenIdentity::for_tests(1)
         }
     }
 

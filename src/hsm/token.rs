@@ -296,6 +296,30 @@ impl UriAttributes for TokenIdentity {
 }
 
 impl TokenIdentity {
+    /// An initialized token with an RNG in `slot`, logging in, for unit tests.
+    #[cfg(test)]
+    pub fn for_tests(slot: u64) -> Self {
+        Self {
+            slot: cryptoki::slot::Slot::try_from(slot).expect("a test's slot id fits"),
+            label: "hsm one".into(),
+            serial: "0001".into(),
+            model: "m".into(),
+            manufacturer: "x".into(),
+            slot_description: String::new(),
+            slot_manufacturer: String::new(),
+            initialized: true,
+            has_rng: true,
+            user_pin_final_try: false,
+            user_pin_locked: false,
+            login_required: true,
+            user_pin_initialized: true,
+            user_pin_count_low: false,
+            user_pin_to_be_changed: false,
+            protected_authentication_path: false,
+            partly_unknown: None,
+        }
+    }
+
     /// The RFC 7512 URI of this token, for `token = "..."`.
     pub fn uri(&self) -> String {
         Pkcs11Uri::for_token(self)

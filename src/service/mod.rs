@@ -16,7 +16,7 @@ pub mod worker;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -447,6 +447,7 @@ async fn target_loop<S: EntropySource + 'static>(
         metrics: metrics.clone(),
         injections: Arc::default(),
         bytes: Arc::default(),
+        audit_line: Arc::default(),
     };
     let mut next = Instant::now() + offset;
     let mut done = 0u32;
@@ -552,7 +553,7 @@ async fn target_loop<S: EntropySource + 'static>(
                 outcome.injections += 1;
                 outcome.bytes_injected += size as u64;
                 metrics.injected(&name, size as u64);
-                audit(Injected::Round, &name, &token, size, &source, &requests);
+                late.audit(Injected::Round, &token, size, &requests);
                 if let Some(signing) = &signing {
                     if last_signed.is_none_or(|at: Instant| at.elapsed() >= signing.every) {
                         last_signed = Some(Instant::now());
@@ -718,7 +719,7 @@ async fn sign_ledger_head(
 }
 
 /// Why bytes went into a token, for its audit record.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Injected {
     /// A round on the target's period.
     Round,
@@ -776,68 +777,98 @@ fn report_failure(
 pub fn audit(
     why: Injected,
     name: &str,
-    token: &TokenIdentity,
+    token: &Arc<TokenIdentity>,
     len: usize,
     source: &str,
     requests: &str,
 ) {
-    let kernel = crate::hsm::is_kernel(token);
-    let event = match why {
-        Injected::Round if kernel => "kernel",
-        Injected::Round => "injection",
-        Injected::Flush => "flush",
-    };
-    let simulated = crate::source::simulated_accepted();
-    crate::telemetry::ledger::append(crate::telemetry::ledger::Record {
-        time: crate::telemetry::ledger::now(),
-        event: event.to_string(),
-        target: name.to_string(),
-        token_label: token.label.clone(),
-        token_serial: token.serial.clone(),
-        slot: token.slot.id(),
-        bytes: len,
-        source: source.to_string(),
-        request_ids: requests.to_string(),
-        simulated,
-        pid: 0,
-        prev: String::new(),
-        signed_head: None,
-        signature: None,
-        key_label: None,
-    });
-    // The message is formatted once, by the subscriber, from these parts: this runs on
-    // every injection.
-    let what = match why {
-        Injected::Round => format_args!("seeded {name}: {len} bytes"),
-        Injected::Flush => format_args!("flushed into {name}: {len} bytes left at the stop"),
-    };
-    let label = &token.label;
-    let into = if kernel {
-        format_args!("into the host kernel (RNDADDENTROPY)")
-    } else {
-        format_args!(
-            "into token {label:?} (serial {}, slot {})",
-            token.serial, token.slot
-        )
-    };
-    let simulated_mark = if simulated {
-        " (SIMULATED entropy: source.allow_simulated)"
-    } else {
-        ""
-    };
-    tracing::info!(
-        target: AUDIT,
-        event,
-        simulated,
-        target_name = %name,
-        token_label = %token.label,
-        token_serial = %token.serial,
-        slot = token.slot.id(),
-        bytes = len,
-        source = %source,
-        request_ids = %requests,
-        "{what} {into} from {requests}{simulated_mark}"
-    );
+    AuditLine::new(why, name, token, len, source).record(requests);
+}
+
+/// What the audit records of one target's injections into one token say alike, formatted
+/// once: each record then costs its time and request ids (see [`LateSeeds::audit`]).
+struct AuditLine {
+    why: Injected,
+    name: String,
+    token: Arc<TokenIdentity>,
+    len: usize,
+    source: String,
+    event: &'static str,
+    ledger: crate::telemetry::ledger::Subject,
+    /// The log line's message up to the request ids.
+    message: String,
+}
+
+impl AuditLine {
+    fn new(
+        why: Injected,
+        name: &str,
+        token: &Arc<TokenIdentity>,
+        len: usize,
+        source: &str,
+    ) -> Self {
+        let kernel = crate::hsm::is_kernel(token);
+        let event = match why {
+            Injected::Round if kernel => "kernel",
+            Injected::Round => "injection",
+            Injected::Flush => "flush",
+        };
+        let what = match why {
+            Injected::Round => format!("seeded {name}: {len} bytes"),
+            Injected::Flush => format!("flushed into {name}: {len} bytes left at the stop"),
+        };
+        let into = if kernel {
+            "into the host kernel (RNDADDENTROPY)".to_string()
+        } else {
+            format!(
+                "into token {:?} (serial {}, slot {})",
+                token.label, token.serial, token.slot
+            )
+        };
+        Self {
+            why,
+            name: name.to_string(),
+            token: token.clone(),
+            len,
+            source: source.to_string(),
+            event,
+            ledger: crate::telemetry::ledger::Subject::new(event, name, token, len, source),
+            message: format!("{what} {into} from "),
+        }
+    }
+
+    /// Whether this line is the one of an injection `why` of `len` bytes into `token`.
+    fn fits(&self, why: Injected, token: &Arc<TokenIdentity>, len: usize) -> bool {
+        self.why == why
+            && self.len == len
+            && (Arc::ptr_eq(&self.token, token) || self.token == *token)
+    }
+
+    /// The ledger record and the log line of one injection, whose bytes `requests` bought.
+    fn record(&self, requests: &str) {
+        let simulated = crate::source::simulated_accepted();
+        crate::telemetry::ledger::append_injection(&self.ledger, requests, simulated);
+        let simulated_mark = if simulated {
+            " (SIMULATED entropy: source.allow_simulated)"
+        } else {
+            ""
+        };
+        let token = &self.token;
+        tracing::info!(
+            target: AUDIT,
+            event = self.event,
+            simulated,
+            target_name = %self.name,
+            token_label = %token.label,
+            token_serial = %token.serial,
+            slot = token.slot.id(),
+            bytes = self.len,
+            source = %self.source,
+            request_ids = %requests,
+            "{}{requests}{simulated_mark}",
+            self.message
+        );
+    }
 }
 
 enum RoundError {
@@ -855,6 +886,8 @@ struct LateSeeds {
     metrics: Arc<Metrics>,
     injections: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
+    /// The audit line of the target's last injection, for the next one into the same token.
+    audit_line: Arc<Mutex<Option<Arc<AuditLine>>>>,
 }
 
 /// The round a standing order runs on the module's timer thread: a session check, bytes the
@@ -891,18 +924,35 @@ fn steady_round<S: EntropySource + 'static>(
 
 impl LateSeeds {
     /// One seed of `size` bytes, bought by `requests`, that went into `token`.
-    fn book(&self, size: usize, token: &TokenIdentity, requests: &str) {
+    fn book(&self, size: usize, token: &Arc<TokenIdentity>, requests: &str) {
         self.injections.fetch_add(1, Ordering::SeqCst);
         self.bytes.fetch_add(size as u64, Ordering::SeqCst);
         self.metrics.injected(&self.name, size as u64);
-        audit(
-            Injected::Round,
-            &self.name,
-            token,
-            size,
-            &self.source,
-            requests,
-        );
+        self.audit(Injected::Round, token, size, requests);
+    }
+
+    /// The audit record of one injection (as [`audit`]), its line formatted once for as long
+    /// as the target seeds the same token with the same size.
+    fn audit(&self, why: Injected, token: &Arc<TokenIdentity>, len: usize, requests: &str) {
+        let line = {
+            let mut last = self
+                .audit_line
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match &*last {
+                Some(line) if line.fits(why, token, len) => line.clone(),
+                _ => last
+                    .insert(Arc::new(AuditLine::new(
+                        why,
+                        &self.name,
+                        token,
+                        len,
+                        &self.source,
+                    )))
+                    .clone(),
+            }
+        };
+        line.record(requests);
     }
 
     /// The handler for one seed of `size` bytes bought by `requests`.
