@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use qseed::simulator::Fault;
 
 /// This world's configuration with the flush on (`World::source` turns it off).
 fn with_flush(world: &World, timeout: &str) {
@@ -101,6 +102,40 @@ fn sigterm_spreads_what_is_left_over_the_targets_and_uses_every_byte() {
         .map(Vec::len)
         .sum();
     assert!(flushed > 20_000, "{flushed}");
+}
+
+/// A purchase still in flight when the service stops was paid for: the flush waits for it
+/// (within its budget) and injects its bytes too, instead of wiping them when they land.
+#[test]
+fn a_purchase_in_flight_at_the_stop_lands_and_is_flushed() {
+    let world = World::one_target("entropy", 48, "1s", false);
+    with_flush(&world, "5s");
+    // Every answer takes 1.5 s: the purchase that follows the first seed is still on its way
+    // when the stop comes.
+    world.set_fault(Fault::Slow(Duration::from_millis(1500)));
+    let service = world.start_service();
+    assert!(
+        world.wait_for_seeds(1, Duration::from_secs(10)),
+        "{}",
+        service.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || world.sim.requests() == 2),
+        "{}",
+        service.log()
+    );
+    let (status, _) = service.stop();
+    let log = std::fs::read_to_string(world.path("service.log")).unwrap();
+    assert!(status.success(), "{log}");
+    let served = world.sim.served();
+    assert!(served.len() > 1024, "the second purchase was served: {log}");
+    let seeds = world.spy().seeds();
+    assert_eq!(
+        assert_seeds_tile_served(&seeds, &served),
+        served.len(),
+        "every byte bought went into the token, once: {log}"
+    );
+    assert!(log.contains("0 left at shutdown (wiped)"), "{log}");
 }
 
 #[test]

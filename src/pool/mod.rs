@@ -729,6 +729,13 @@ impl<S: EntropySource> Pool<S> {
         self.closing.store(true, Ordering::Relaxed);
     }
 
+    /// Waits until no purchase is in flight, or until `deadline`. After [`Pool::close`] none
+    /// starts; one already under way was paid for, and its bytes land in the pool for the
+    /// flush to hand out instead of after it, to be wiped.
+    pub async fn settle_purchases(&self, deadline: tokio::time::Instant) {
+        let _ = tokio::time::timeout_at(deadline, self.fetching.lock()).await;
+    }
+
     /// Up to `len` of the bytes left (fewer when fewer are held), for the flush at a stop;
     /// never buys. `None` when nothing is left.
     pub fn take_leftover(&self, len: usize) -> Option<(EntropyBytes, String)> {

@@ -5,7 +5,7 @@
 //!
 //! Every loop that flushes first waits until no loop is still doing its rounds (a fast `once`
 //! target must not take the bytes a slow one still needs for its round); then the pool stops
-//! buying and hands out what it holds.
+//! buying, lets a purchase already in flight land, and hands out what it holds.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -77,6 +77,7 @@ pub async fn flush_leftover<S: EntropySource>(
         return;
     }
     pool.close();
+    pool.settle_purchases(deadline).await;
     let name = outcome.name.clone();
     // The stop is already cancelled; the deadline bounds these calls instead.
     let unstoppable = CancellationToken::new();
