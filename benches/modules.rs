@@ -16,6 +16,11 @@
 //!   over the period (target k at k × 1000/N ms), made by one thread that sleeps until each
 //!   call's instant, for S seconds, on tokens t1..tN: the process's CPU time (every thread)
 //!   per call. Each call pays its own wake-up, as each injection of spread targets does.
+//! - QSEED_BENCH_PHASE=T (with PACED or SPREAD): the calls fall at unix time T (in ns) plus
+//!   whole steps (1 s paced, 1 s/N spread) instead of at steps from 100 ms after the start:
+//!   `scripts/bench-injection` puts them halfway between qseed's injections, run meanwhile, so
+//!   that neither process runs right after the other (the one that does finds SoftHSM's and
+//!   OpenSSL's code in the cache, and their shared pages make that the other one's doing).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -65,8 +70,9 @@ fn main() {
     {
         // Wake-ups included, as in qseed's figure: all CPU time over the loop, per call.
         let before = thread_cpu();
-        for _ in 0..seconds {
-            std::thread::sleep(Duration::from_secs(1));
+        let start = first_call(Duration::from_secs(1));
+        for second in 0..seconds {
+            sleep_until(start + Duration::from_secs(u64::from(second)));
             session.seed_random(&seed).unwrap();
         }
         let cpu = thread_cpu() - before;
@@ -125,15 +131,12 @@ fn spread(
         })
         .collect();
     let period = Duration::from_secs(1);
-    let start = Instant::now() + Duration::from_millis(100);
+    let start = first_call(period / targets.max(1) as u32);
     let before = process_cpu();
     let mut calls = 0u64;
     for second in 0..seconds {
         for (k, session) in sessions.iter().enumerate() {
-            let at = start + period * second + period * k as u32 / targets as u32;
-            if let Some(wait) = at.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
+            sleep_until(start + period * second + period * k as u32 / targets as u32);
             session.seed_random(seed).unwrap();
             calls += 1;
         }
@@ -146,6 +149,31 @@ fn spread(
     );
     drop(sessions);
     let _ = pkcs11.finalize();
+}
+
+/// When a paced or spread loop makes its first call: 100 ms from now, or with QSEED_BENCH_PHASE
+/// the first instant at least 200 ms from now that falls on its phase plus whole `step`s.
+fn first_call(step: Duration) -> Instant {
+    let now = Instant::now();
+    let phase = std::env::var("QSEED_BENCH_PHASE")
+        .ok()
+        .and_then(|t| t.parse::<u128>().ok());
+    let (Some(phase), Ok(wall)) = (
+        phase,
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH),
+    ) else {
+        return now + Duration::from_millis(100);
+    };
+    let step = step.as_nanos().max(1);
+    let earliest = wall.as_nanos() + 200_000_000;
+    let to_phase = (phase % step + step - earliest % step) % step;
+    now + Duration::from_nanos((earliest + to_phase - wall.as_nanos()) as u64)
+}
+
+fn sleep_until(at: Instant) {
+    if let Some(wait) = at.checked_duration_since(Instant::now()) {
+        std::thread::sleep(wait);
+    }
 }
 
 /// The process's CPU time: every thread's run time (the module's own threads too).
