@@ -105,9 +105,7 @@ thread_local! {
 /// own records, that thread does when it next calls [`flush`].
 pub fn append(mut record: Record) {
     if let Some(ledger) = LEDGER.get() {
-        record.pid = std::process::id();
-        record.prev.clear();
-        ledger.queue(|line| record_body(line, &record));
+        ledger.queue(|line| record_body(line, &mut record));
     }
 }
 
@@ -182,12 +180,14 @@ impl std::fmt::Write for Text<'_> {
 }
 
 /// A queued record's line as far as its `prev`'s value, which the writer fills in: the
-/// bytes of [`Record`]'s serialization up to `"prev":"`.
-fn record_body(out: &mut Vec<u8>, record: &Record) -> Result<(), String> {
+/// bytes of [`Record`]'s serialization up to `"prev":"`, with this process's `pid`.
+fn record_body(out: &mut Vec<u8>, record: &mut Record) -> Result<(), String> {
+    record.pid = std::process::id();
+    record.prev.clear();
     let start = out.len();
     serde_json::to_writer(&mut *out, record).map_err(|e| e.to_string())?;
     // `prev` is the last field, and empty here.
-    if !(record.prev.is_empty() && out.ends_with(b"\"prev\":\"\"}")) {
+    if !out.ends_with(b"\"prev\":\"\"}") {
         out.truncate(start);
         return Err("a record's prev is not its last field".into());
     }
@@ -377,10 +377,8 @@ impl Ledger {
     /// Appends one record now (tests; the service queues).
     pub fn append(&self, mut record: Record) -> Result<(), String> {
         let mut tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
-        record.pid = std::process::id();
-        record.prev.clear();
         let mut batch = Batch::default();
-        record_body(&mut batch.bodies, &record)?;
+        record_body(&mut batch.bodies, &mut record)?;
         batch.ends.push(batch.bodies.len());
         self.write_batch(&mut tail, &batch)
     }
