@@ -138,6 +138,43 @@ fn a_purchase_in_flight_at_the_stop_lands_and_is_flushed() {
     assert!(log.contains("0 left at shutdown (wiped)"), "{log}");
 }
 
+/// The same for the purchase a target's own round makes when the pool is empty (the first
+/// round's): the round gives up at the stop, but the purchase it started runs on, lands, and
+/// is flushed. Before, the stop dropped the request mid-answer: a block paid for and never had.
+#[test]
+fn a_rounds_own_purchase_in_flight_at_the_stop_lands_and_is_flushed() {
+    let world = World::one_target("entropy", 48, "1s", false);
+    with_flush(&world, "5s");
+    world.set_fault(Fault::Slow(Duration::from_millis(1500)));
+    let service = world.start_service();
+    assert!(
+        wait_until(Duration::from_secs(10), || world.sim.requests() == 1),
+        "{}",
+        service.log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        world.spy().seeds().is_empty(),
+        "the stop comes before any seed"
+    );
+    let (status, _) = service.stop();
+    let log = std::fs::read_to_string(world.path("service.log")).unwrap();
+    assert!(status.success(), "{log}");
+    let served = world.sim.served();
+    assert_eq!(
+        served.len(),
+        1024,
+        "the first purchase was completed: {log}"
+    );
+    let seeds = world.spy().seeds();
+    assert_eq!(
+        assert_seeds_tile_served(&seeds, &served),
+        1024,
+        "the block bought went into the token, once: {log}"
+    );
+    assert!(log.contains("0 left at shutdown (wiped)"), "{log}");
+}
+
 #[test]
 fn a_flush_past_its_budget_stops_and_wipes_the_rest() {
     let world = World::new();

@@ -416,14 +416,22 @@ impl<S: EntropySource> Pool<S> {
 
     /// Exactly `len` never-used bytes for consumer `id`, buying whole blocks when too few are
     /// held.
-    pub async fn take(&self, id: DemandId, len: usize) -> Result<EntropyBytes, SourceError> {
+    pub async fn take(
+        self: &Arc<Self>,
+        id: DemandId,
+        len: usize,
+    ) -> Result<EntropyBytes, SourceError> {
         self.take_traced(id, len).await.map(|(bytes, _)| bytes)
     }
 
     /// [`Pool::take`], with the numbers of the requests that bought the bytes (`r3,r4`), for
     /// the audit record.
+    ///
+    /// A taker dropped while it waits (a round at a stop) leaves its purchase running: the
+    /// request is paid for once sent, so it lands in the pool for the flush
+    /// ([`Pool::settle_purchases`]) rather than being cut off mid-answer.
     pub async fn take_traced(
-        &self,
+        self: &Arc<Self>,
         id: DemandId,
         len: usize,
     ) -> Result<(EntropyBytes, String), SourceError> {
@@ -442,7 +450,16 @@ impl<S: EntropySource> Pool<S> {
         self.stats.takes_waited.fetch_add(1, Ordering::Relaxed);
         // A few tries: a refill may be used up by other takers before this one gets its turn.
         for _ in 0..3 {
-            if let Err(e) = self.refill(len).await {
+            let pool = Arc::clone(self);
+            let purchase = tokio::spawn(async move { pool.refill(len).await });
+            let bought = match purchase.await {
+                Ok(bought) => bought,
+                // As it would have inline: a panic stays a panic.
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // Only when the runtime itself is going away.
+                Err(_) => Err(SourceError::ShortDelivery { needed: len }),
+            };
+            if let Err(e) = bought {
                 // The background refill keeps trying on the backoff schedule, so that the
                 // bytes are there as soon as the source is back (see `watch_refills`).
                 self.refill_wanted.notify_one();
@@ -717,7 +734,6 @@ impl<S: EntropySource> Pool<S> {
         }
     }
 
-    /// Wipes every byte still held and returns how many there were.
     /// How long the flush at a stop may take (see [`PoolConfig::flush_timeout`]).
     pub fn flush_timeout(&self) -> Duration {
         self.lock().config.flush_timeout
@@ -757,6 +773,7 @@ impl<S: EntropySource> Pool<S> {
         Some((bytes, requests))
     }
 
+    /// Wipes every byte still held and returns how many there were.
     pub fn drain(&self) -> usize {
         self.lock().buffer.clear()
     }

@@ -990,7 +990,7 @@ impl LateSeeds {
 /// bytes that failed to go in are never offered to anyone else.
 async fn round<S: EntropySource>(
     worker: &mut Worker,
-    pool: &Pool<S>,
+    pool: &Arc<Pool<S>>,
     demand: DemandId,
     size: usize,
     timeout: Duration,

@@ -94,7 +94,7 @@ impl Dialect {
 }
 
 /// Something that sells entropy by the block.
-pub trait EntropySource: Send + Sync {
+pub trait EntropySource: Send + Sync + 'static {
     /// Fetches exactly `blocks` blocks of [`BLOCK_LEN`] bytes (1..=[`MAX_BLOCKS_PER_REQUEST`]),
     /// in one buffer of `blocks * BLOCK_LEN` bytes, or fails without returning any of an
     /// answer's bytes.
