@@ -115,17 +115,17 @@ pub fn append_injection(subject: &Subject, request_ids: &str, simulated: bool) {
     if let Some(ledger) = LEDGER.get() {
         let now = std::time::SystemTime::now();
         ledger.queue(|line| {
-            injection_body(
-                line,
-                now,
-                subject,
-                request_ids,
-                simulated,
-                std::process::id(),
-            );
+            injection_body(line, now, subject, request_ids, simulated, own_pid());
             Ok(())
         });
     }
+}
+
+/// This process's id, asked of the kernel once: `std::process::id` is a system call each time
+/// (glibc keeps no copy), and every injection's record carries it.
+fn own_pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
 }
 
 /// What the records of one target's injections into one token all say: serialized once, so
@@ -182,7 +182,7 @@ impl std::fmt::Write for Text<'_> {
 /// A queued record's line as far as its `prev`'s value, which the writer fills in: the
 /// bytes of [`Record`]'s serialization up to `"prev":"`, with this process's `pid`.
 fn record_body(out: &mut Vec<u8>, record: &mut Record) -> Result<(), String> {
-    record.pid = std::process::id();
+    record.pid = own_pid();
     record.prev.clear();
     let start = out.len();
     serde_json::to_writer(&mut *out, record).map_err(|e| e.to_string())?;
