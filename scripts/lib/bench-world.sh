@@ -47,3 +47,20 @@ world_config() {
         printf '[[target]]\nname = "t%s"\nmodule = "/usr/lib/softhsm/libsofthsm2.so"\ntoken_label = "t%s"\nsize = 48\nperiod = "1s"\noffset = "%sms"\n\n' "$i" "$i" "$offset"
     done
 }
+
+# Injections logged in $1 whose event time falls from unix time $2 to $3 (ns). A timer thread's
+# lines reach the log up to the ledger's delay (5 s) after their event, so lines counted at two
+# instants would be off by up to that many seconds of injections: count after the stop.
+world_seeded_between() {
+    python3 - "$@" <<'PY'
+import re, sys
+from datetime import datetime
+t0, t1 = int(sys.argv[2]) / 1e9, int(sys.argv[3]) / 1e9
+seen = 0
+for line in open(sys.argv[1]):
+    m = re.match(r"(\S+Z) +INFO seeded t\d+:", line)
+    if m and t0 <= datetime.fromisoformat(m.group(1).replace("Z", "+00:00")).timestamp() < t1:
+        seen += 1
+print(seen)
+PY
+}
