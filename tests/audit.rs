@@ -173,12 +173,12 @@ fn the_signed_head_verifies_against_the_hsm_key() {
 }
 
 /// A steady target's rounds run on its module's timer thread, whose audit records and log lines
-/// wait for a flush made before any sleep that would keep them past five seconds
-/// (`ledger::OWN_RECORDS_DELAY`). With a 6 s period each round's ledger record and log line
+/// wait for a flush made before any sleep that would keep them past a second
+/// (`ledger::OWN_RECORDS_DELAY`). With a 3 s period each round's ledger record and log line
 /// are out before the next round, not held until it or until the stop.
 #[test]
 fn a_steady_rounds_record_and_line_are_out_before_the_next_round() {
-    let world = World::one_target("entropy", 48, "6s", false);
+    let world = World::one_target("entropy", 48, "3s", false);
     let service = world.start_service();
     let records = || {
         std::fs::read_to_string(ledger_path(&world))

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::hsm::{HsmError, Target};
-use crate::telemetry;
+use crate::telemetry::{self, ledger};
 
 pub use super::lanes::STALL;
 
@@ -244,7 +244,7 @@ impl Scheduler {
     /// thread serves.
     fn run(&'static self, thread: u64) {
         // Audit records and routine log lines wait for this thread's flush, made before a
-        // sleep that would keep them past their delays (see `telemetry::HeldOutput`).
+        // sleep that would keep them past the ledger's delay (see `ledger::OWN_RECORDS_DELAY`).
         telemetry::hold_this_threads_output();
         struct FlushOnExit;
         impl Drop for FlushOnExit {
@@ -253,7 +253,8 @@ impl Scheduler {
             }
         }
         let _flush = FlushOnExit;
-        let mut held = telemetry::HeldOutput::default();
+        // When this thread's oldest unwritten audit record was booked.
+        let mut unwritten_since: Option<Instant> = None;
         let mut orders = self.orders();
         loop {
             if orders.serving != Some(thread) {
@@ -265,11 +266,15 @@ impl Scheduler {
             };
             let now = Instant::now();
             // Records and lines are written before a sleep that would keep them waiting past
-            // their delays: with targets staggered over the period, one write carries every
-            // line of a second and every record of five, instead of each injection its own.
-            if due > now && held.overdue_at(due) {
+            // the ledger's delay: with targets staggered over the period, one write a second
+            // carries every record of that second, instead of each injection its own.
+            let overdue = unwritten_since.is_some_and(|since| {
+                due.saturating_duration_since(since) >= ledger::OWN_RECORDS_DELAY
+            });
+            if due > now && overdue {
                 drop(orders);
-                held.write_overdue(due);
+                telemetry::flush_held();
+                unwritten_since = None;
                 orders = self.orders();
                 continue;
             }
@@ -300,7 +305,7 @@ impl Scheduler {
             drop(orders);
             let round = order.round.clone();
             let step = std::panic::catch_unwind(AssertUnwindSafe(|| round(&mut order.target)));
-            held.held(now);
+            unwritten_since.get_or_insert(now);
             orders = self.orders();
             let Some(calling) = orders.calling.remove(&id) else {
                 continue;

@@ -219,25 +219,16 @@ fn injection_body(
 
 /// How long at most a thread that writes its own records (see [`write_own_records`]) keeps
 /// them before it writes them. A record is written after its injection in any case; this bounds
-/// how many a crash of the whole process could leave out of the ledger (its text or JSON log
-/// lines wait only [`super::log_batch::HELD_LINES_DELAY`], and the journal gets each at once).
-///
-/// Five seconds, not one: a write of the ledger is four system calls (lock, stat, write,
-/// unlock) from a cold cache, which at one target with a 1 s period, made every second round,
-/// cost about a sixth of the process's CPU (BENCHMARKS.md, issue 24, ninth pass). A period of
-/// 5 s or more still writes every round's record before the next round.
-pub const OWN_RECORDS_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Records held for a thread that writes its own beyond this many bytes are written by the
-/// writer thread at once (about 200 records: 40 targets' worth of [`OWN_RECORDS_DELAY`] at a
-/// 1 s period), so that the queue's buffers, which keep their size, stay small.
-const OWN_RECORDS_BYTES: usize = 64 * 1024;
+/// how many a crash of the whole process could leave out of the ledger (and out of a text or
+/// JSON log, whose routine lines wait as long: see [`super::log_batch`]; the journal gets
+/// each record at once).
+pub const OWN_RECORDS_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// From now on, the records this thread appends wait for its own [`flush`] instead of waking
 /// the writer thread: a PKCS#11 timer thread flushes before a sleep that would keep its oldest
 /// record past [`OWN_RECORDS_DELAY`], which saves each injection the writer's two wake-ups and
-/// makes the records of staggered targets one write every few seconds, not one each. Any other
-/// flush (the writer's, the end of `run`) writes them too: the queue is the process's.
+/// makes the records of staggered targets one write a second, not one each. Any other flush
+/// (the writer's, the end of `run`) writes them too: the queue is the process's.
 pub fn write_own_records() {
     WRITES_OWN.with(|own| own.set(true));
 }
@@ -334,10 +325,7 @@ impl Ledger {
         }
         let end = batch.bodies.len();
         batch.ends.push(end);
-        // A thread's own records are bounded in bytes too: many staggered targets fill the
-        // delay's worth faster, and the writer thread takes them then.
-        let too_many = batch.bodies.len() >= OWN_RECORDS_BYTES;
-        if (call_writer || too_many) && !pending.writer_called {
+        if call_writer && !pending.writer_called {
             pending.writer_called = true;
             self.wake.notify_one();
         }
@@ -864,51 +852,6 @@ mod tests {
             Verdict::Broken { line, .. } => assert_eq!(line, 4, "the line after the edit"),
             v => panic!("{v:?}"),
         }
-    }
-
-    /// A timer thread's own records wait for its flush, up to a bound in bytes: past it the
-    /// writer thread writes them, so that many staggered targets do not grow the queue for
-    /// the delay's five seconds.
-    #[test]
-    fn own_records_wait_for_their_flush_until_they_pass_the_byte_bound() {
-        let dir = private_dir();
-        let ledger: &'static Ledger = Box::leak(Box::new(Ledger::open(dir.path()).unwrap()));
-        std::thread::spawn(|| ledger.write_forever());
-        let lines = || {
-            std::fs::read_to_string(dir.path().join(FOLDER).join(FILE))
-                .unwrap_or_default()
-                .lines()
-                .count()
-        };
-        write_own_records();
-        let mut queued = 0;
-        let mut queue_one = || {
-            queued += 1;
-            let mut r = record(queued);
-            ledger.queue(|line| record_body(line, &mut r));
-        };
-        for _ in 0..10 {
-            queue_one();
-        }
-        // The writer thread would have written them within GATHER (50 ms) had it been called.
-        std::thread::sleep(GATHER * 6);
-        assert_eq!(lines(), 0, "own records were written before their flush");
-        while ledger.pending.lock().unwrap().batch.bodies.len() < OWN_RECORDS_BYTES {
-            queue_one();
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while lines() < queued && std::time::Instant::now() < deadline {
-            std::thread::sleep(GATHER);
-        }
-        assert_eq!(
-            lines(),
-            queued,
-            "the writer thread never took the bound's records"
-        );
-        assert!(matches!(
-            verify(&files_in(dir.path())).unwrap(),
-            Verdict::Intact { .. }
-        ));
     }
 
     #[test]

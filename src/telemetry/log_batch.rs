@@ -3,10 +3,10 @@
 //!
 //! With targets staggered over the period, every injection's audit line was a `write` of its
 //! own: on a file, an inode update each; on a pipe (a container runtime, a log shipper), a
-//! wake-up of the reader each. A timer thread's INFO and DEBUG lines now wait, as its ledger
-//! records do, for a flush it makes before a sleep that would keep them past
-//! [`HELD_LINES_DELAY`], so 64 staggered targets make one write a second instead of 64. Each
-//! line keeps the timestamp of its event.
+//! wake-up of the reader each. A timer thread already writes its ledger records before a sleep
+//! that would keep them past [`ledger::OWN_RECORDS_DELAY`](super::ledger::OWN_RECORDS_DELAY);
+//! its INFO and DEBUG lines now wait for that same flush, so 64 staggered targets make one
+//! write a second instead of 64. Each line keeps the timestamp of its event.
 //!
 //! Order is kept: a line that is not held (a warning, any line of another thread, a message
 //! the command prints) writes the held lines first, in the same lock. Held lines are written
@@ -33,14 +33,9 @@ thread_local! {
     static HOLDS: Cell<bool> = const { Cell::new(false) };
 }
 
-/// How long at most a thread that holds its lines keeps them: a second, so that a log read as
-/// it is written (a terminal, `tail -f`, a log shipper, a test) lags the seeding by no more.
-/// The ledger's records wait longer ([`super::ledger::OWN_RECORDS_DELAY`]).
-pub const HELD_LINES_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// From now on this thread's INFO and DEBUG lines wait for a [`flush`], which the thread
-/// promises to make before they are [`HELD_LINES_DELAY`] old (a PKCS#11 timer thread: see
-/// [`super::HeldOutput`]).
+/// promises to make before they are [`ledger::OWN_RECORDS_DELAY`](super::ledger::OWN_RECORDS_DELAY)
+/// old (a PKCS#11 timer thread, with its ledger records).
 pub fn hold_this_threads_lines() {
     HOLDS.with(|holds| holds.set(true));
 }
