@@ -49,8 +49,8 @@ world_config() {
 }
 
 # Injections logged in $1 whose event time falls from unix time $2 to $3 (ns). A timer thread's
-# lines reach the log up to the ledger's delay (5 s) after their event, so lines counted at two
-# instants would be off by up to that many seconds of injections: count after the stop.
+# lines reach the log up to a second after their event (ledger::OWN_RECORDS_DELAY), so lines
+# counted at two instants would be off by up to a second of injections: count after the stop.
 world_seeded_between() {
     python3 - "$@" <<'PY'
 import re, sys
