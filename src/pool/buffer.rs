@@ -76,15 +76,16 @@ impl Buffer {
     /// Hands out exactly `len` bytes, oldest first, or `None` (and nothing changes) when fewer
     /// than `len` are held.
     pub fn take(&mut self, len: usize) -> Option<EntropyBytes> {
-        self.take_traced(len).map(|(bytes, _)| bytes)
+        self.take_traced(len, &mut Vec::new())
     }
 
-    /// [`Buffer::take`], with the numbers of the requests that bought the bytes.
-    pub fn take_traced(&mut self, len: usize) -> Option<(EntropyBytes, Vec<u64>)> {
+    /// [`Buffer::take`], with the numbers of the requests that bought the bytes put in
+    /// `requests` (cleared first; the caller's, so that a take allocates nothing for them).
+    pub fn take_traced(&mut self, len: usize, requests: &mut Vec<u64>) -> Option<EntropyBytes> {
+        requests.clear();
         if len > self.available {
             return None;
         }
-        let mut requests = Vec::new();
         let mut out = EntropyBytes::zeroed(len);
         let mut filled = 0;
         // `available` counts exactly the unread bytes of `blocks`, so the blocks run out only
@@ -108,7 +109,7 @@ impl Buffer {
         }
         debug_assert_eq!(filled, len);
         self.available -= filled;
-        Some((out, requests))
+        Some(out)
     }
 
     /// Drops (and so wipes) every byte held; returns how many were never handed out.

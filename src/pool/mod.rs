@@ -19,7 +19,7 @@ mod buffer;
 pub use crate::health;
 pub use crate::health::replay;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -72,7 +72,7 @@ pub trait RequestObserver: Send + Sync + std::fmt::Debug {
 }
 
 /// A registered consumer of the pool (one per target).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DemandId(usize);
 
 #[derive(Debug, Clone, Copy)]
@@ -146,7 +146,8 @@ pub struct StatsSnapshot {
 struct State {
     config: PoolConfig,
     buffer: Buffer,
-    demand: HashMap<DemandId, Demand>,
+    /// By consumer: a B-tree, since every take looks its consumer up (no hashing).
+    demand: BTreeMap<DemandId, Demand>,
     /// [`low_water`] as last computed, with the demand it was computed for: every take asks
     /// for it, and summing hundreds of consumers on each take costs more than the take.
     low_water: Option<usize>,
@@ -154,8 +155,50 @@ struct State {
     health: HealthTests,
     backoff: Backoff,
     outage: Option<Outage>,
-    /// Which of several sources served each recent request (for the audit records).
+    traces: Traces,
+}
+
+/// Which requests bought the bytes of a take, as audit records name them (`r3@origin,r4`).
+#[derive(Debug, Default)]
+struct Traces {
+    /// Which of several sources served each recent request.
     origins: std::collections::BTreeMap<u64, String>,
+    /// The requests of the take being traced: kept, so that a take allocates nothing for them.
+    requests: Vec<u64>,
+    /// The trace of the last take that came from one request: a purchase serves hundreds of
+    /// rounds, and each one after the first shares the text instead of formatting it again.
+    last: Option<(u64, Arc<str>)>,
+}
+
+impl Traces {
+    fn note_origin(&mut self, request: u64, origin: String) {
+        self.origins.insert(request, origin);
+        while self.origins.len() > ORIGINS_KEPT {
+            self.origins.pop_first();
+        }
+    }
+
+    /// The trace of the take whose requests are in `self.requests`.
+    fn of_take(&mut self) -> Arc<str> {
+        if let ([request], Some((last, trace))) = (self.requests.as_slice(), &self.last) {
+            if request == last {
+                return trace.clone();
+            }
+        }
+        let mut text = String::with_capacity(16 * self.requests.len());
+        for (i, r) in self.requests.iter().enumerate() {
+            let comma = if i == 0 { "" } else { "," };
+            let _ = match self.origins.get(r) {
+                Some(origin) => write!(text, "{comma}r{r}@{origin}"),
+                None => write!(text, "{comma}r{r}"),
+            };
+        }
+        let trace: Arc<str> = text.into();
+        if let [request] = self.requests.as_slice() {
+            self.last = Some((*request, trace.clone()));
+        }
+        trace
+    }
 }
 
 impl State {
@@ -218,13 +261,13 @@ impl<S: EntropySource> Pool<S> {
             state: Mutex::new(State {
                 config,
                 buffer: Buffer::new(),
-                demand: HashMap::new(),
+                demand: BTreeMap::new(),
                 low_water: None,
                 next_id: 0,
                 health: HealthTests::new(config.health),
                 backoff: Backoff::default(),
                 outage: None,
-                origins: std::collections::BTreeMap::new(),
+                traces: Traces::default(),
             }),
             fetching: tokio::sync::Mutex::new(()),
             refill_wanted: tokio::sync::Notify::new(),
@@ -434,7 +477,7 @@ impl<S: EntropySource> Pool<S> {
         self: &Arc<Self>,
         id: DemandId,
         len: usize,
-    ) -> Result<(EntropyBytes, String), SourceError> {
+    ) -> Result<(EntropyBytes, Arc<str>), SourceError> {
         // A consumer that takes is ready for its bytes, whether or not it said so.
         if self
             .lock()
@@ -475,19 +518,12 @@ impl<S: EntropySource> Pool<S> {
 
     /// Bytes for `id` if the pool holds them now (never waits for a purchase), with the
     /// requests that bought them.
-    pub fn try_take(&self, id: DemandId, len: usize) -> Option<(EntropyBytes, String)> {
-        let mut state = self.lock();
-        self.expire(&mut state);
-        let (bytes, requests) = state.buffer.take_traced(len)?;
-        // Written into one string: this runs on every round of every target.
-        let mut trace = String::with_capacity(16 * requests.len());
-        for (i, r) in requests.iter().enumerate() {
-            let comma = if i == 0 { "" } else { "," };
-            let _ = match state.origins.get(r) {
-                Some(origin) => write!(trace, "{comma}r{r}@{origin}"),
-                None => write!(trace, "{comma}r{r}"),
-            };
-        }
+    pub fn try_take(&self, id: DemandId, len: usize) -> Option<(EntropyBytes, Arc<str>)> {
+        let mut guard = self.lock();
+        self.expire(&mut guard);
+        let state = &mut *guard;
+        let bytes = state.buffer.take_traced(len, &mut state.traces.requests)?;
+        let trace = state.traces.of_take();
         if let Some(rounds_left) = state
             .demand
             .get_mut(&id)
@@ -543,11 +579,7 @@ impl<S: EntropySource> Pool<S> {
                 self.observe("200", started);
                 self.recovered();
                 if let Some(origin) = origin {
-                    let mut state = self.lock();
-                    state.origins.insert(request, origin);
-                    while state.origins.len() > ORIGINS_KEPT {
-                        state.origins.pop_first();
-                    }
+                    self.lock().traces.note_origin(request, origin);
                 }
                 bytes
             }
@@ -754,23 +786,19 @@ impl<S: EntropySource> Pool<S> {
 
     /// Up to `len` of the bytes left (fewer when fewer are held), for the flush at a stop;
     /// never buys. `None` when nothing is left.
-    pub fn take_leftover(&self, len: usize) -> Option<(EntropyBytes, String)> {
-        let mut state = self.lock();
-        self.expire(&mut state);
+    pub fn take_leftover(&self, len: usize) -> Option<(EntropyBytes, Arc<str>)> {
+        let mut guard = self.lock();
+        self.expire(&mut guard);
+        let state = &mut *guard;
         let n = len.min(state.buffer.available());
         if n == 0 {
             return None;
         }
-        let (bytes, requests) = state.buffer.take_traced(n)?;
+        let bytes = state.buffer.take_traced(n, &mut state.traces.requests)?;
         self.stats
             .bytes_flushed
             .fetch_add(n as u64, Ordering::Relaxed);
-        let requests = requests
-            .iter()
-            .map(|r| format!("r{r}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        Some((bytes, requests))
+        Some((bytes, state.traces.of_take()))
     }
 
     /// Wipes every byte still held and returns how many there were.
@@ -816,7 +844,7 @@ impl<S: EntropySource> Pool<S> {
 
 /// The shortest period among consumers: the backoff waits at most half of it, so service
 /// resumes within one period of the source recovering.
-fn shortest_period(demand: &HashMap<DemandId, Demand>) -> Duration {
+fn shortest_period(demand: &BTreeMap<DemandId, Demand>) -> Duration {
     demand
         .values()
         .filter(counts)
@@ -826,7 +854,7 @@ fn shortest_period(demand: &HashMap<DemandId, Demand>) -> Duration {
 }
 
 /// Bytes per second the registered consumers whose tokens accept seeds take.
-fn rate(demand: &HashMap<DemandId, Demand>) -> f64 {
+fn rate(demand: &BTreeMap<DemandId, Demand>) -> f64 {
     demand
         .values()
         .filter(counts)
@@ -837,7 +865,7 @@ fn rate(demand: &HashMap<DemandId, Demand>) -> f64 {
 }
 
 /// What bounded consumers still need in all; `None` when any runs until stopped.
-fn remaining(demand: &HashMap<DemandId, Demand>) -> Option<u64> {
+fn remaining(demand: &BTreeMap<DemandId, Demand>) -> Option<u64> {
     demand
         .values()
         .filter(counts)
@@ -847,7 +875,7 @@ fn remaining(demand: &HashMap<DemandId, Demand>) -> Option<u64> {
 
 /// Refill when fewer bytes than this are held: one round of every consumer plus
 /// [`LOW_WATER_LEAD`] of consumption, but never more than a bounded run still needs.
-fn low_water(demand: &HashMap<DemandId, Demand>, max_bytes: usize) -> usize {
+fn low_water(demand: &BTreeMap<DemandId, Demand>, max_bytes: usize) -> usize {
     let one_round: usize = demand
         .values()
         .filter(counts)
@@ -864,7 +892,7 @@ fn low_water(demand: &HashMap<DemandId, Demand>, max_bytes: usize) -> usize {
 
 /// How many blocks the next request buys, given `available` bytes held and `needed` now.
 fn plan_blocks(
-    demand: &HashMap<DemandId, Demand>,
+    demand: &BTreeMap<DemandId, Demand>,
     config: &PoolConfig,
     available: usize,
     needed: usize,

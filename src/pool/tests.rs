@@ -10,6 +10,8 @@ struct FakeSource {
     /// Blocks to serve instead of random ones, front first.
     scripted: Mutex<Vec<Vec<u8>>>,
     fail: std::sync::atomic::AtomicBool,
+    /// Answers name an origin, `fake#N` for the Nth request, as a source set's do.
+    origins: std::sync::atomic::AtomicBool,
 }
 
 impl EntropySource for Arc<FakeSource> {
@@ -32,6 +34,18 @@ impl EntropySource for Arc<FakeSource> {
         }
         self.served.lock().unwrap().extend_from_slice(out.expose());
         Ok(out)
+    }
+
+    async fn fetch_from(
+        &self,
+        blocks: usize,
+    ) -> Result<(EntropyBytes, Option<String>), SourceError> {
+        let bytes = self.fetch(blocks).await?;
+        let origin = self
+            .origins
+            .load(Ordering::Relaxed)
+            .then(|| format!("fake#{}", self.requests.lock().unwrap().len()));
+        Ok((bytes, origin))
     }
 
     fn describe(&self) -> String {
@@ -329,4 +343,44 @@ async fn a_token_that_has_not_accepted_a_seed_costs_at_most_its_first_seed() {
     }
     let requests = source.requests.lock().unwrap().clone();
     assert!(requests[1..].iter().all(|&b| b == 3), "{requests:?}");
+}
+
+#[tokio::test]
+async fn takes_name_the_requests_that_bought_them_with_their_origins() {
+    let (source, pool) = new_pool(PoolConfig::default());
+    source.origins.store(true, Ordering::Relaxed);
+    // Until its token accepts a seed, a consumer's request buys one block (1,024 bytes).
+    let id = pool.register(1000, Duration::from_secs(3600), None);
+    let (_, first) = pool.take_traced(id, 1000).await.unwrap();
+    assert_eq!(&*first, "r1@fake#1");
+    let (_, across) = pool.take_traced(id, 1000).await.unwrap();
+    assert_eq!(&*across, "r1@fake#1,r2@fake#2", "24 bytes of r1, then r2's");
+    assert_eq!(*source.requests.lock().unwrap(), vec![1, 1]);
+    // 48 bytes of r2 left: two takes from it share one text.
+    let (_, a) = pool.try_take(id, 24).unwrap();
+    let (_, b) = pool.try_take(id, 12).unwrap();
+    assert_eq!(&*a, "r2@fake#2");
+    assert!(Arc::ptr_eq(&a, &b), "formatted once per request");
+    // The flush names the origin too.
+    let (left, trace) = pool.take_leftover(100).unwrap();
+    assert_eq!(left.len(), 12);
+    assert_eq!(&*trace, "r2@fake#2");
+    assert!(pool.take_leftover(100).is_none());
+}
+
+#[test]
+fn a_trace_is_not_reused_for_another_request() {
+    let mut traces = Traces::default();
+    traces.note_origin(7, "a".into());
+    traces.requests = vec![7];
+    let seven = traces.of_take();
+    traces.requests = vec![8];
+    assert_eq!(&*traces.of_take(), "r8");
+    traces.requests = vec![7];
+    let again = traces.of_take();
+    assert_eq!(&*again, "r7@a");
+    assert!(
+        !Arc::ptr_eq(&seven, &again),
+        "the cache holds the last request only"
+    );
 }

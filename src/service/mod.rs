@@ -905,15 +905,15 @@ fn steady_round<S: EntropySource + 'static>(
             pool.set_reachable(demand, !e.is_token_missing());
             Step::Failed(e)
         };
-        let mut bought_by = String::new();
+        let mut bought_by: Option<Arc<str>> = None;
         let take = || {
             let (bytes, requests) = pool.try_take(demand, size)?;
-            bought_by = requests;
+            bought_by = Some(requests);
             Some(bytes)
         };
         match target.seed_taken(take) {
             Ok(Some(token)) => {
-                book.book(size, &token, &bought_by);
+                book.book(size, &token, bought_by.as_deref().unwrap_or_default());
                 Step::Seeded
             }
             Ok(None) => Step::NoBytes,
@@ -959,7 +959,7 @@ impl LateSeeds {
     fn handler(
         &self,
         size: usize,
-        requests: String,
+        requests: Arc<str>,
     ) -> impl FnOnce(Result<Arc<TokenIdentity>, HsmError>) + Send + 'static {
         let late = self.clone();
         let called = Instant::now();
@@ -996,12 +996,12 @@ async fn round<S: EntropySource>(
     timeout: Duration,
     stop: &CancellationToken,
     late: &LateSeeds,
-) -> Result<(Arc<TokenIdentity>, String), RoundError> {
+) -> Result<(Arc<TokenIdentity>, Arc<str>), RoundError> {
     // The usual round: a session is open, so one hand-off to the blocking thread does it all
     // (`connect` is then a check). Should the session turn out dead, the bytes are wiped with
     // the failed call, as any failed call's are.
     if worker.is_connected() {
-        let (bytes, requests): (EntropyBytes, String) = tokio::select! {
+        let (bytes, requests): (EntropyBytes, Arc<str>) = tokio::select! {
             biased;
             _ = stop.cancelled() => return Err(RoundError::Call(CallError::Cancelled)),
             taken = pool.take_traced(demand, size) => taken.map_err(RoundError::Source)?,
@@ -1034,7 +1034,7 @@ async fn round<S: EntropySource>(
     // once it connects.
     pool.set_reachable(demand, connected.is_ok());
     connected.map_err(RoundError::Call)?;
-    let (bytes, requests): (EntropyBytes, String) = tokio::select! {
+    let (bytes, requests): (EntropyBytes, Arc<str>) = tokio::select! {
         biased;
         _ = stop.cancelled() => return Err(RoundError::Call(CallError::Cancelled)),
         taken = pool.take_traced(demand, size) => taken.map_err(RoundError::Source)?,
