@@ -20,7 +20,7 @@
 //! the library, so where `C_Finalize` + `C_Initialize` is not enough (a client that connects
 //! when it is loaded, like Caml Crush's), the library is unloaded and loaded again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -139,8 +139,10 @@ struct State {
     undefined_errors: u32,
     recovery: Option<Recovery>,
     resets: u64,
-    /// Open sessions of the current generation, by target instance.
-    sessions: HashMap<u64, HeldSession>,
+    /// Open sessions of the current generation, by target instance. Looked up three times a
+    /// round: a B-tree of small integers costs no hashing, and keeps its node when a round
+    /// takes the session out and puts it back.
+    sessions: BTreeMap<u64, HeldSession>,
 }
 
 /// A target instance's open session, kept by its module. Opened with cryptoki's `_no_drop`
@@ -373,7 +375,7 @@ impl Modules {
                 undefined_errors: 0,
                 recovery: None,
                 resets: 0,
-                sessions: HashMap::new(),
+                sessions: BTreeMap::new(),
             }),
             discovered: Mutex::new(None),
             changed: Condvar::new(),
@@ -451,7 +453,7 @@ impl Modules {
                         "not finalizing {}: a call into it has not returned",
                         module.path.display()
                     );
-                    (None, HashMap::new())
+                    (None, BTreeMap::new())
                 } else {
                     (state.pkcs11.take(), std::mem::take(&mut state.sessions))
                 }

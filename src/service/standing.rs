@@ -18,7 +18,7 @@
 //! target's timeout. The call is left on its thread; when it returns, a success is booked like
 //! any (its bytes are in the token) and the target goes back to its loop.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -109,13 +109,45 @@ struct Calling {
     state: Arc<AtomicU8>,
 }
 
+/// The orders whose rounds are inside the module now, by id: one per timer thread, so a few
+/// at most. A list that keeps its room: a round moves its order in and out with no hashing and
+/// no allocation.
+#[derive(Default)]
+struct Calls(Vec<(u64, Calling)>);
+
+impl Calls {
+    fn insert(&mut self, id: u64, calling: Calling) {
+        debug_assert!(
+            self.get_mut(id).is_none(),
+            "order {id} called twice at once"
+        );
+        self.0.push((id, calling));
+    }
+
+    fn get_mut(&mut self, id: u64) -> Option<&mut Calling> {
+        self.0.iter_mut().find(|(i, _)| *i == id).map(|(_, c)| c)
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Calling> {
+        let at = self.0.iter().position(|(i, _)| *i == id)?;
+        Some(self.0.swap_remove(at).1)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Calling> {
+        self.0.iter().map(|(_, c)| c)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Calling> {
+        self.0.iter_mut().map(|(_, c)| c)
+    }
+}
+
 #[derive(Default)]
 struct Orders {
     /// By due instant, then id. Boxed: an order moves out and back in at every round, and
     /// the map's nodes shift their entries (an order is about 460 bytes).
     waiting: BTreeMap<(Instant, u64), Box<Order>>,
-    /// By id.
-    calling: HashMap<u64, Calling>,
+    calling: Calls,
     /// The timer thread serving the waiting orders now, if any.
     serving: Option<u64>,
     /// When the alarm goes off, as last set (`None`: disarmed or gone off).
@@ -206,7 +238,7 @@ impl Scheduler {
     /// returns.
     pub fn cancel(&self, id: OrderId) {
         let mut orders = self.orders();
-        if let Some(calling) = orders.calling.get_mut(&id.0) {
+        if let Some(calling) = orders.calling.get_mut(id.0) {
             calling.cancelled = true;
             return;
         }
@@ -307,7 +339,7 @@ impl Scheduler {
             let step = std::panic::catch_unwind(AssertUnwindSafe(|| round(&mut order.target)));
             unwritten_since.get_or_insert(now);
             orders = self.orders();
-            let Some(calling) = orders.calling.remove(&id) else {
+            let Some(calling) = orders.calling.remove(id) else {
                 continue;
             };
             let told_hung = calling.tell.is_none();
