@@ -162,7 +162,7 @@ struct State {
 #[derive(Debug, Default)]
 struct Traces {
     /// Which of several sources served each recent request.
-    origins: std::collections::BTreeMap<u64, String>,
+    origins: BTreeMap<u64, String>,
     /// The requests of the take being traced: kept, so that a take allocates nothing for them.
     requests: Vec<u64>,
     /// The trace of the last take that came from one request: a purchase serves hundreds of

@@ -109,9 +109,9 @@ struct Calling {
     state: Arc<AtomicU8>,
 }
 
-/// The orders whose rounds are inside the module now, by id: one per timer thread, so a few
-/// at most. A list that keeps its room: a round moves its order in and out with no hashing and
-/// no allocation.
+/// The orders whose rounds are inside the module now, by id: one per timer thread, and a module
+/// has more than one timer thread only while calls hang. A list that keeps its room: a round
+/// moves its order in and out with no hashing and no allocation.
 #[derive(Default)]
 struct Calls(Vec<(u64, Calling)>);
 
