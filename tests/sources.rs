@@ -190,6 +190,60 @@ fn failover_switches_to_the_second_source_and_back_to_the_first() {
     assert!(log.contains("@backup"), "{log}");
 }
 
+/// The flush at a stop hands out bytes as a round does, so its audit records must say which
+/// source they came from too: with the preferred source down, every record names the backup.
+#[test]
+fn the_flushs_audit_records_name_the_source_its_bytes_came_from() {
+    let world = World::new();
+    world.add_token("tok");
+    let primary = appliance(&world, any_port());
+    let backup = appliance(&world, any_port());
+    configure(
+        &world,
+        "",
+        &format!(
+            "{}{}",
+            source_table("primary", &primary),
+            source_table("backup", &backup)
+        ),
+        48,
+    );
+    primary.stop();
+    drop(primary);
+    let config = std::fs::read_to_string(world.path("qseed.toml")).unwrap();
+    world.write_config(&config.replace("flush_timeout = \"0s\"", "flush_timeout = \"2s\""));
+
+    let out = world.run(&["once"]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("976 flushed into the targets at the stop"),
+        "{log}"
+    );
+    let ledger = std::fs::read_to_string(world.path("state/audit/ledger.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = ledger
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let events: Vec<&str> = records
+        .iter()
+        .map(|r| r["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["injection", "flush"], "{ledger}");
+    for record in &records {
+        let requests = record["request_ids"].as_str().unwrap();
+        assert!(
+            requests.starts_with('r') && requests.ends_with("@backup"),
+            "{requests}: {ledger}"
+        );
+    }
+    assert!(log.contains("flushed into tok: 976 bytes"), "{log}");
+    assert_eq!(
+        assert_seeds_tile_served(&world.spy().seeds(), &backup.served()),
+        1024
+    );
+}
+
 #[test]
 fn mixing_seeds_the_xor_of_both_sources_each_byte_used_once() {
     let (world, a, b) = two_appliances("sources = \"mix\"\n");
