@@ -73,12 +73,10 @@ fn every_injection_is_chained_in_the_ledger_and_an_edit_is_found() {
     );
 }
 
-/// `[audit] sign_with`: the chain head is signed with an EC P-256 key in the token, and the
-/// signatures verify offline against its public key (and not against another key).
-#[test]
-fn the_signed_head_verifies_against_the_hsm_key() {
-    let world = World::new();
-    world.add_token("tok");
+/// EC P-256 keys `audit` and `other` made with openssl in the world's folder
+/// (`<name>-key.pem`, `<name>-pub.pem`); `audit`'s private key imported into token `tok` as
+/// `qseed-audit`.
+fn import_audit_key(world: &World) {
     let openssl = |args: &[&str]| {
         let out = std::process::Command::new("openssl")
             .args(args)
@@ -131,6 +129,15 @@ fn the_signed_head_verifies_against_the_hsm_key() {
         "{}",
         String::from_utf8_lossy(&import.stderr)
     );
+}
+
+/// `[audit] sign_with`: the chain head is signed with an EC P-256 key in the token, and the
+/// signatures verify offline against its public key (and not against another key).
+#[test]
+fn the_signed_head_verifies_against_the_hsm_key() {
+    let world = World::new();
+    world.add_token("tok");
+    import_audit_key(&world);
     world.write_config(&format!(
         "{}{}\n[audit]\nsign_with = \"tok\"\nsign_every = \"1s\"\n",
         world.source("entropy"),
@@ -170,6 +177,59 @@ fn the_signed_head_verifies_against_the_hsm_key() {
         "{}",
         stderr(&out)
     );
+}
+
+/// The signing target seeds on standing orders like any steady target: between signatures its
+/// rounds run on its module's timer thread (one wake-up each); the round after which the head
+/// is due to be signed comes back to the target's loop, which seeds and signs.
+#[test]
+fn a_signing_targets_rounds_between_signatures_run_on_the_timer_thread() {
+    let world = World::new();
+    world.use_fault_module();
+    world.add_token("tok");
+    import_audit_key(&world);
+    world.write_config(&format!(
+        "{}{}\n[audit]\nsign_with = \"tok\"\nsign_every = \"3s\"\n",
+        world.source("entropy"),
+        world.target("tok", "tok", 48, "1s", true)
+    ));
+    let service = world.start_service();
+    let signed = wait_until(Duration::from_secs(30), || {
+        service
+            .log()
+            .matches("signed the audit ledger's head")
+            .count()
+            >= 3
+    });
+    assert!(signed, "{}", service.log());
+    let (status, _) = service.stop();
+    assert!(status.success());
+
+    let threads = world.seeding_threads();
+    let on_timer = threads.iter().filter(|t| *t == "qseed-p11-timer").count();
+    let on_loop = threads
+        .iter()
+        .filter(|t| t.starts_with("qseed-pkcs11"))
+        .count();
+    assert_eq!(on_timer + on_loop, threads.len(), "{threads:?}");
+    // Three signatures: the first round and two more came back to the loop; at one round a
+    // second and a signature every three, most rounds between them ran on the timer thread.
+    assert!(on_loop >= 3, "{threads:?}");
+    assert!(on_timer >= 3, "{threads:?}");
+    assert!(on_timer >= on_loop, "{threads:?}");
+
+    let text = std::fs::read_to_string(ledger_path(&world)).unwrap();
+    let signatures = text.matches("\"event\":\"signature\"").count();
+    let injections = text.matches("\"event\":\"injection\"").count();
+    assert!(signatures >= 3, "{text}");
+    assert_eq!(injections, threads.len(), "{text}");
+    let out = world.run(&[
+        "audit",
+        "verify",
+        "--public-key",
+        world.path("audit-pub.pem").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 /// A steady target's rounds run on its module's timer thread, whose audit records and log lines

@@ -476,19 +476,31 @@ async fn target_loop<S: EntropySource + 'static>(
     loop {
         let stand = steady
             && rounds == Rounds::Forever
-            && signing.is_none()
             && away.is_none()
             && worker.can_stand()
             && worker.is_connected();
         let (result, early) = if stand {
+            // A signing target's order hands back the round after which the head is due to be
+            // signed: the loop runs that round and signs (a call of its own on the token).
+            let sign_after = signing
+                .as_ref()
+                .map(|signing| last_signed.map_or(next, |at| at + signing.every));
             let ended = worker
-                .standing(next, period, timeout, &stop, standing_round.clone())
+                .standing(
+                    next,
+                    period,
+                    sign_after,
+                    timeout,
+                    &stop,
+                    standing_round.clone(),
+                )
                 .await;
             let call = "C_SeedRandom";
             match ended {
                 Err(CallError::Cancelled) | Ok(Ended::Cancelled) => break,
                 Ok(Ended::Due { at }) => {
-                    // No bytes at hand: this round is the loop's, now.
+                    // No bytes at hand, or the head is due to be signed after this round: it
+                    // is the loop's, now.
                     next = Instant::from_std(at);
                     steady = false;
                     continue;

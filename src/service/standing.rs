@@ -5,8 +5,9 @@
 //! seeds steadily, its loop hands the module a *standing order* instead: at each due instant
 //! the module's timer thread takes the bytes, seeds and books the injection itself (audit,
 //! metrics), one wake-up per injection. The order comes back to the loop only when a round is
-//! anything but a plain success (no bytes in the pool, an error, a hang, a panic) or the target
-//! stops; the loop handles that round as it handles any (see `target_loop`).
+//! anything but a plain success (no bytes in the pool, an error, a hang, a panic), when the
+//! loop has work of its own after a round (signing the ledger's head: [`Order::until`]), or
+//! the target stops; the loop handles that round as it handles any (see `target_loop`).
 //!
 //! A call can hang. Before each call the timer thread arms an alarm, a timerfd read by the
 //! module's watchdog thread, unless the alarm is already set within the call's window (it may go
@@ -58,7 +59,8 @@ pub enum Step {
 /// on, so that the loop keeps the target's schedule.
 #[derive(Debug)]
 pub enum Ended {
-    /// The round due at `at` is the loop's to run (the pool had no bytes at hand).
+    /// The round due at `at` is the loop's to run: the pool had no bytes at hand, or the
+    /// loop has work of its own after that round ([`Order::until`]).
     Due {
         at: Instant,
     },
@@ -85,6 +87,9 @@ pub struct Order {
     pub first: Instant,
     pub period: Duration,
     pub timeout: Duration,
+    /// The first round due at or after this instant is handed back to the loop, not run: the
+    /// loop has work of its own after it (signing the ledger's head with the target's token).
+    pub until: Option<Instant>,
     pub target: Target,
     pub round: Round,
     /// Told once, when the order ends (or its call hangs). While a round runs, the sender is
@@ -321,6 +326,19 @@ impl Scheduler {
             let Some(mut order) = orders.waiting.remove(&(due, id)) else {
                 continue;
             };
+            if order.until.is_some_and(|until| due >= until) {
+                drop(orders);
+                let tell = order.tell.take();
+                self.hand_back(
+                    order.target,
+                    order.give_back,
+                    &order.state,
+                    tell,
+                    Ended::Due { at: due },
+                );
+                orders = self.orders();
+                continue;
+            }
             orders.calling.insert(
                 id,
                 Calling {

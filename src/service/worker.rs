@@ -229,13 +229,14 @@ impl Worker {
     }
 
     /// Hands the target to its module's timer thread, which runs `round` at `first` and then
-    /// once per `period` until a round does anything but seed (see `standing.rs`); returns why
-    /// the order ended. `Err(Cancelled)` when `stop` ends it (the target comes back at once,
+    /// once per `period` until a round does anything but seed or is due at or after `until`
+    /// (see `standing.rs`); returns why the order ended. `Err(Cancelled)` when `stop` ends it (the target comes back at once,
     /// or when its call returns).
     pub async fn standing(
         &mut self,
         first: Instant,
         period: Duration,
+        until: Option<Instant>,
         timeout: Duration,
         stop: &tokio_util::sync::CancellationToken,
         round: Round,
@@ -251,6 +252,7 @@ impl Worker {
             first: first.into_std(),
             period,
             timeout,
+            until: until.map(Instant::into_std),
             target,
             round,
             tell: Some(tell),
@@ -656,7 +658,7 @@ mod tests {
         let first = Instant::now() + Duration::from_millis(20);
         let period = Duration::from_millis(40);
         let ended = worker
-            .standing(first, period, Duration::from_secs(5), &stop, round)
+            .standing(first, period, None, Duration::from_secs(5), &stop, round)
             .await
             .unwrap();
         // Four rounds seeded, the fifth failed and came back with its due instant.
@@ -690,6 +692,7 @@ mod tests {
             .standing(
                 first,
                 Duration::from_millis(10),
+                None,
                 Duration::from_secs(5),
                 &stop,
                 counting_round(calls.clone(), |_| standing::Step::NoBytes),
@@ -706,6 +709,7 @@ mod tests {
             .standing(
                 Instant::now(),
                 Duration::from_millis(10),
+                None,
                 Duration::from_secs(5),
                 &stop,
                 Arc::new(|_: &mut Target| panic!("a module bug")),
@@ -723,6 +727,7 @@ mod tests {
             .standing(
                 Instant::now() + Duration::from_secs(3600),
                 Duration::from_secs(3600),
+                None,
                 Duration::from_secs(5),
                 &stop,
                 counting_round(calls.clone(), |_| standing::Step::Seeded),
@@ -731,6 +736,63 @@ mod tests {
         assert!(matches!(r, Err(CallError::Cancelled)), "{r:?}");
         assert_eq!(calls.load(Ordering::SeqCst), 1, "no round ran");
         assert!(worker.finish(Duration::from_millis(100)).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_standing_order_hands_back_the_first_round_due_at_or_after_its_until() {
+        let mut worker = worker("/test/standing-until");
+        let stop = CancellationToken::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let period = Duration::from_millis(20);
+        // Due at once: the first round is the loop's, and none runs here.
+        let first = Instant::now();
+        let ended = tokio::time::timeout(
+            Duration::from_secs(5),
+            worker.standing(
+                first,
+                period,
+                Some(first),
+                Duration::from_secs(5),
+                &stop,
+                counting_round(calls.clone(), |_| standing::Step::Seeded),
+            ),
+        )
+        .await
+        .expect("the order ended at its until")
+        .unwrap();
+        assert!(
+            matches!(ended, Ended::Due { at } if at == first.into_std()),
+            "{ended:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        // Due at first, +20, +40, +60 ms (later if the machine is slow): the rounds before
+        // +50 ms run here, the first one after is handed back.
+        let first = Instant::now();
+        let until = first + Duration::from_millis(50);
+        let ended = tokio::time::timeout(
+            Duration::from_secs(5),
+            worker.standing(
+                first,
+                period,
+                Some(until),
+                Duration::from_secs(5),
+                &stop,
+                counting_round(calls.clone(), |_| standing::Step::Seeded),
+            ),
+        )
+        .await
+        .expect("the order ended at its until")
+        .unwrap();
+        match ended {
+            Ended::Due { at } => assert!(at >= until.into_std(), "{at:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert!((1..=3).contains(&calls.load(Ordering::SeqCst)), "{calls:?}");
+        // The target is back: the loop's own calls run again.
+        let r = worker
+            .call("C_Sign", Duration::from_secs(5), &stop, |_| Ok(7))
+            .await;
+        assert_eq!(r.unwrap(), 7);
     }
 
     #[tokio::test]
@@ -754,11 +816,12 @@ mod tests {
         let healthy_calls = Arc::new(AtomicUsize::new(0));
         let now = Instant::now();
         let period = Duration::from_millis(100);
-        let hung = stuck.standing(now, period, Duration::from_millis(600), &stop, hang);
+        let hung = stuck.standing(now, period, None, Duration::from_millis(600), &stop, hang);
         // The healthy order is due 10 ms after each of the stuck one's rounds.
         let steady = healthy.standing(
             now + Duration::from_millis(10),
             period,
+            None,
             Duration::from_secs(5),
             &stop,
             counting_round(healthy_calls.clone(), |n| {

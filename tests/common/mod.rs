@@ -169,6 +169,7 @@ impl World {
             .env("PKCS11SPY", &*self.spied.borrow())
             .env("QSEED_FAULT_FILE", self.path("fault"))
             .env("QSEED_FAULT_REAL_MODULE", SOFTHSM)
+            .env("QSEED_FAULT_THREAD_LOG", self.path("threads.log"))
             .env("PKCS11SPY_OUTPUT", self.path("spy.log"))
             .env("QSEED_CONFIG_FILE", self.path("qseed.toml"))
             // The PIN guard's records stay in this world (never in /var/lib/qseed).
@@ -221,6 +222,16 @@ impl World {
     pub fn use_fault_module(&self) {
         *self.spied.borrow_mut() = fault_module();
         self.set_hsm_fault("");
+    }
+
+    /// The names of the threads that made each successful `C_SeedRandom` through the fault
+    /// module, in call order.
+    pub fn seeding_threads(&self) -> Vec<String> {
+        std::fs::read_to_string(self.path("threads.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     /// Selects the fault module's fault ("" for none); read on every call.

@@ -22,6 +22,8 @@
 //!
 //! With `QSEED_FAULT_SEED_LOG` set, every successful `C_SeedRandom` appends one line to that
 //! file: the seed in hex. Unlike pkcs11-spy's log, lines of concurrent calls never interleave.
+//! With `QSEED_FAULT_THREAD_LOG` set, every successful `C_SeedRandom` appends the name of the
+//! thread that made it (its `comm`), so that a test can tell which of qseed's threads seeds.
 //!
 //! This is the only code of the project with `unsafe`: a PKCS#11 module is a C ABI, and there
 //! is no other way to stand between qseed and a real module. It is never shipped.
@@ -153,8 +155,27 @@ unsafe extern "C" fn seed_random(
         // the real module accepted them.
         let bytes = unsafe { std::slice::from_raw_parts(seed, len as usize) };
         log_seed(bytes);
+        log_thread();
     }
     rv
+}
+
+fn log_thread() {
+    static LOG: Mutex<()> = Mutex::new(());
+    let Ok(path) = std::env::var("QSEED_FAULT_THREAD_LOG") else {
+        return;
+    };
+    // The caller's threads were named by its own runtime, which this library's `std` does not
+    // know: the kernel's name for the thread is the one both agree on.
+    let name = std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default();
+    let _one_writer = LOG.lock();
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = file.write_all(name.as_bytes());
+    }
 }
 
 fn log_seed(bytes: &[u8]) {
