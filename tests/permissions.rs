@@ -29,19 +29,31 @@ fn as_nobody_with(
         std::fs::copy(env!("CARGO_BIN_EXE_qseed"), &binary).unwrap();
         chmod(&binary, 0o755);
     }
-    Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-        .arg(&binary)
-        .args(args)
-        .env("SOFTHSM2_CONF", world.path("softhsm2.conf"))
-        .env("QSEED_CONFIG_FILE", world.path("qseed.toml"))
-        .env_remove("STATE_DIRECTORY")
-        .env_remove("XDG_STATE_HOME")
-        .env_remove("HOME")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
-        .env_remove("QRYPT_TOKEN")
-        .output()
-        .expect("setpriv runs (util-linux)")
+    let run = || {
+        Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+            .arg(&binary)
+            .args(args)
+            .env("SOFTHSM2_CONF", world.path("softhsm2.conf"))
+            .env("QSEED_CONFIG_FILE", world.path("qseed.toml"))
+            .env_remove("STATE_DIRECTORY")
+            .env_remove("XDG_STATE_HOME")
+            .env_remove("HOME")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
+            .env_remove("QRYPT_TOKEN")
+            .output()
+            .expect("setpriv runs (util-linux)")
+    };
+    // A child that another test's thread forked while the copy above was being written holds
+    // the copy open for writing until it execs: exec then fails with ETXTBSY for a moment.
+    for _ in 0..50 {
+        let out = run();
+        if !String::from_utf8_lossy(&out.stderr).contains("Text file busy") {
+            return out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    run()
 }
 
 #[test]
@@ -137,7 +149,7 @@ fn a_user_without_the_system_state_folder_keeps_state_in_its_own() {
     // No $STATE_DIRECTORY, no [service] state_dir, and /var/lib/qseed not nobody's: the XDG
     // default under $HOME.
     let out = as_nobody_with(&world, &["doctor"], &[("HOME", home.clone())]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
     assert!(
         text.contains(&format!(
             "PIN guard: refused PINs are recorded in {}/.local/state/qseed/pin-guard; qseed \
@@ -157,7 +169,7 @@ fn a_user_without_the_system_state_folder_keeps_state_in_its_own() {
         .status()
         .unwrap();
     let out = as_nobody_with(&world, &["doctor"], &[("STATE_DIRECTORY", state.clone())]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
     assert!(
         text.contains("[FAIL] PIN guard")
             && text.contains(&state.join("pin-guard").display().to_string())
@@ -167,7 +179,7 @@ fn a_user_without_the_system_state_folder_keeps_state_in_its_own() {
     );
     // Nowhere to write: every login is refused, said with the fix.
     let out = as_nobody_with(&world, &["doctor"], &[]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
     assert!(
         text.contains("[FAIL] PIN guard") && text.contains("[service] state_dir"),
         "{text}"
