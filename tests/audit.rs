@@ -131,18 +131,31 @@ fn import_audit_key(world: &World) {
     );
 }
 
-/// `[audit] sign_with`: the chain head is signed with an EC P-256 key in the token, and the
-/// signatures verify offline against its public key (and not against another key).
-#[test]
-fn the_signed_head_verifies_against_the_hsm_key() {
+/// A world with token `tok` holding the audit key and one target on it that signs the
+/// ledger's head every `sign_every`.
+fn signing_world(sign_every: &str) -> World {
     let world = World::new();
     world.add_token("tok");
     import_audit_key(&world);
     world.write_config(&format!(
-        "{}{}\n[audit]\nsign_with = \"tok\"\nsign_every = \"1s\"\n",
+        "{}{}\n[audit]\nsign_with = \"tok\"\nsign_every = \"{sign_every}\"\n",
         world.source("entropy"),
         world.target("tok", "tok", 48, "1s", true)
     ));
+    world
+}
+
+/// `qseed audit verify --public-key <key>-pub.pem`.
+fn verify_with(world: &World, key: &str) -> std::process::Output {
+    let public = world.path(&format!("{key}-pub.pem"));
+    world.run(&["audit", "verify", "--public-key", public.to_str().unwrap()])
+}
+
+/// `[audit] sign_with`: the chain head is signed with an EC P-256 key in the token, and the
+/// signatures verify offline against its public key (and not against another key).
+#[test]
+fn the_signed_head_verifies_against_the_hsm_key() {
+    let world = signing_world("1s");
     let service = world.start_service();
     assert!(
         service.wait_for_log("signed the audit ledger's head", Duration::from_secs(10)),
@@ -153,24 +166,14 @@ fn the_signed_head_verifies_against_the_hsm_key() {
     let (status, _) = service.stop();
     assert!(status.success());
 
-    let out = world.run(&[
-        "audit",
-        "verify",
-        "--public-key",
-        world.path("audit-pub.pem").to_str().unwrap(),
-    ]);
+    let out = verify_with(&world, "audit");
     assert!(out.status.success(), "{}", stderr(&out));
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         said.contains("signature(s) verify with the public key"),
         "{said}"
     );
-    let out = world.run(&[
-        "audit",
-        "verify",
-        "--public-key",
-        world.path("other-pub.pem").to_str().unwrap(),
-    ]);
+    let out = verify_with(&world, "other");
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("does not verify with this public key"),
@@ -184,15 +187,8 @@ fn the_signed_head_verifies_against_the_hsm_key() {
 /// is due to be signed comes back to the target's loop, which seeds and signs.
 #[test]
 fn a_signing_targets_rounds_between_signatures_run_on_the_timer_thread() {
-    let world = World::new();
+    let world = signing_world("3s");
     world.use_fault_module();
-    world.add_token("tok");
-    import_audit_key(&world);
-    world.write_config(&format!(
-        "{}{}\n[audit]\nsign_with = \"tok\"\nsign_every = \"3s\"\n",
-        world.source("entropy"),
-        world.target("tok", "tok", 48, "1s", true)
-    ));
     let service = world.start_service();
     let signed = wait_until(Duration::from_secs(30), || {
         service
@@ -223,12 +219,7 @@ fn a_signing_targets_rounds_between_signatures_run_on_the_timer_thread() {
     let injections = text.matches("\"event\":\"injection\"").count();
     assert!(signatures >= 3, "{text}");
     assert_eq!(injections, threads.len(), "{text}");
-    let out = world.run(&[
-        "audit",
-        "verify",
-        "--public-key",
-        world.path("audit-pub.pem").to_str().unwrap(),
-    ]);
+    let out = verify_with(&world, "audit");
     assert!(out.status.success(), "{}", stderr(&out));
 }
 

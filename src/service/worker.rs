@@ -230,8 +230,8 @@ impl Worker {
 
     /// Hands the target to its module's timer thread, which runs `round` at `first` and then
     /// once per `period` until a round does anything but seed or is due at or after `until`
-    /// (see `standing.rs`); returns why the order ended. `Err(Cancelled)` when `stop` ends it (the target comes back at once,
-    /// or when its call returns).
+    /// (see `standing.rs`); returns why the order ended. `Err(Cancelled)` when `stop` ends it
+    /// (the target comes back at once, or when its call returns).
     pub async fn standing(
         &mut self,
         first: Instant,
@@ -738,28 +738,38 @@ mod tests {
         assert!(worker.finish(Duration::from_millis(100)).await.is_some());
     }
 
+    /// A standing order of seeding rounds every 20 ms from `first` until `until`: how it ended.
+    async fn stand_until(
+        worker: &mut Worker,
+        stop: &CancellationToken,
+        calls: &Arc<AtomicUsize>,
+        first: Instant,
+        until: Instant,
+    ) -> Ended {
+        let round = counting_round(calls.clone(), |_| standing::Step::Seeded);
+        let period = Duration::from_millis(20);
+        let standing = worker.standing(
+            first,
+            period,
+            Some(until),
+            Duration::from_secs(5),
+            stop,
+            round,
+        );
+        tokio::time::timeout(Duration::from_secs(5), standing)
+            .await
+            .expect("the order ended at its until")
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_standing_order_hands_back_the_first_round_due_at_or_after_its_until() {
         let mut worker = worker("/test/standing-until");
         let stop = CancellationToken::new();
         let calls = Arc::new(AtomicUsize::new(0));
-        let period = Duration::from_millis(20);
         // Due at once: the first round is the loop's, and none runs here.
         let first = Instant::now();
-        let ended = tokio::time::timeout(
-            Duration::from_secs(5),
-            worker.standing(
-                first,
-                period,
-                Some(first),
-                Duration::from_secs(5),
-                &stop,
-                counting_round(calls.clone(), |_| standing::Step::Seeded),
-            ),
-        )
-        .await
-        .expect("the order ended at its until")
-        .unwrap();
+        let ended = stand_until(&mut worker, &stop, &calls, first, first).await;
         assert!(
             matches!(ended, Ended::Due { at } if at == first.into_std()),
             "{ended:?}"
@@ -769,21 +779,7 @@ mod tests {
         // +50 ms run here, the first one after is handed back.
         let first = Instant::now();
         let until = first + Duration::from_millis(50);
-        let ended = tokio::time::timeout(
-            Duration::from_secs(5),
-            worker.standing(
-                first,
-                period,
-                Some(until),
-                Duration::from_secs(5),
-                &stop,
-                counting_round(calls.clone(), |_| standing::Step::Seeded),
-            ),
-        )
-        .await
-        .expect("the order ended at its until")
-        .unwrap();
-        match ended {
+        match stand_until(&mut worker, &stop, &calls, first, until).await {
             Ended::Due { at } => assert!(at >= until.into_std(), "{at:?}"),
             other => panic!("{other:?}"),
         }

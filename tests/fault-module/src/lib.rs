@@ -161,30 +161,29 @@ unsafe extern "C" fn seed_random(
 }
 
 fn log_thread() {
-    static LOG: Mutex<()> = Mutex::new(());
-    let Ok(path) = std::env::var("QSEED_FAULT_THREAD_LOG") else {
-        return;
-    };
     // The caller's threads were named by its own runtime, which this library's `std` does not
-    // know: the kernel's name for the thread is the one both agree on.
-    let name = std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default();
-    let _one_writer = LOG.lock();
-    if let Ok(mut file) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = file.write_all(name.as_bytes());
-    }
+    // know: the kernel's name for the thread (with its newline) is the one both agree on.
+    append_to("QSEED_FAULT_THREAD_LOG", || {
+        std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default()
+    });
 }
 
 fn log_seed(bytes: &[u8]) {
+    append_to("QSEED_FAULT_SEED_LOG", || {
+        let mut line: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        line.push('\n');
+        line
+    });
+}
+
+/// Appends `line()` to the file the environment variable `var` names, if it is set; one
+/// writer at a time, so that lines of concurrent calls never interleave.
+fn append_to(var: &str, line: impl FnOnce() -> String) {
     static LOG: Mutex<()> = Mutex::new(());
-    let Ok(path) = std::env::var("QSEED_FAULT_SEED_LOG") else {
+    let Ok(path) = std::env::var(var) else {
         return;
     };
-    let mut line: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    line.push('\n');
+    let line = line();
     let _one_writer = LOG.lock();
     if let Ok(mut file) = std::fs::OpenOptions::new()
         .create(true)
