@@ -860,11 +860,31 @@ impl AuditLine {
     fn record(&self, requests: &str) {
         let simulated = crate::source::simulated_accepted();
         crate::telemetry::ledger::append_injection(&self.ledger, requests, simulated);
-        let simulated_mark = if simulated {
+        self.with_message(requests, simulated, |message| {
+            if !crate::telemetry::log_batch::audit_text(message) {
+                self.trace(requests, simulated, message);
+            }
+        });
+    }
+
+    /// The log line's message, for `line`.
+    fn with_message<R>(
+        &self,
+        requests: &str,
+        simulated: bool,
+        line: impl FnOnce(std::fmt::Arguments<'_>) -> R,
+    ) -> R {
+        let mark = if simulated {
             " (SIMULATED entropy: source.allow_simulated)"
         } else {
             ""
         };
+        line(format_args!("{}{requests}{mark}", self.message))
+    }
+
+    /// The log line as a `tracing` event with its fields, for JSON lines and the journal (and
+    /// text lines in colour).
+    fn trace(&self, requests: &str, simulated: bool, message: std::fmt::Arguments<'_>) {
         let token = &self.token;
         tracing::info!(
             target: AUDIT,
@@ -877,8 +897,7 @@ impl AuditLine {
             bytes = self.len,
             source = %self.source,
             request_ids = %requests,
-            "{}{requests}{simulated_mark}",
-            self.message
+            "{message}"
         );
     }
 }
@@ -1063,4 +1082,103 @@ async fn round<S: EntropySource>(
         .await
         .map_err(RoundError::Call)?;
     Ok((token, requests))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    /// What a subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    /// `LogTimer` at a fixed instant.
+    struct At(SystemTime);
+
+    impl tracing_subscriber::fmt::time::FormatTime for At {
+        fn format_time(
+            &self,
+            w: &mut tracing_subscriber::fmt::format::Writer<'_>,
+        ) -> std::fmt::Result {
+            crate::telemetry::clock::write(w, self.0, crate::telemetry::clock::Fraction::Micros)
+        }
+    }
+
+    /// The audit line written without `tracing` is the text subscriber's line, byte for byte:
+    /// plain names and ones with quotes, control characters and non-ASCII, a simulated source,
+    /// a flush.
+    #[test]
+    fn an_audit_lines_direct_text_is_the_text_subscribers_line() {
+        let time = UNIX_EPOCH + Duration::new(1_796_570_000, 123_456_789);
+        let token = |label: &str, serial: &str, slot: u64| {
+            Arc::new(TokenIdentity {
+                label: label.into(),
+                serial: serial.into(),
+                ..TokenIdentity::for_tests(slot)
+            })
+        };
+        let cases = [
+            (
+                Injected::Round,
+                "hsm-1",
+                token("tok", "abc", 1),
+                "r7@cloud",
+                false,
+            ),
+            (
+                Injected::Round,
+                "a \"quoted\" \\ name\u{1b}[31m",
+                token("l\u{e9}bel\n\t\u{1}", "\u{7f}\u{2028}", u64::MAX),
+                "r1@h\"x,r2",
+                true,
+            ),
+            (
+                Injected::Flush,
+                "t9",
+                token("tok", "abc", 3),
+                "r1,r2",
+                false,
+            ),
+        ];
+        for (why, name, token, requests, simulated) in cases {
+            let line = AuditLine::new(why, name, &token, 48, "https://x");
+            let captured = Captured::default();
+            let mut direct = String::new();
+            line.with_message(requests, simulated, |message| {
+                let subscriber =
+                    crate::telemetry::logs::text_subscriber(captured.clone(), At(time), false);
+                tracing::subscriber::with_default(subscriber, || {
+                    line.trace(requests, simulated, message)
+                });
+                crate::telemetry::log_batch::plain_info_line(&mut direct, time, message);
+            });
+            let through_tracing = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+            assert!(
+                through_tracing.contains(" INFO ") && through_tracing.contains(requests),
+                "{through_tracing:?}"
+            );
+            assert_eq!(direct, through_tracing);
+        }
+    }
 }

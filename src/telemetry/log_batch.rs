@@ -15,10 +15,18 @@
 //! them, at most a second of routine lines, as it loses that second of ledger records.
 //!
 //! The journal is not concerned: its native protocol takes one datagram per event.
+//!
+//! Plain text lines (no colours) of the audit records skip `tracing`: [`audit_text`] writes
+//! them as the subscriber would, byte for byte. At one target a round runs from a cache a
+//! second cold, and the event's path through the subscriber (dispatch, filter, field visitors
+//! of ten fields, the formatter) cost about 15 µs of a 200 µs round (BENCHMARKS.md, eighth
+//! and thirteenth passes); the line's shape is fixed: time, level, message.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::time::SystemTime;
 
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
@@ -31,6 +39,55 @@ static HELD: Mutex<Held> = Mutex::new(Held { lines: Vec::new() });
 
 thread_local! {
     static HOLDS: Cell<bool> = const { Cell::new(false) };
+    /// The line [`audit_text`] formats, kept for the next one.
+    static AUDIT_LINE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Audit records go to stderr as plain text lines, and the log filter lets them through: set
+/// by [`super::logs`] when it installs that subscriber, never otherwise.
+static PLAIN_AUDIT_TEXT: AtomicBool = AtomicBool::new(false);
+
+/// Lets [`audit_text`] write the audit records' lines (plain text on stderr, the filter
+/// letting `qseed::audit` INFO through).
+pub fn write_audit_text_directly() {
+    PLAIN_AUDIT_TEXT.store(true, Ordering::Relaxed);
+}
+
+/// Writes an audit record's INFO line with `message`, as the plain text subscriber formats it
+/// (`<time>  INFO <message>`), held like any of this thread's routine lines; `false` when
+/// another format (JSON, the journal, colours) or the filter leaves the line to `tracing`.
+pub fn audit_text(message: std::fmt::Arguments<'_>) -> bool {
+    if !PLAIN_AUDIT_TEXT.load(Ordering::Relaxed) {
+        return false;
+    }
+    AUDIT_LINE.with(|line| {
+        let mut line = line.borrow_mut();
+        line.clear();
+        plain_info_line(&mut line, SystemTime::now(), message);
+        let mut writer = Line {
+            hold: held_here(Level::INFO),
+        };
+        // As the subscriber does with its own writer's errors: a closed stderr is not ours.
+        let _ = writer.write(line.as_bytes());
+        // A burst of long lines does not keep its peak.
+        line.shrink_to(1024);
+    });
+    true
+}
+
+/// An INFO line as the text subscriber writes it without colours, spans, target or thread
+/// (see `logs::init_stderr`): the time as [`super::clock::LogTimer`] writes it, a space, the
+/// level right-aligned to five, a space, the message.
+pub(crate) fn plain_info_line(
+    out: &mut String,
+    time: SystemTime,
+    message: std::fmt::Arguments<'_>,
+) {
+    use std::fmt::Write as _;
+    let _ = super::clock::write(out, time, super::clock::Fraction::Micros);
+    out.push_str("  INFO ");
+    let _ = out.write_fmt(message);
+    out.push('\n');
 }
 
 /// From now on this thread's INFO and DEBUG lines wait for a [`flush`], which the thread

@@ -111,41 +111,63 @@ fn install(filter: impl Fn() -> Targets, format: LogFormat) -> LogFormat {
 }
 
 fn init_stderr(filter: Targets, format: LogFormat) {
-    // A closed stderr (`qseed run 2>&1 | head`) must not matter: by default the subscriber
-    // reports its own write errors with `eprintln!`, which panics on that same closed stderr.
-    // The builder's own filter stays wide open (it would stop at INFO): `filter` decides.
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(LevelFilter::TRACE)
-        .with_writer(super::log_batch::Stderr)
-        .with_timer(super::clock::LogTimer)
-        .log_internal_errors(false);
-    let _ = match format {
-        LogFormat::Json => builder
+    if format == LogFormat::Json {
+        // A closed stderr (`qseed run 2>&1 | head`) must not matter: by default the
+        // subscriber reports its own write errors with `eprintln!`, which panics on that same
+        // closed stderr. The builder's own filter stays wide open (it would stop at INFO):
+        // `filter` decides.
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(LevelFilter::TRACE)
+            .with_writer(super::log_batch::Stderr)
+            .with_timer(super::clock::LogTimer)
+            .log_internal_errors(false)
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_target(true)
             .finish()
             .with(filter)
-            .try_init(),
-        // Fields repeat what the message says (the target's name, the audit record's
-        // figures): text lines show the message only.
-        _ => builder
-            .fmt_fields(tracing_subscriber::fmt::format::debug_fn(
-                |w, field, value| {
-                    if field.name() == "message" {
-                        write!(w, "{value:?}")
-                    } else {
-                        Ok(())
-                    }
-                },
-            ))
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_target(false)
-            .finish()
-            .with(filter)
-            .try_init(),
-    };
+            .try_init();
+        return;
+    }
+    let ansi = std::io::stderr().is_terminal();
+    let audit_lines = filter.would_enable(super::AUDIT, &tracing::Level::INFO);
+    let installed = text_subscriber(super::log_batch::Stderr, super::clock::LogTimer, ansi)
+        .with(filter)
+        .try_init()
+        .is_ok();
+    // Only the subscriber installed here may be written for.
+    if installed && audit_lines && !ansi {
+        super::log_batch::write_audit_text_directly();
+    }
+}
+
+/// The text lines' subscriber, without its filter: `<time> <level> <message>`. Fields repeat
+/// what the message says (the target's name, the audit record's figures): text lines show the
+/// message only. [`super::log_batch::audit_text`] writes its uncoloured lines the same way.
+pub fn text_subscriber<W, T>(writer: W, timer: T, ansi: bool) -> impl tracing::Subscriber
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+    T: tracing_subscriber::fmt::time::FormatTime + Send + Sync + 'static,
+{
+    // As in the JSON branch: write errors are not reported, the filter is the caller's.
+    tracing_subscriber::fmt()
+        .with_max_level(LevelFilter::TRACE)
+        .with_writer(writer)
+        .with_timer(timer)
+        .log_internal_errors(false)
+        .fmt_fields(tracing_subscriber::fmt::format::debug_fn(
+            |w, field, value| {
+                if field.name() == "message" {
+                    write!(w, "{value:?}")
+                } else {
+                    Ok(())
+                }
+            },
+        ))
+        .with_ansi(ansi)
+        .with_target(false)
+        .finish()
 }
 
 /// Whether stderr is the stream systemd connected to the journal: `JOURNAL_STREAM` names its
