@@ -868,12 +868,12 @@ impl AuditLine {
     }
 
     /// The log line's message, for `line`.
-    fn with_message<R>(
+    fn with_message(
         &self,
         requests: &str,
         simulated: bool,
-        line: impl FnOnce(std::fmt::Arguments<'_>) -> R,
-    ) -> R {
+        line: impl FnOnce(std::fmt::Arguments<'_>),
+    ) {
         let mark = if simulated {
             " (SIMULATED entropy: source.allow_simulated)"
         } else {
