@@ -116,3 +116,92 @@ fn seeding_resumes_after_the_module_process_dies() {
     assert_eq!(spy.logins_with(PIN), 2, "one login before, one after");
     eprintln!("seeding resumed {resumed:?} after the module's process was killed (period 1s)");
 }
+
+/// Issue 24, a hang in a real module process, not the fault module: the server's child is
+/// stopped (SIGSTOP) so the client's `C_SeedRandom` waits on its socket. The target is declared
+/// hung after its timeout while a SoftHSM target beside it goes on seeding; when the child is
+/// continued the call returns `CKR_OK`, and that late seed is audited and counted like any.
+#[test]
+fn a_call_hung_in_the_module_process_is_audited_when_it_returns() {
+    if !std::path::Path::new(CLIENT).exists() {
+        panic!("{CLIENT} is missing: apt-get install p11-kit-modules (scripts/test does)");
+    }
+    let world = World::new();
+    world.add_token("rt");
+    world.add_token("healthy");
+    let (server, address) = server(&world, "rt");
+    world.write_config(&format!(
+        "{}{}\ntimeout = \"1s\"\n\n[[target]]\nname = \"healthy\"\nmodule = \"{SOFTHSM}\"\n\
+         token_label = \"healthy\"\nperiod = \"1s\"\noffset = \"500ms\"\n",
+        world.source("entropy"),
+        world
+            .target("remote", "rt", 48, "1s", true)
+            .replace(SPY, CLIENT)
+            .trim_end(),
+    ));
+    let service = world.start_service_with(&[("P11_KIT_SERVER_ADDRESS", &address)]);
+    assert!(
+        world.wait_for_seeds(2, Duration::from_secs(6)),
+        "{}",
+        service.log()
+    );
+
+    let children = remote_children(&server);
+    assert!(!children.is_empty(), "p11-kit-remote is running");
+    let signal = |name: &str| {
+        for pid in &children {
+            Command::new("kill").args([name, pid]).status().unwrap();
+        }
+    };
+    signal("-STOP");
+    assert!(
+        service.wait_for_log(
+            "C_SeedRandom has not returned after 1s",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        service.log()
+    );
+    let healthy_before = service.log().matches("seeded healthy:").count();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        service.log().matches("seeded healthy:").count() >= healthy_before + 2,
+        "the other target seeds while the call hangs: {}",
+        service.log()
+    );
+
+    signal("-CONT");
+    assert!(
+        service.wait_for_log(
+            "the C_SeedRandom given up on returned after",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        service.log()
+    );
+    let before = world.spy().seeds().len();
+    assert!(
+        wait_until(Duration::from_secs(5), || world.spy().seeds().len()
+            >= before + 2),
+        "seeding resumes: {}",
+        service.log()
+    );
+    let (status, _) = service.stop();
+    let log = std::fs::read_to_string(world.path("service.log")).unwrap_or_default();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("and succeeded"), "{log}");
+
+    // The spy runs in the server's process: every seed there has its audit record here, the
+    // late one included, and none was counted as wiped.
+    let spy = world.spy();
+    assert_eq!(
+        log.matches("seeded remote:").count(),
+        spy.seeds().len(),
+        "one audit record per seed that reached the token: {log}"
+    );
+    assert!(
+        log.contains(" 0 handed out but not injected (wiped)"),
+        "{log}"
+    );
+    assert_seeds_are_distinct_served_bytes(&spy.seeds(), &world.sim.served());
+}
