@@ -84,9 +84,7 @@ fn seeding_resumes_after_the_module_process_dies() {
     let children = remote_children(&server);
     assert!(!children.is_empty(), "p11-kit-remote is running");
     let killed = std::time::Instant::now();
-    for pid in &children {
-        Command::new("kill").args(["-KILL", pid]).status().unwrap();
-    }
+    signal_all("-KILL", &children);
     let before = world.spy().seeds().len();
     assert!(
         wait_until(Duration::from_secs(8), || world.spy().seeds().len()
@@ -115,6 +113,33 @@ fn seeding_resumes_after_the_module_process_dies() {
     assert_seeds_are_distinct_served_bytes(&spy.seeds(), &world.sim.served());
     assert_eq!(spy.logins_with(PIN), 2, "one login before, one after");
     eprintln!("seeding resumed {resumed:?} after the module's process was killed (period 1s)");
+}
+
+/// Processes stopped with SIGSTOP, continued by [`Stopped::resume`] or, should the test fail
+/// first, killed (a stopped process would outlive the test).
+struct Stopped(Vec<String>);
+
+impl Stopped {
+    fn new(pids: Vec<String>) -> Self {
+        signal_all("-STOP", &pids);
+        Self(pids)
+    }
+
+    fn resume(mut self) {
+        signal_all("-CONT", &std::mem::take(&mut self.0));
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal_all("-KILL", &self.0);
+    }
+}
+
+fn signal_all(signal: &str, pids: &[String]) {
+    for pid in pids {
+        let _ = Command::new("kill").args([signal, pid]).status();
+    }
 }
 
 /// Issue 24, a hang in a real module process, not the fault module: the server's child is
@@ -148,12 +173,7 @@ fn a_call_hung_in_the_module_process_is_audited_when_it_returns() {
 
     let children = remote_children(&server);
     assert!(!children.is_empty(), "p11-kit-remote is running");
-    let signal = |name: &str| {
-        for pid in &children {
-            Command::new("kill").args([name, pid]).status().unwrap();
-        }
-    };
-    signal("-STOP");
+    let stopped = Stopped::new(children);
     assert!(
         service.wait_for_log(
             "C_SeedRandom has not returned after 1s",
@@ -170,7 +190,7 @@ fn a_call_hung_in_the_module_process_is_audited_when_it_returns() {
         service.log()
     );
 
-    signal("-CONT");
+    stopped.resume();
     assert!(
         service.wait_for_log(
             "the C_SeedRandom given up on returned after",
