@@ -57,28 +57,36 @@ fn metric(text: &str, start: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(start).map(|v| v.trim().parse().unwrap()))
 }
 
-#[test]
-fn seeding_resumes_after_the_module_process_dies() {
+/// A world with token "rt" behind the p11-kit server, and `qseed run` seeding it through
+/// p11-kit's client as target "remote" (48 B every 1 s; `more` is appended to the
+/// configuration after that target), once it has seeded twice.
+fn start_remote(world: &World, more: &str) -> (Server, Service) {
     if !std::path::Path::new(CLIENT).exists() {
         panic!("{CLIENT} is missing: apt-get install p11-kit-modules (scripts/test does)");
     }
-    let world = World::new();
     world.add_token("rt");
-    let (server, address) = server(&world, "rt");
+    let (server, address) = server(world, "rt");
     world.write_config(&format!(
-        "{}{}",
+        "{}{}{more}",
         world.source("entropy"),
         world
             .target("remote", "rt", 48, "1s", true)
             .replace(SPY, CLIENT)
     ));
     let service = world.start_service_with(&[("P11_KIT_SERVER_ADDRESS", &address)]);
-    let base = service.endpoint();
     assert!(
         world.wait_for_seeds(2, Duration::from_secs(6)),
         "{}",
         service.log()
     );
+    (server, service)
+}
+
+#[test]
+fn seeding_resumes_after_the_module_process_dies() {
+    let world = World::new();
+    let (server, service) = start_remote(&world, "");
+    let base = service.endpoint();
 
     // The module's process dies.
     let children = remote_children(&server);
@@ -148,27 +156,14 @@ fn signal_all(signal: &str, pids: &[String]) {
 /// continued the call returns `CKR_OK`, and that late seed is audited and counted like any.
 #[test]
 fn a_call_hung_in_the_module_process_is_audited_when_it_returns() {
-    if !std::path::Path::new(CLIENT).exists() {
-        panic!("{CLIENT} is missing: apt-get install p11-kit-modules (scripts/test does)");
-    }
     let world = World::new();
-    world.add_token("rt");
     world.add_token("healthy");
-    let (server, address) = server(&world, "rt");
-    world.write_config(&format!(
-        "{}{}\ntimeout = \"1s\"\n\n[[target]]\nname = \"healthy\"\nmodule = \"{SOFTHSM}\"\n\
-         token_label = \"healthy\"\nperiod = \"1s\"\noffset = \"500ms\"\n",
-        world.source("entropy"),
-        world
-            .target("remote", "rt", 48, "1s", true)
-            .replace(SPY, CLIENT)
-            .trim_end(),
-    ));
-    let service = world.start_service_with(&[("P11_KIT_SERVER_ADDRESS", &address)]);
-    assert!(
-        world.wait_for_seeds(2, Duration::from_secs(6)),
-        "{}",
-        service.log()
+    let (server, service) = start_remote(
+        &world,
+        &format!(
+            "timeout = \"1s\"\n\n[[target]]\nname = \"healthy\"\nmodule = \"{SOFTHSM}\"\n\
+             token_label = \"healthy\"\nperiod = \"1s\"\noffset = \"500ms\"\n"
+        ),
     );
 
     let children = remote_children(&server);
